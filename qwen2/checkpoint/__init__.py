@@ -1,0 +1,78 @@
+"""Where weights come from: registry names, HF directories, GGUF files."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..config import Qwen2Config
+from ..errors import Qwen2Error
+from ..model import RotaryEmbedding, Transformer
+from .registry import DEFAULT_MODEL, KNOWN_MODELS
+
+
+def resolve(source: str | os.PathLike, progress: bool = True) -> str:
+    """A registry name becomes its cached HF directory; paths are checked and returned."""
+    from .registry import hf_dir
+
+    source = os.fspath(source)
+    if source.lower() in KNOWN_MODELS:
+        return hf_dir(source, progress=progress)
+    if os.path.exists(source):
+        return source
+    if os.sep in source or source.endswith((".gguf", ".json", ".safetensors")):
+        raise Qwen2Error(f"no such file or directory: {source}")
+    raise Qwen2Error(f"unknown model {source!r}: not a registry name ({', '.join(KNOWN_MODELS)}), "
+                     "an HF model directory or a .gguf file")
+
+
+def load_checkpoint(source: str | os.PathLike, progress: bool = True):
+    """(config, state_dict, tokenizer or None, generation_config) from any supported source."""
+    from .gguf import load_gguf
+    from .hf import is_hf_dir, load_hf_dir
+
+    path = resolve(source, progress)
+    if os.path.isdir(path):
+        if not is_hf_dir(path):
+            pickles = sorted(n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth")))
+            hint = f" (found {', '.join(pickles)}: pickle files are not loaded; use safetensors)" if pickles else ""
+            raise Qwen2Error(f"{path} is not a model directory: it has no config.json{hint}")
+        return load_hf_dir(path)
+    if path.endswith(".gguf") or _has_gguf_magic(path):
+        config, state_dict, tokenizer = load_gguf(path, progress=progress)
+        from .registry import generation_config_for
+        return config, state_dict, tokenizer, generation_config_for(tokenizer)
+    raise Qwen2Error(f"{path} is neither a model directory nor a .gguf file")
+
+
+def _has_gguf_magic(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def build_model(config: Qwen2Config, state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu") -> Transformer:
+    """A Transformer holding exactly these weights (no random init: built on the meta device)."""
+    state_dict = dict(state_dict)
+    if config.tie_word_embeddings:
+        state_dict.pop("lm_head.weight", None)
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = {k for k in model.state_dict() if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    missing, unexpected = sorted(expected - state_dict.keys()), sorted(state_dict.keys() - expected)
+    if missing or unexpected:
+        raise Qwen2Error(f"checkpoint does not match its config: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                         f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+    for name, tensor in model.state_dict().items():
+        if name in state_dict and state_dict[name].shape != tensor.shape:
+            raise Qwen2Error(f"checkpoint tensor {name} has shape {tuple(state_dict[name].shape)}, "
+                             f"config expects {tuple(tensor.shape)}")
+    state_dict = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
+    model.load_state_dict(state_dict, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.rope = RotaryEmbedding(config).to(device)  # its buffer was only a meta placeholder
+    return model.eval()
+
+
+__all__ = ["DEFAULT_MODEL", "KNOWN_MODELS", "build_model", "load_checkpoint", "resolve"]

