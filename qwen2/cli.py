@@ -88,10 +88,11 @@ def cmd_chat(args) -> None:
 
 
 def cmd_convert(args) -> None:
-    from .checkpoint import load_checkpoint
-    from .checkpoint.hf import save_hf_dir
     from .api import parse_dtype
+    from .checkpoint import load_checkpoint
+    from .checkpoint.hf import check_output_dir, save_hf_dir
 
+    check_output_dir(args.output, overwrite=args.force)  # before minutes of loading, not after
     config, state_dict, tokenizer, generation_config = load_checkpoint(args.input)
     dtype = parse_dtype(args.dtype)
     state_dict = {k: v.to(dtype) for k, v in state_dict.items()}

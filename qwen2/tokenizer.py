@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -33,6 +32,7 @@ from tokenizers import Tokenizer as _Backend
 from tokenizers.models import BPE
 
 from .errors import Qwen2Error
+from .fileio import write_text_atomic
 
 # Qwen2's pre-tokenisation: English contractions, letter runs (with one leading non-letter, e.g. a
 # space), single digits (so numbers are spelt digit by digit), punctuation runs, newline runs, spaces.
@@ -167,8 +167,8 @@ class Tokenizer:
         tokenizer again. Each file is replaced atomically."""
         path = os.fspath(path)
         os.makedirs(path, exist_ok=True)
-        _write_atomic(os.path.join(path, "tokenizer.json"), self._backend.to_str(pretty=True))
-        _write_atomic(os.path.join(path, "tokenizer_config.json"),
+        write_text_atomic(os.path.join(path, "tokenizer.json"), self._backend.to_str(pretty=True))
+        write_text_atomic(os.path.join(path, "tokenizer_config.json"),
                       json.dumps(self._tokenizer_config(), indent=2, ensure_ascii=False))
         # transformers prefers chat_template.jinja over the config's template: keep an old one in step.
         jinja_path = os.path.join(path, "chat_template.jinja")
@@ -176,7 +176,7 @@ class Tokenizer:
             if self.chat_template is None:
                 os.remove(jinja_path)
             else:
-                _write_atomic(jinja_path, self.chat_template)
+                write_text_atomic(jinja_path, self.chat_template)
 
     def _tokenizer_config(self) -> dict[str, Any]:
         config: dict[str, Any] = {
@@ -461,19 +461,6 @@ def _read_json(path: str, name: str) -> Any:
             return json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise Qwen2Error(f"cannot read {file} ({e}); restore the file from the model's repository") from None
-
-
-def _write_atomic(file: str, text: str) -> None:
-    """Write to a temporary file beside `file`, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(file)}.", suffix=".tmp", dir=os.path.dirname(file))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, file)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 # ---- chat templates -------------------------------------------------------------------------------

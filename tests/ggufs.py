@@ -112,7 +112,9 @@ def real_tokenizer_metadata(path: str) -> dict[str, Any]:
 def _add_value(writer, key: str, value: Any) -> None:
     from gguf import GGUFValueType
 
-    if isinstance(value, bool):
+    if isinstance(value, tuple) and value and isinstance(value[0], GGUFValueType):  # (type, value[, item type])
+        writer.add_key_value(key, value[1], value[0], sub_type=value[2] if len(value) > 2 else None)
+    elif isinstance(value, bool):
         writer.add_bool(key, value)
     elif isinstance(value, str):
         writer.add_string(key, value)
@@ -140,7 +142,7 @@ def default_qtype(gguf_name: str, ndim: int) -> str:
 def write_gguf(path: str | os.PathLike, config: Qwen2Config, state_dict: Mapping[str, torch.Tensor],
                tokenizer_metadata: Mapping[str, Any], arch: str = "qwen2",
                qtype: Callable[[str, int], str] = default_qtype, extra_tensors: Mapping[str, np.ndarray] = (),
-               metadata: Mapping[str, Any] = ()) -> str:
+               metadata: Mapping[str, Any] = (), alignment: int | None = None) -> str:
     """A GGUF of `state_dict` (HF names; a tied model has no lm_head.weight -> no output.weight).
     `metadata` adds or replaces keys (None removes one); `extra_tensors` are written as given."""
     from gguf import GGMLQuantizationType, GGUFWriter, quants
@@ -148,6 +150,8 @@ def write_gguf(path: str | os.PathLike, config: Qwen2Config, state_dict: Mapping
     path = os.fspath(path)
     writer = GGUFWriter(path, arch)
     writer.add_name("tiny test model")
+    if alignment is not None:
+        writer.add_custom_alignment(alignment)
     meta = {
         f"{arch}.block_count": config.num_hidden_layers,
         f"{arch}.context_length": config.max_position_embeddings,

@@ -156,15 +156,19 @@ def test_saved_files_get_ordinary_permissions(tmp_path, small_tokenizer):
 
 @pytest.fixture(scope="module")
 def tiny_ggufs(tmp_path_factory, real_gguf):
-    """Two tiny GGUFs written as llama.cpp writes them (Q8_0, F16 and F32 tensors):
-    "untied-real-vocab": output.weight present, the real model's 151936-token tokenizer metadata;
-    "tied-small-vocab": no output.weight (the embedding is the output layer), a 264-token tokenizer."""
+    """Tiny GGUFs written as llama.cpp writes them (Q8_0, F16 and F32 tensors), with the real
+    model's 151936-token tokenizer metadata or a 264-token one: "untied-..." have an output.weight,
+    "tied-..." none (the embedding is the output layer)."""
     root = tmp_path_factory.mktemp("ggufs")
     files = {}
     cfg = tiny_config(vocab_size=151936, max_position_embeddings=4096)
     model = random_model(cfg, seed=11)
     files["untied-real-vocab"] = (write_gguf(root / "untied.gguf", cfg, state_dict_of(model),
                                              real_tokenizer_metadata(real_gguf)), cfg, model)
+    cfg = tiny_config(vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768)
+    model = random_model(cfg, seed=13)
+    files["tied-real-vocab"] = (write_gguf(root / "tied-real.gguf", cfg, state_dict_of(model),
+                                           real_tokenizer_metadata(real_gguf)), cfg, model)
     cfg = tiny_config(vocab_size=264, tie_word_embeddings=True, rope_theta=500_000.0)
     model = random_model(cfg, seed=12)
     files["tied-small-vocab"] = (write_gguf(root / "tied.gguf", cfg, state_dict_of(model),
@@ -193,7 +197,7 @@ def _dequantized_source(name: str, w: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(quants.dequantize(quants.quantize(a, t), t).reshape(a.shape).astype(np.float32))
 
 
-@pytest.mark.parametrize("kind", ["untied-real-vocab", "tied-small-vocab"])
+@pytest.mark.parametrize("kind", ["untied-real-vocab", "tied-real-vocab", "tied-small-vocab"])
 def test_gguf_load_matches_transformers(tiny_ggufs, tiny_gguf_models, kind):
     path, cfg, source = tiny_ggufs[kind]
     ours = tiny_gguf_models[kind]
@@ -225,10 +229,11 @@ def test_gguf_load_matches_transformers(tiny_ggufs, tiny_gguf_models, kind):
 
 def test_gguf_tokenizer_and_eos_from_metadata(tiny_ggufs, tiny_gguf_models, real_model):
     """The tiny GGUF carrying the real tokenizer metadata tokenises as the real model does."""
-    ours = tiny_gguf_models["untied-real-vocab"]
-    assert ours.tokenizer.encode(PROMPT) == real_model.tokenizer.encode(PROMPT)
-    assert ours.tokenizer.chat_template == real_model.tokenizer.chat_template
-    assert set(ours.eos_ids) >= {151645, 151643}
+    for kind in ("untied-real-vocab", "tied-real-vocab"):
+        ours = tiny_gguf_models[kind]
+        assert ours.tokenizer.encode(PROMPT) == real_model.tokenizer.encode(PROMPT)
+        assert ours.tokenizer.chat_template == real_model.tokenizer.chat_template
+        assert ours.eos_ids[:2] == [151645, 151643]
     small = tiny_gguf_models["tied-small-vocab"]
     assert small.tokenizer.encode(" the thin") == [258, 256, 104, 259]  # merges "Ġ t", "h e", "Ġt he", "i n"
     assert small.eos_ids[0] == 263  # tokenizer.ggml.eos_token_id = <|im_end|>
@@ -418,7 +423,7 @@ def test_hf_dir_converts_once_and_is_reused(fake, fake_gguf_bytes, tmp_path, mon
     path = registry.hf_dir(FAKE, progress=False)
     assert path == str(fake.hf)
     with open(fake.hf / "qwen2_source.json") as f:
-        assert json.load(f) == {"name": FAKE, "sha256": fake.model.sha256}
+        assert json.load(f) == {"name": FAKE, "sha256": fake.model.sha256, "converter": registry.CONVERTER_VERSION}
     assert sorted(os.listdir(fake.cache)) == [FAKE, f"{FAKE}.gguf"]
     mtime = os.stat(fake.hf / SAFETENSORS_SINGLE).st_mtime_ns
 
@@ -451,10 +456,10 @@ def _counting_loader(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("damage", ["no-stamp", "wrong-sha", "corrupt-stamp", "leftover-partial"])
+@pytest.mark.parametrize("damage", ["no-stamp", "wrong-sha", "old-converter", "corrupt-stamp", "leftover-partial"])
 def test_hf_dir_untrusted_directories_are_redone(fake, monkeypatch, damage):
     fake.cache.mkdir()
-    stamp = {"name": FAKE, "sha256": fake.model.sha256}
+    stamp = {"name": FAKE, "sha256": fake.model.sha256, "converter": registry.CONVERTER_VERSION}
     if damage == "leftover-partial":  # a killed conversion's temp dir, complete-looking, stamp and all
         junk = fake.cache / f".{FAKE}.partial-abc123"
     else:
@@ -464,6 +469,8 @@ def test_hf_dir_untrusted_directories_are_redone(fake, monkeypatch, damage):
     (junk / "junk.txt").write_text("half-written")
     if damage == "wrong-sha":
         (junk / "qwen2_source.json").write_text(json.dumps(dict(stamp, sha256="f" * 64)))
+    elif damage == "old-converter":
+        (junk / "qwen2_source.json").write_text(json.dumps(dict(stamp, converter=registry.CONVERTER_VERSION - 1)))
     elif damage == "corrupt-stamp":
         (junk / "qwen2_source.json").write_text('{"name": "fake", "sha2')
     elif damage == "leftover-partial":
@@ -498,6 +505,21 @@ def test_save_refuses_existing_non_empty_dir(tmp_path):
     empty.mkdir()
     save_hf_dir(str(empty), config, sd)  # an empty directory is fine
     assert (empty / SAFETENSORS_SINGLE).exists()
+
+
+def test_save_refuses_weights_that_do_not_match_the_config(tmp_path):
+    """A directory that could not load is never written (e.g. `convert` of a mismatched checkpoint)."""
+    config = tiny_config()
+    sd = random_model(config).state_dict()
+    missing = {k: v for k, v in sd.items() if k != "model.layers.1.mlp.up_proj.weight"}
+    with pytest.raises(Qwen2Error, match=r"missing \['model\.layers\.1\.mlp\.up_proj\.weight'\]"):
+        save_hf_dir(str(tmp_path / "a"), config, missing)
+    wrong = dict(sd, **{"model.norm.weight": torch.ones(33)})
+    with pytest.raises(Qwen2Error, match=r"model\.norm\.weight has shape \(33,\), config expects \(32,\)"):
+        save_hf_dir(str(tmp_path / "b"), config, wrong)
+    with pytest.raises(Qwen2Error, match="empty"):
+        save_hf_dir(str(tmp_path / "c"), config, {})
+    assert os.listdir(tmp_path) == []
 
 
 def _failing_save_file(exc, after: int = 0):
@@ -539,6 +561,27 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch, sharded):
     with pytest.raises(RuntimeError, match="boom"):
         save_hf_dir(str(old), config, random_model(config, seed=9).state_dict(), overwrite=True, **shard)
     assert os.listdir(tmp_path) == ["old"]
+    assert {n: (old / n).read_bytes() for n in os.listdir(old)} == before
+
+
+def test_failed_replace_keeps_the_old_directory(tmp_path, monkeypatch):
+    """overwrite=True moves the old directory aside, then the new one in; if that second step
+    fails, the old directory is put back."""
+    config = tiny_config()
+    old = tmp_path / "m"
+    save_hf_dir(str(old), config, random_model(config).state_dict(), generation_config={"eos_token_id": 5})
+    before = {n: (old / n).read_bytes() for n in os.listdir(old)}
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if os.path.basename(src).startswith(".m.partial-") and os.fspath(dst) == str(old):  # the new one in
+            raise OSError(5, "Input/output error")
+        return real_rename(src, dst)
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(Qwen2Error, match="cannot write .*: Input/output error"):
+        save_hf_dir(str(old), config, random_model(config, seed=2).state_dict(), overwrite=True)
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert os.listdir(tmp_path) == ["m"]
     assert {n: (old / n).read_bytes() for n in os.listdir(old)} == before
 
 
@@ -597,3 +640,45 @@ def test_real_model_eos_ids(real_model):
     assert real_model.eos_ids[0] == 151645
     assert real_model.tokenizer.decode([151645, 151643]) == "<|im_end|><|endoftext|>"
     assert real_model.sampling() == SamplingParams()  # a GGUF says nothing about sampling: greedy
+
+
+# ---- our GGUF parser against the gguf package's --------------------------------------------------------
+
+def test_gguf_parser_matches_gguf_reader(tmp_path):
+    """open_gguf (a fast parser) reads what gguf.GGUFReader reads: every metadata value type,
+    tensor types and shapes, byte for byte, with a non-default data alignment."""
+    from gguf import GGUFReader, GGUFValueType as V
+
+    from qwen2.checkpoint.gguf import dequantized_tensors, open_gguf, read_metadata
+
+    cfg = tiny_config(vocab_size=300, hidden_size=64, intermediate_size=128)  # 300 > the tokenizer's 264 ids
+    kinds = iter(["Q4_0", "Q5_0", "BF16", "Q8_0", "F16", "F32", "Q4_1", "Q5_1"] * 10)
+    typed = {
+        "test.u8": (V.UINT8, 200), "test.i8": (V.INT8, -100), "test.u16": (V.UINT16, 60000),
+        "test.i16": (V.INT16, -30000), "test.u32": (V.UINT32, 4_000_000_000), "test.i32": (V.INT32, -2_000_000_000),
+        "test.f32": (V.FLOAT32, 0.1), "test.bool": (V.BOOL, True), "test.str": (V.STRING, "héllo, 世界"),
+        "test.empty_str": (V.STRING, ""), "test.u64": (V.UINT64, 2**63 + 5), "test.i64": (V.INT64, -(2**62)),
+        "test.f64": (V.FLOAT64, 0.1), "test.arr_u8": (V.ARRAY, [1, 2, 255], V.UINT8),
+        "test.arr_i64": (V.ARRAY, [-1, 2**40], V.INT64), "test.arr_f64": (V.ARRAY, [0.5, -1e300], V.FLOAT64),
+        "test.arr_bool": (V.ARRAY, [True, False, True], V.BOOL), "test.arr_str": (V.ARRAY, ["a", "", "ß"], V.STRING),
+    }
+    path = write_gguf(tmp_path / "t.gguf", cfg, state_dict_of(random_model(cfg)), small_tokenizer_metadata(),
+                      qtype=lambda name, ndim: "F32" if ndim == 1 else next(kinds), metadata=typed, alignment=1024)
+    ours, theirs = open_gguf(path), GGUFReader(path)
+    meta = read_metadata(ours)
+    assert meta == read_metadata(theirs)
+    assert [type(v) for v in meta.values()] == [type(v) for v in read_metadata(theirs).values()]
+    assert meta["general.alignment"] == 1024 and meta["test.f32"] == float(np.float32(0.1))
+    assert meta["test.u64"] == 2**63 + 5 and meta["test.arr_str"] == ["a", "", "ß"]
+    assert len(ours.tensors) == len(theirs.tensors) == len(state_dict_of(random_model(cfg)))
+    assert {t.tensor_type.name for t in ours.tensors} >= {"Q4_0", "Q5_0", "BF16", "Q8_0", "F16", "F32"}
+    for a, b in zip(ours.tensors, theirs.tensors):
+        assert (a.name, a.tensor_type, a.shape) == (b.name, b.tensor_type, tuple(int(n) for n in b.shape))
+        assert a.data.shape == b.data.shape and a.data.dtype == b.data.dtype
+        assert np.array_equal(np.asarray(a.data).view(np.uint8), np.asarray(b.data).view(np.uint8)), a.name
+    mine = dict(dequantized_tensors(ours, progress=False))
+    for name, t in dequantized_tensors(theirs, progress=False):
+        assert torch.equal(mine[name], t), name
+    # the vocabulary is the embedding's rows, not the tokenizer's 264 tokens
+    m = qwen2.load(path, progress=False)
+    assert m.config.vocab_size == 300 and m.model.lm_head.weight.shape == (300, 64)

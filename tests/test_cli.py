@@ -1,6 +1,7 @@
 """The `qwen2` command. Most tests run `main()` in-process on the session's real model; one runs
 the installed console script end to end."""
 import io
+import re
 import subprocess
 import sys
 
@@ -61,9 +62,7 @@ def test_console_script_info_end_to_end(real_model):
     """The installed `qwen2` script, in a fresh process, on the embedded default model."""
     out = subprocess.run(["qwen2", "info"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    rows = dict(line.split(None, 1) if not line.startswith("heads") else line.split("  ", 1)
-                for line in out.stdout.splitlines())
-    rows = {k.strip(): v.strip() for k, v in rows.items()}
+    rows = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in out.stdout.splitlines())
     assert rows["parameters"] == "630,167,424 (0.63 B)"  # 0.49 B + a separate 896 x 151936 output layer
     assert rows["heads / kv heads / head dim"] == "14 / 2 / 64"
     assert rows["dtype"] == "float32" and rows["rms norm eps"] == "1e-06"

@@ -138,7 +138,7 @@ EXPECTED = {  # what the one-line message must say
     "not-a-gguf": r"notes\.gguf is not a GGUF file",
     "gguf-missing-metadata": r"GGUF metadata lacks qwen2\.block_count; the file is incomplete",
     "gguf-bad-metadata": r"rms_norm_eps must be a positive number, got 'oops'",
-    "gguf-no-tokenizer": r"GGUF tokenizer has no tokens or no merges",
+    "gguf-no-tokenizer": r"GGUF (file has no tokenizer|tokenizer has no tokens)",
     "gguf-extra-tensor": r"unexpected tensor 'blk\.0\.attn_q\.lora_a' in a qwen2 GGUF",
     "truncated-safetensors": r"model\.safetensors is truncated or corrupt",
     "truncated-shard": r"model-00002-of-\d{5}\.safetensors is truncated or corrupt",

@@ -58,6 +58,25 @@ def build_model(config: Qwen2Config, state_dict: dict[str, torch.Tensor], dtype:
         state_dict.pop("lm_head.weight", None)
     with torch.device("meta"):
         model = Transformer(config)
+    _check_against(model, config, state_dict)
+    state_dict = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
+    model.load_state_dict(state_dict, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.rope = RotaryEmbedding(config).to(device)  # its buffer was only a meta placeholder
+    return model.eval()
+
+
+def check_state_dict(config: Qwen2Config, state_dict: dict[str, torch.Tensor]) -> None:
+    """Raise Qwen2Error unless `state_dict` holds exactly the tensors `config` describes, in their
+    shapes (a tied model's lm_head.weight may be there or not). Costs nothing: no weights are made."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    state_dict = {k: v for k, v in state_dict.items() if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    _check_against(model, config, state_dict)
+
+
+def _check_against(model: Transformer, config: Qwen2Config, state_dict: dict[str, torch.Tensor]) -> None:
     expected = {k for k in model.state_dict() if not (config.tie_word_embeddings and k == "lm_head.weight")}
     missing, unexpected = sorted(expected - state_dict.keys()), sorted(state_dict.keys() - expected)
     if missing or unexpected:
@@ -67,12 +86,6 @@ def build_model(config: Qwen2Config, state_dict: dict[str, torch.Tensor], dtype:
         if name in state_dict and state_dict[name].shape != tensor.shape:
             raise Qwen2Error(f"checkpoint tensor {name} has shape {tuple(state_dict[name].shape)}, "
                              f"config expects {tuple(tensor.shape)}")
-    state_dict = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
-    model.load_state_dict(state_dict, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.rope = RotaryEmbedding(config).to(device)  # its buffer was only a meta placeholder
-    return model.eval()
 
 
-__all__ = ["DEFAULT_MODEL", "KNOWN_MODELS", "build_model", "load_checkpoint", "resolve"]
+__all__ = ["DEFAULT_MODEL", "KNOWN_MODELS", "build_model", "check_state_dict", "load_checkpoint", "resolve"]

@@ -12,6 +12,7 @@ import torch
 
 from ..config import Qwen2Config
 from ..errors import Qwen2Error
+from ..fileio import umask_mode
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -91,6 +92,17 @@ def _shards(state_dict: dict[str, torch.Tensor], max_bytes: int) -> list[dict[st
     return shards
 
 
+def check_output_dir(path: str | os.PathLike, overwrite: bool = False) -> str:
+    """The absolute output path, or a Qwen2Error if writing there would clobber something."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise Qwen2Error(f"{path} already exists and is a file, not a directory; choose a new output directory")
+    if os.path.isdir(path) and not overwrite and os.listdir(path):
+        raise Qwen2Error(f"{path} already exists and is not empty; choose a new output directory or remove it "
+                         "(or pass --force)")
+    return path
+
+
 def save_hf_dir(path: str, config: Qwen2Config, state_dict: dict[str, torch.Tensor], tokenizer=None,
                 generation_config: dict | None = None, overwrite: bool = False,
                 max_shard_bytes: int = MAX_SHARD_BYTES, extra_files: dict[str, dict] | None = None) -> None:
@@ -98,13 +110,11 @@ def save_hf_dir(path: str, config: Qwen2Config, state_dict: dict[str, torch.Tens
     temporary sibling directory that is renamed into place only once complete."""
     from safetensors.torch import save_file
 
-    path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise Qwen2Error(f"{path} already exists and is a file, not a directory; choose a new output directory")
-    if os.path.isdir(path) and not overwrite and os.listdir(path):
-        raise Qwen2Error(f"{path} already exists and is not empty; choose a new output directory or remove it")
+    path = check_output_dir(path, overwrite)
     if not state_dict:
         raise Qwen2Error("no tensors to save: the state dict is empty")
+    from . import check_state_dict
+    check_state_dict(config, state_dict)  # never write a directory that would not load
     parent = os.path.dirname(path)
     try:
         os.makedirs(parent, exist_ok=True)
@@ -145,15 +155,12 @@ def save_hf_dir(path: str, config: Qwen2Config, state_dict: dict[str, torch.Tens
 
 
 def _make_readable(tmp: str) -> None:
-    """mkdtemp makes a 0700 directory, and tempfile-written files are 0600; give the finished
-    directory the permissions any other new directory and file get (the umask's)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
+    """mkdtemp makes a private 0700 directory; give the finished one ordinary permissions."""
+    os.chmod(tmp, umask_mode(directory=True))
     for name in os.listdir(tmp):
         file = os.path.join(tmp, name)
         if os.path.isfile(file):
-            os.chmod(file, 0o666 & ~umask)
+            os.chmod(file, umask_mode())
 
 
 def _replace_dir(src: str, dst: str) -> None:

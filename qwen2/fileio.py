@@ -1,0 +1,37 @@
+"""Atomic file writes: a reader (or a later run after a crash) never sees half a file."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from typing import IO, Iterator
+
+
+def umask_mode(directory: bool = False) -> int:
+    """The permissions an ordinary new file or directory gets. tempfile makes private ones
+    (0600 / 0700), which is wrong for a finished model file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iterator[IO]:
+    """Open a temporary file beside `path`; on success it is renamed to `path`, on any error it
+    is removed. The name `.NAME.partial-XXXX` marks it as never to be trusted."""
+    path = os.path.abspath(os.fspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.partial-", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, mode, **open_kwargs) as f:
+            yield f
+        os.chmod(tmp, umask_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_file(path, "w", encoding="utf-8") as f:
+        f.write(text)
