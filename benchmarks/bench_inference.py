@@ -41,6 +41,8 @@ import sys
 import tempfile
 import time
 
+from qwen2.fileio import write_text_atomic
+
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 ENGINES = ("qwen2", "transformers", "llama.cpp")
 OPTIONAL_ENGINES = ("transformers-gguf",)
@@ -161,8 +163,21 @@ def measure_prefill(prefill, n_tokens: int, repeats: int, desc: str) -> dict:
             "prefill_best_tok_s": n_tokens / min(times)}
 
 
-def decode_result(tokens: list[int], n_steps: int, seconds: float) -> dict:
-    return {"decode_s": seconds, "decode_steps": n_steps, "decode_tok_s": n_steps / seconds, "tokens": tokens}
+def measure_decode(step, n_steps: int, desc: str) -> dict:
+    """Call `step()` (one token through the KV cache) `n_steps` times, timing each call.
+
+    decode_tok_s is steps / total time, the number reported. The median step is kept as well: on a
+    shared machine another process's burst slows a few steps, and the median shows the typical one."""
+    times = []
+    with progress(n_steps, f"{desc} decode") as bar:
+        for _ in range(n_steps):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+            bar.update()
+    total = sum(times)
+    return {"decode_s": total, "decode_steps": n_steps, "decode_tok_s": n_steps / total,
+            "decode_median_step_tok_s": 1 / statistics.median(times), "decode_step_s": times}
 
 
 def set_torch_threads(threads: int) -> None:
@@ -256,14 +271,11 @@ def worker_qwen2(job: dict) -> dict:
     steps = decode_steps(model, [ids], SamplingParams(max_new_tokens=job["new_tokens"] + 1, temperature=0.0),
                          pad_id=0)
     tokens = [int(next(steps))]
-    start = time.perf_counter()
-    with progress(job["new_tokens"], "qwen2 decode") as bar:
-        for token in steps:
-            tokens.append(int(token))
-            bar.update()
-    decode_s = time.perf_counter() - start
-    return {**result, **decode_result(tokens, job["new_tokens"], decode_s), "import_s": import_s,
-            "load_s": load_s, "rss_after_load_mb": load_rss, "weights": "fp32 (dequantised from the GGUF)",
+    decode = measure_decode(lambda: tokens.append(int(next(steps))), job["new_tokens"], "qwen2")
+    return {**result, **decode, "tokens": tokens, "import_s": import_s,
+            "load_s": load_s, "rss_after_load_mb": load_rss,
+            "weights": "fp32 (" + ("the HF directory's safetensors" if os.path.isdir(job["model"])
+                                  else "dequantised from the GGUF") + ")",
             "peak_rss_mb": peak_rss_mb()}
 
 
@@ -275,6 +287,7 @@ def worker_transformers(job: dict, from_gguf: bool = False) -> dict:
     from transformers import AutoModelForCausalLM
     import_s = time.perf_counter() - t0
     set_torch_threads(job["threads"])
+    name = "transformers-gguf" if from_gguf else "transformers"
     if from_gguf:
         gguf = job["gguf"]
         load = lambda: AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
@@ -296,22 +309,22 @@ def worker_transformers(job: dict, from_gguf: bool = False) -> dict:
         logits, past = forward(prompt[:, :WARMUP_TOKENS])
         for _ in range(2):
             logits, past = forward(logits.argmax(-1, keepdim=True), past)
-        result = measure_prefill(lambda: forward(prompt), len(ids), job["repeats"], "transformers")
+        result = measure_prefill(lambda: forward(prompt), len(ids), job["repeats"], name)
 
         # The same loop as model.generate(do_sample=False) without its logits processors: greedy
         # tokens through the DynamicCache, which is what HF's own generate uses by default.
         logits, past = forward(prompt)
         tokens = [int(logits.argmax(-1))]
-        start = time.perf_counter()
-        with progress(job["new_tokens"], "transformers decode") as bar:
-            for _ in range(job["new_tokens"]):
-                logits, past = forward(torch.tensor([[tokens[-1]]]), past)
-                tokens.append(int(logits.argmax(-1)))
-                bar.update()
-        decode_s = time.perf_counter() - start
-    return {**result, **decode_result(tokens, job["new_tokens"], decode_s), "import_s": import_s,
+
+        def step():
+            nonlocal past
+            logits, past = forward(torch.tensor([[tokens[-1]]]), past)
+            tokens.append(int(logits.argmax(-1)))
+        decode = measure_decode(step, job["new_tokens"], name)
+    return {**result, **decode, "tokens": tokens, "import_s": import_s,
             "load_s": load_s, "rss_after_load_mb": load_rss,
-            "weights": "fp32 (" + ("its own GGUF dequantisation" if from_gguf else "qwen2's converted safetensors") + ")",
+            "weights": "fp32 (" + ("its own GGUF dequantisation" if from_gguf else "the same safetensors"
+                                  if job["hf_dir"] == job["model"] else "qwen2's converted safetensors") + ")",
             "attention": getattr(model.config, "_attn_implementation", None),
             "version": transformers.__version__, "peak_rss_mb": peak_rss_mb()}
 
@@ -345,15 +358,13 @@ def worker_llama_cpp(job: dict) -> dict:
 
     prefill()
     tokens = [int(last_logits().argmax())]
-    start = time.perf_counter()
-    with progress(new, "llama.cpp decode") as bar:
-        for _ in range(new):
-            llm.eval([tokens[-1]])
-            tokens.append(int(last_logits().argmax()))
-            bar.update()
-    decode_s = time.perf_counter() - start
-    return {**result, **decode_result(tokens, new, decode_s), "import_s": import_s, "load_s": load_s,
-            "rss_after_load_mb": load_rss, "weights": "GGUF as shipped (Q4_K_M and friends, mmap'd)",
+
+    def step():
+        llm.eval([tokens[-1]])
+        tokens.append(int(last_logits().argmax()))
+    decode = measure_decode(step, new, "llama.cpp")
+    return {**result, **decode, "tokens": tokens, "import_s": import_s, "load_s": load_s,
+            "rss_after_load_mb": load_rss, "weights": "the GGUF's quantised weights (Q4_K_M mix), mmap'd",
             "n_ctx": n_ctx, "version": getattr(llama_cpp, "__version__", None),
             # which SIMD paths this build of llama.cpp uses (AVX2, AVX512, AMX, ...), as its own words
             "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
@@ -389,17 +400,8 @@ def run_worker(name: str, job_file: str, result_file: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 def write_atomic(path: str, text: str) -> None:
-    """Write to a temporary sibling, then rename: a reader never sees a half-written file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_text_atomic(path, text)
 
 
 def write_json(path: str, obj) -> None:
@@ -411,18 +413,51 @@ def spawn(name: str, job: dict, scratch: str, env: dict, timeout: float) -> dict
     job_file, result_file = os.path.join(scratch, f"{name}.job.json"), os.path.join(scratch, f"{name}.result.json")
     write_json(job_file, job)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--job", job_file, "--result", result_file]
-    start = time.perf_counter()
+    busy_before, ours_before, start = cpu_busy_s(), children_cpu_s(), time.perf_counter()
     try:
         proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"status": "error", "error": f"timed out after {timeout:.0f} s"}
     wall = time.perf_counter() - start
+    # CPU time the whole machine spent minus what the worker spent: what other processes took
+    # while this engine was measured, as a share of all cores. Near 0 % means a quiet machine.
+    others = max(0.0, (cpu_busy_s() - busy_before) - (children_cpu_s() - ours_before))
+    contention = {"process_wall_s": wall, "others_cpu_pct": 100 * others / (wall * (os.cpu_count() or 1))}
     if not os.path.isfile(result_file):
         how = (f"crashed with signal {-proc.returncode}" if proc.returncode < 0
                else f"exited with code {proc.returncode}")
         return {"status": "error", "error": f"worker {how} and wrote no result"}
     with open(result_file) as f:
-        return json.load(f) | {"process_wall_s": wall}
+        return json.load(f) | contention
+
+
+def cpu_busy_s() -> float:
+    """Seconds of CPU time all cores have spent busy since boot (/proc/stat), 0 where unknown."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # guest time is already in user
+
+
+def children_cpu_s() -> float:
+    t = os.times()
+    return t.children_user + t.children_system
+
+
+def wait_for_quiet(max_wait: float, threshold: float = 15.0) -> float:
+    """Wait up to `max_wait` s until other processes use under `threshold` % of the CPU over 2 s;
+    return the last share seen. llama.cpp's spinning thread barriers slow down many-fold when a
+    core is taken away from them, so a busy shared machine would make its numbers meaningless."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        before, start = cpu_busy_s(), time.monotonic()
+        time.sleep(2)
+        share = 100 * (cpu_busy_s() - before) / ((time.monotonic() - start) * (os.cpu_count() or 1))
+        if share < threshold or time.monotonic() >= deadline:
+            return share
 
 
 def machine_facts(threads: int) -> dict:
@@ -471,29 +506,36 @@ def agreement(result: dict, reference: dict | None) -> str:
     return f"{same}/{len(reference['tokens'])}"
 
 
+def contention(result: dict) -> str:
+    return f"{fmt(result.get('others_cpu_pct'), '.0f')} %"
+
+
 def table(results: dict) -> str:
     """The markdown table; ratios are engine / reference throughput, so > 1 means faster."""
     llama, hf, ours = results.get("llama.cpp"), results.get("transformers"), results.get("qwen2")
     lines = ["| engine | weights | load s | prefill tok/s | decode tok/s | peak RSS MB "
-             "| vs llama.cpp (prefill / decode) | vs transformers (prefill / decode) | greedy tokens = qwen2's |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| vs llama.cpp (prefill / decode) | vs transformers (prefill / decode) | greedy tokens = qwen2's "
+             "| CPU taken by others |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in results.items():
         if r.get("status") != "ok":
             why = r.get("status", "error") + ("" if r.get("status") == "not installed" else f": {r.get('error', '')}")
-            lines.append(f"| {name} | {why} | – | – | – | – | – | – | – |")
+            lines.append(f"| {name} | {why} | – | – | – | – | – | – | – | – |")
             continue
         vs = lambda ref: f"{ratio(r, ref, 'prefill_tok_s')} / {ratio(r, ref, 'decode_tok_s')}"
         lines.append(f"| {name} | {r.get('weights', '')} | {fmt(r['load_s'], '.2f')} | {fmt(r['prefill_tok_s'])} "
                      f"| {fmt(r['decode_tok_s'])} | {fmt(r['peak_rss_mb'], '.0f')} | {vs(llama)} | {vs(hf)} "
-                     f"| {agreement(r, ours)} |")
+                     f"| {agreement(r, ours)} | {contention(r)} |")
     return "\n".join(lines)
 
 
 def load_summary(first: dict, results: dict) -> str:
     second = results.get("qwen2", {})
-    text = f"qwen2.load: first load {fmt(first.get('load_s'), '.2f')} s, cache {first.get('cache_state')}"
+    text = (f"qwen2.load: first load {fmt(first.get('load_s'), '.2f')} s (+{fmt(first.get('import_s'), '.2f')} s "
+            f"import qwen2), cache {first.get('cache_state')}")
     if second.get("status") == "ok":
-        text += f"; second load (new process) {fmt(second['load_s'], '.2f')} s"
+        text += (f"; second load, in a new process: {fmt(second['load_s'], '.2f')} s "
+                 f"(+{fmt(second.get('import_s'), '.2f')} s import)")
     return text
 
 
@@ -526,6 +568,9 @@ def parse_args(argv=None):
     p.add_argument("--gguf", help="GGUF file for llama.cpp (default: the registry model's)")
     p.add_argument("--cold", action="store_true",
                    help="first load in an empty temporary QWEN2_CACHE (deleted afterwards), so it is truly cold")
+    p.add_argument("--wait-quiet", type=float, default=120, metavar="SECONDS",
+                   help="before each engine, wait up to this long for other processes to leave the CPU "
+                        "(under 15%% busy over 2 s); 0 = don't wait (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed to each engine process")
     p.add_argument("--out", help="JSON result file; a .md table is written beside it "
                                  "(default: benchmarks/results/<model>.json)")
@@ -564,7 +609,8 @@ def main(argv=None) -> int:
         steps = ["first-load"] + args.engines
         print(f"[1/{len(steps)}] first-load: qwen2.load({args.model!r}) and the {args.prompt_tokens}-token prompt",
               file=sys.stderr, flush=True)
-        first = spawn("first-load", job, scratch, env, args.timeout)
+        quiet = wait_for_quiet(args.wait_quiet) if args.wait_quiet > 0 else None
+        first = spawn("first-load", job, scratch, env, args.timeout) | {"others_cpu_pct_before": quiet}
         if first.get("status") != "ok":
             print(f"first load failed: {first.get('error')}", file=sys.stderr)
             return 1
@@ -572,8 +618,8 @@ def main(argv=None) -> int:
         results = {}
         for i, engine in enumerate(args.engines, 2):
             print(f"[{i}/{len(steps)}] {engine}", file=sys.stderr, flush=True)
-            results[engine] = run_engine(engine, job, scratch, env, args.timeout)
-            r = results[engine]
+            quiet = wait_for_quiet(args.wait_quiet) if args.wait_quiet > 0 else None
+            results[engine] = r = run_engine(engine, job, scratch, env, args.timeout) | {"others_cpu_pct_before": quiet}
             if r.get("status") == "ok":
                 print(f"    load {r['load_s']:.2f} s, prefill {r['prefill_tok_s']:.1f} tok/s, "
                       f"decode {r['decode_tok_s']:.1f} tok/s, peak RSS {r['peak_rss_mb']:.0f} MB", file=sys.stderr)
@@ -584,7 +630,7 @@ def main(argv=None) -> int:
 
     data = {"settings": {"model": args.model, "engines": args.engines, "prompt_tokens": args.prompt_tokens,
                          "new_tokens": args.new_tokens, "repeats": args.repeats, "threads": args.threads,
-                         "cold": args.cold, "prefill_statistic": "median", "hf_dir": job["hf_dir"], "gguf": job["gguf"],
+                         "cold": args.cold, "wait_quiet_s": args.wait_quiet, "prefill_statistic": "median", "hf_dir": job["hf_dir"], "gguf": job["gguf"],
                          "command": " ".join(["python", os.path.relpath(__file__, REPO_ROOT)] + (argv or sys.argv[1:]))},
             "machine": machine_facts(args.threads),
             "first_load": {k: v for k, v in first.items() if k != "prompt_ids"},
