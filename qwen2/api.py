@@ -79,6 +79,14 @@ class Qwen2:
                                                                tokenize=False, tools=tools)
         return self.generate(prompt, stream=stream, **sampling)
 
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
+        """Write an HF model directory (config.json, safetensors, tokenizer, generation_config.json)
+        that transformers' `from_pretrained` and `qwen2.load` both read. Atomic."""
+        from .checkpoint.hf import save_hf_dir
+
+        save_hf_dir(path, self.config, self.model.state_dict(), self.tokenizer, self.generation_config,
+                    overwrite=overwrite)
+
     def __repr__(self) -> str:
         c = self.config
         return (f"Qwen2({self.source!r}, layers={c.num_hidden_layers}, hidden={c.hidden_size}, "

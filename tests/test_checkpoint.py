@@ -123,6 +123,24 @@ def test_hf_save_loads_in_transformers_and_back(tmp_path, tied, sharded, small_t
         assert hf_tok.encode("the cat in the hat", add_special_tokens=False) == small_tokenizer.encode("the cat in the hat")
 
 
+def test_api_save_round_trip(tmp_path, small_tokenizer):
+    """`Qwen2.save` writes what `qwen2.load` and transformers read back, generation config included."""
+    from qwen2.api import Qwen2
+
+    config = tiny_config()
+    m = Qwen2(random_model(config, seed=11), small_tokenizer, {"eos_token_id": [151645], "do_sample": True,
+                                                                "temperature": 0.6}, source="memory")
+    m.save(tmp_path / "saved")
+    back = qwen2.load(str(tmp_path / "saved"), progress=False)
+    ids = _random_ids(config.vocab_size)
+    assert torch.equal(_logits(back.model, ids), _logits(m.model, ids))
+    assert back.generation_config == m.generation_config and back.sampling().temperature == 0.6
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved"), dtype=torch.float32).eval()
+    assert (_hf_logits(hf, ids) - _logits(m.model, ids)).abs().max().item() <= 1e-5
+    with pytest.raises(Qwen2Error, match="not empty"):
+        m.save(tmp_path / "saved")
+
+
 def test_hf_save_bfloat16(tmp_path):
     """A bf16 state dict is stored as bf16, declared so in config.json, and loads in either dtype."""
     config = tiny_config()
