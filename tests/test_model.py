@@ -24,7 +24,7 @@ TINY_CONFIGS = {
 
 def make_pair(fields):
     """Our model and transformers' with identical random weights (ours -> HF via state_dict)."""
-    config = Qwen2Config(**fields, max_position_embeddings=256)
+    config = Qwen2Config(**fields, max_position_embeddings=256, bos_token_id=None, eos_token_id=None)
     ours = Transformer(config).eval()
     with torch.no_grad():
         for p in ours.parameters():
