@@ -45,7 +45,7 @@ from qwen2.fileio import write_text_atomic
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 ENGINES = ("qwen2", "transformers", "llama.cpp")
-OPTIONAL_ENGINES = ("transformers-gguf",)
+OPTIONAL_ENGINES = ("transformers-gguf", "qwen2-int8", "qwen2-int4")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WARMUP_TOKENS = 16  # a short forward plus two decode steps before any timing: first-call costs stay out
 
@@ -242,15 +242,17 @@ def convert_for_transformers(gguf: str, scratch: str) -> str:
     return path
 
 
-def worker_qwen2(job: dict) -> dict:
-    """This project: `qwen2.load`, static KV cache, `decode_steps` (the path `generate` uses)."""
+def worker_qwen2(job: dict, quantize: str | None = None) -> dict:
+    """This project: `qwen2.load`, static KV cache, `decode_steps` (the path `generate` uses);
+    with `quantize`, weight-only int8/int4 linears (`qwen2.load(..., quantize=...)`)."""
     t0 = time.perf_counter()
     import torch
     import qwen2
     from qwen2.generate import SamplingParams, decode_steps
+    from qwen2.quantize import describe
     import_s = time.perf_counter() - t0
     set_torch_threads(job["threads"])
-    m, load_s = timed(qwen2.load, job["model"], progress=False)
+    m, load_s = timed(qwen2.load, job["model"], progress=False, quantize=quantize)
     model, ids = m.model, job["prompt_ids"]
     load_rss = rss_mb()
     prompt = torch.tensor([ids])
@@ -274,8 +276,9 @@ def worker_qwen2(job: dict) -> dict:
     decode = measure_decode(lambda: tokens.append(int(next(steps))), job["new_tokens"], "qwen2")
     return {**result, **decode, "tokens": tokens, "import_s": import_s,
             "load_s": load_s, "rss_after_load_mb": load_rss,
-            "weights": "fp32 (" + ("the HF directory's safetensors" if os.path.isdir(job["model"])
-                                  else "dequantised from the GGUF") + ")",
+            "weights": (f"{describe(model)}, quantised at load from " if quantize
+                        else "fp32 (") + ("the HF directory's safetensors" if os.path.isdir(job["model"])
+                                          else "dequantised from the GGUF") + ("" if quantize else ")"),
             "peak_rss_mb": peak_rss_mb()}
 
 
@@ -374,6 +377,8 @@ def worker_llama_cpp(job: dict) -> dict:
 WORKERS = {
     "first-load": worker_first_load,
     "qwen2": worker_qwen2,
+    "qwen2-int8": lambda job: worker_qwen2(job, quantize="int8"),
+    "qwen2-int4": lambda job: worker_qwen2(job, quantize="int4"),
     "transformers": worker_transformers,
     "transformers-gguf": lambda job: worker_transformers(job, from_gguf=True),
     "llama.cpp": worker_llama_cpp,

