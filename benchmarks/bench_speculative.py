@@ -32,35 +32,8 @@ from qwen2.fileio import write_text_atomic  # noqa: E402
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL, LARGE = "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"
 
-EDIT_SOURCE = '''def summarize_orders(orders, min_total=0.0):
-    """Group orders by customer and return per-customer statistics."""
-    totals = {}
-    counts = {}
-    largest = {}
-    for order in orders:
-        customer = order["customer"]
-        amount = float(order["amount"])
-        if amount < 0:
-            raise ValueError(f"negative amount in order {order['id']}")
-        totals[customer] = totals.get(customer, 0.0) + amount
-        counts[customer] = counts.get(customer, 0) + 1
-        if amount > largest.get(customer, 0.0):
-            largest[customer] = amount
-    summary = []
-    for customer, total in totals.items():
-        if total < min_total:
-            continue
-        summary.append({
-            "customer": customer,
-            "total": round(total, 2),
-            "orders": counts[customer],
-            "average": round(total / counts[customer], 2),
-            "largest": largest[customer],
-        })
-    summary.sort(key=lambda row: row["total"], reverse=True)
-    print(f"summarized {len(summary)} customers")
-    return summary
-'''
+# The function the model is asked to edit; the speculative tests use the same one.
+EDIT_SOURCE = open(os.path.join(REPO_ROOT, "tests", "data", "code_edit_function.py.txt"), encoding="utf-8").read()
 EDIT_REQUEST = ("Rewrite this function so that it uses `logging.info` instead of `print`. "
                 "Reply with the complete updated function only.\n\n```python\n" + EDIT_SOURCE + "```")
 

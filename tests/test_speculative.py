@@ -1,6 +1,8 @@
 """Speculative decoding (qwen2/speculative.py): whatever the drafter proposes, the tokens are plain
 greedy decoding's. Tiny random models for the mechanics, the real 0.5B model on a code-editing
 prompt for the acceptance rate that makes it worth doing."""
+import pathlib
+
 import pytest
 import torch
 
@@ -270,35 +272,7 @@ def test_batch_and_vocabulary_errors(tiny_api, target, other):
 
 # ---- the real model -------------------------------------------------------------------------------
 
-EDIT_SOURCE = '''def summarize_orders(orders, min_total=0.0):
-    """Group orders by customer and return per-customer statistics."""
-    totals = {}
-    counts = {}
-    largest = {}
-    for order in orders:
-        customer = order["customer"]
-        amount = float(order["amount"])
-        if amount < 0:
-            raise ValueError(f"negative amount in order {order['id']}")
-        totals[customer] = totals.get(customer, 0.0) + amount
-        counts[customer] = counts.get(customer, 0) + 1
-        if amount > largest.get(customer, 0.0):
-            largest[customer] = amount
-    summary = []
-    for customer, total in totals.items():
-        if total < min_total:
-            continue
-        summary.append({
-            "customer": customer,
-            "total": round(total, 2),
-            "orders": counts[customer],
-            "average": round(total / counts[customer], 2),
-            "largest": largest[customer],
-        })
-    summary.sort(key=lambda row: row["total"], reverse=True)
-    print(f"summarized {len(summary)} customers")
-    return summary
-'''
+EDIT_SOURCE = (pathlib.Path(__file__).parent / "data" / "code_edit_function.py.txt").read_text()
 
 EDIT_MESSAGES = [{"role": "user", "content": "Rewrite this function so that it uses `logging.info` instead of "
                   "`print`. Reply with the complete updated function only.\n\n```python\n" + EDIT_SOURCE + "```"}]
