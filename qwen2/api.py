@@ -32,6 +32,8 @@ class Qwen2:
         self.tokenizer = tokenizer
         self.generation_config = generation_config or {}
         self.source = source
+        self._drafts: dict[str, Qwen2] = {}  # draft models loaded by name for speculative decoding
+        self._checked_drafts = weakref.WeakSet()  # drafts whose tokenizer matched ours (a 151k-entry compare)
 
     @property
     def eos_ids(self) -> list[int]:
@@ -99,19 +101,17 @@ class Qwen2:
     def _load_draft(self, source) -> "Qwen2":
         """A draft model by name or path, loaded once per target (same dtype and device)."""
         key = os.fspath(source)
-        drafts = self.__dict__.setdefault("_drafts", {})
-        if key not in drafts:
-            drafts[key] = load(key, dtype=self.model.dtype, device=self.model.device)
-        return drafts[key]
+        if key not in self._drafts:
+            self._drafts[key] = load(key, dtype=self.model.dtype, device=self.model.device)
+        return self._drafts[key]
 
     def _check_draft_tokenizer(self, draft: "Qwen2") -> None:
-        checked = self.__dict__.setdefault("_checked_drafts", weakref.WeakSet())
-        if draft is self or draft in checked or self.tokenizer is None or draft.tokenizer is None:
+        if draft is self or draft in self._checked_drafts or self.tokenizer is None or draft.tokenizer is None:
             return
         if draft.tokenizer._backend.get_vocab() != self.tokenizer._backend.get_vocab():
             raise Qwen2Error(f"draft model {draft.source!r} has a different tokenizer vocabulary from {self.source!r}; "
                              "a draft model must share the target's tokenizer")
-        checked.add(draft)
+        self._checked_drafts.add(draft)
 
     def chat(self, messages: list[dict], tools: list[dict] | None = None, stream: bool = False,
              **sampling) -> str | Iterator[str]:

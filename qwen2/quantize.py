@@ -270,11 +270,10 @@ class Int4Linear(QuantLinear):
         Np = -(-N // _INT4_BLOCK_N) * _INT4_BLOCK_N
         packed = torch.empty(Np, K // 2, dtype=torch.uint8)
         sz = torch.zeros(K // group_size, Np, 2, dtype=torch.bfloat16)
-        packed[N:] = 0x88  # padding rows: q = 8 with scale 0 and zero 0 dequantise to exactly 0
-        sz[:, N:, 0] = 0
+        packed[N:] = 0x88  # padding rows: q = 8 with scale 0 and zero 0 (sz starts zeroed) dequantise to exactly 0
         for a, b in self._chunks():
             q, s, z = quantize_int4(weight[a:b], group_size)
-            if b - a < _INT4_BLOCK_N or (b - a) % _INT4_BLOCK_N:  # the last, ragged chunk: pad to a block
+            if (b - a) % _INT4_BLOCK_N:  # the last, ragged chunk: pad to a block
                 q = torch.cat((q, q.new_full((-(-(b - a) // _INT4_BLOCK_N) * _INT4_BLOCK_N - (b - a), K), 8)))
             packed[a:a + q.shape[0]] = pack_int4(q)
             sz[:, a:b, 0], sz[:, a:b, 1] = s.T, z.T
