@@ -7,7 +7,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .checkpoint import DEFAULT_MODEL, build_model, load_checkpoint
+from .checkpoint import DEFAULT_MODEL, build_model, convert_gguf_exact, load_checkpoint
 from .errors import Qwen2Error
 from .generate import SamplingParams, generate_text, stream_rows
 
@@ -145,13 +145,19 @@ class Qwen2:
 
 def load(source: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtype = torch.float32,
          device: str | torch.device = "cpu", progress: bool = True, quantize: str | None = None,
-         group_size: int | None = None, quantize_lm_head: bool = True) -> Qwen2:
+         group_size: int | None = None, quantize_lm_head: bool | None = None, compile: bool = False) -> Qwen2:
     """Load a model by registry name (e.g. "qwen2.5-coder-0.5b-instruct"), HF directory or .gguf file.
 
-    quantize="int8" (per output channel), "int4" (group-wise, `group_size` 32/64/128, default 32;
+    quantize="int8" (groups of 32), "int4" (group-wise, `group_size` 32/64/128, default 32;
     v_proj and down_proj stay int8) or "int4-pure" (all int4) turns the block linears into
-    weight-only quantised ones at load time (CPU; activations stay in `dtype`); the lm_head too
-    (int8) unless quantize_lm_head=False. See `qwen2.quantize`."""
+    weight-only quantised ones at load time (CPU; activations stay in `dtype`). The lm_head is
+    quantised to int8 in the int4 modes and kept fp32 in int8 mode (the accuracy mode);
+    quantize_lm_head=True/False overrides that. From a GGUF (a registry model's too), tensors whose
+    blocks our layouts hold exactly are taken as they are instead of requantised: Q4_K as int4 (int4
+    modes, group size 32), Q8_0 and Q5_0 as int8 (the layers that are int8). See `qwen2.quantize`.
+
+    compile=True runs decode steps through `torch.compile` (see `qwen2.compile`): the first step of
+    each batch size compiles (tens of seconds), and a failed compilation falls back to eager."""
     from . import quantize as q
 
     mode = q.check_mode(quantize)
@@ -167,4 +173,8 @@ def load(source: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtype = t
     del state_dict  # the model holds the weights now: quantising can free each fp32 one as it goes
     if mode is not None:
         q.quantize_model(model, mode, group_size=group_size, lm_head=quantize_lm_head, release=True)
+        convert_gguf_exact(model, source, progress)  # a GGUF's own blocks where exact, not requantised
+    if compile:
+        from .compile import compile_decode
+        compile_decode(model)
     return Qwen2(model, tokenizer, generation_config, source=os.fspath(source))

@@ -18,9 +18,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["int8", "int4", "int4-pure"], default=None,
-                   help="weight-only quantised linears (CPU): int8 per channel, int4 group-wise "
-                        "(v_proj/down_proj int8), int4-pure (all int4); lm_head int8")
+                   help="weight-only quantised linears (CPU): int8 (groups of 32), int4 group-wise "
+                        "(v_proj/down_proj int8), int4-pure (all int4); lm_head int8 in the int4 modes")
     p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32 (default), 64 or 128")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiles on first use)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -67,7 +68,7 @@ def _load(args):
     from .api import load
 
     return load(args.model, dtype=args.dtype, quantize=getattr(args, "quantize", None),
-                group_size=getattr(args, "group_size", None))
+                group_size=getattr(args, "group_size", None), compile=getattr(args, "compile", False))
 
 
 def _print_stream(pieces) -> str:

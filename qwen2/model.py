@@ -8,6 +8,8 @@ nkv key/value heads, hs head size, C hidden size, V vocabulary.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -94,6 +96,15 @@ class KVCache:
         self.length = start
 
 
+class StaticKV(NamedTuple):
+    """A KV cache seen with static shapes, for the compiled decode step: the new key/value go to
+    slot `slot` (a 1-element long tensor, not a Python int, so one compiled graph serves every
+    step) and attention runs over all max_len slots, masked by `valid`."""
+    k: torch.Tensor  # (L, B, nkv, max_len, hs)
+    v: torch.Tensor
+    slot: torch.Tensor  # (1,)
+
+
 class Attention(nn.Module):
     def __init__(self, config: Qwen2Config):
         super().__init__()
@@ -106,13 +117,17 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int):
+    def forward(self, x, cos, sin, mask, cache: KVCache | StaticKV | None, layer: int):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
+        if isinstance(cache, StaticKV):
+            cache.k[layer].index_copy_(2, cache.slot, k)
+            cache.v[layer].index_copy_(2, cache.slot, v)
+            k, v = cache.k[layer], cache.v[layer]  # (B, nkv, max_len, hs), unused slots masked out
+        elif cache is not None:
             # Write the new keys into their slots, then attend over every slot used so far.
             start = cache.length
             cache.k[layer, :, :, start:start + T] = k
@@ -164,6 +179,7 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rope = RotaryEmbedding(config)
+        self.compiled_step = None  # set by qwen2.compile.compile_decode: decode steps then run through it
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
@@ -176,6 +192,9 @@ class Transformer(nn.Module):
         With `cache`, the new tokens attend to everything cached and are appended to it.
         """
         B, T = input_ids.shape
+        if self.compiled_step is not None and cache is not None and T == 1 and attention_mask is None \
+                and position_ids is None:
+            return self.compiled_step(input_ids, cache)
         start = cache.length if cache is not None else 0
         if cache is not None and start + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} tokens; {start} cached + {T} new do not fit")
@@ -200,6 +219,20 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))  # (B, T, V)
+
+    def static_decode(self, input_ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+                      positions: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """One new token per row, input_ids (B, 1), written to cache slot `slot` (B rows at once), with
+        every shape fixed by the cache: what torch.compile traces (see qwen2/compile.py). `valid`
+        (B, max_len) must already mark the slot; positions (B,) are the new tokens' RoPE positions.
+        Equal to forward(input_ids, cache=...) up to the masked-out slots it also reads."""
+        x = self.model.embed_tokens(input_ids)  # (B, 1, C)
+        cos, sin = self.rope(positions[:, None], x.dtype)
+        mask = valid[:, None, None, :]  # (B, 1, 1, max_len)
+        kv = StaticKV(k, v, slot)
+        for i, block in enumerate(self.model.layers):
+            x = block(x, cos, sin, mask, kv, i)
+        return self.lm_head(self.model.norm(x))  # (B, 1, V)
 
     @staticmethod
     def _attention_mask(key_real: torch.Tensor, start: int, T: int) -> torch.Tensor | None:

@@ -1,36 +1,33 @@
-"""Weight-only quantised linears for CPU inference: int8 per output channel, int4 group-wise.
+"""Weight-only quantised linears for CPU inference: int8 and int4, both group-wise.
 
-Only the weights of the linear layers are quantised; activations, norms, attention, the residual
-stream and the embedding stay in the model's dtype (fp32). A quantised linear computes
+Only the weights of the linear layers are quantised; norms, attention, the residual stream and the
+embedding stay in the model's dtype (fp32). A quantised linear computes y = x @ dequant(W)^T + b with
 
-    y = x @ dequant(W)^T + b            dequant(W) int8: q[n, k] * s[n]
-                                                   int4: (q[n, k] - 8) * s[n, g] + z[n, g],  g = k // group_size
+    int8   dequant(W)[n, k] = (q[n, k] - 128) * scale[n, g]      q uint8 (N, K), the int8 value + 128
+    int4   dequant(W)[n, k] = q[n, k] * scale[n, g] + min[n, g]   q in [0, 15], two per byte (N, K/2)
 
-with q/s/z stored as below and the bias (q/k/v only) kept in fp32 and added after. Three ways to
-compute it (`QuantLinear.backend`):
+g = k // group_size. Within each block of 32 inputs, byte j of an int4 row holds input j in its low
+nibble and input j + 16 in its high nibble (the layout `qwen2/kernels/quant_linear.cpp` reads).
+scale and min are (N, K / group_size), bf16 when this module quantises (every (scale, min) pair costs
+4 bytes per group, 1 bit per weight at group 32) and fp32 when they come losslessly from a GGUF's
+blocks (Q4_K's scales are products that bf16 cannot hold). The bias (q/k/v only) stays fp32.
 
-  "kernel"     PyTorch's CPU weight-only kernels, `aten._weight_int8pack_mm` and
-               `aten._weight_int4pack_mm_for_cpu`. They are vectorised for bf16 activations only (fp32
-               ones take a scalar path ~10x slower), so x is cast to bf16 for the kernel and the result
-               (bf16) back to x's dtype. Their cost grows linearly with the rows of x: ideal for decode.
-  "dense"      dequantise the weight (in row chunks, to bf16 where the CPU has bf16 matrix units, else
-               fp32) and run one ordinary GEMM: for many rows (prefill) this beats the int kernels ~4x.
-  "reference"  dequantise to x's dtype (fp32) and `F.linear`: pure PyTorch, the numerical reference,
-               and the path taken when a kernel op is missing or does not fit the shape.
-  "auto"       (default) kernel below `dense_rows` rows of x (32 for int8, 128 for int4: the measured
-               crossovers on a 2-core AVX-512/AMX Xeon), dense from there; reference without the kernels.
+Three ways to compute it (`QuantLinear.backend`):
 
-Storage (the scales are bf16 because the kernels take them so; every path uses the same rounded
-values, so "kernel", "dense" and "reference" compute the same quantised weight):
+  "kernel"     the native kernels (`qwen2.kernels`, compiled on first use): x is quantised to int8 per
+               block of 32 inputs (one fp32 scale each) and the dot products run on 8-bit integers,
+               as llama.cpp does; decode is then bound by memory bandwidth, not arithmetic. Cost grows
+               with the rows of x (weights are read once per 4 rows): the decode path.
+  "dense"      dequantise the weight in row chunks (to bf16 where the CPU has bf16 matrix units, else
+               fp32; always fp32 in int8 mode) and run one GEMM: for many rows (prefill) this is
+               compute-bound and much faster.
+  "reference"  dequantise to fp32 and `F.linear` with fp32 x: pure PyTorch, the numerical reference,
+               and the path for decode when the native kernels are unavailable (slow but correct).
+  "auto"       (default) kernel below `dense_rows` rows of x, dense from there.
 
-  int8  weight   int8 [N, K] in [-127, 127]        scales bf16 [N]
-  int4  weight   uint8 [Np, K/2], the layout of `aten._convert_weight_to_int4pack_for_cpu` (Np = N
-                 rounded up to 64, the padding rows dequantise to 0 and are cut from the output)
-        scales_and_zeros  bf16 [K / group_size, Np, 2]  (scale, zero) as the kernel reads them
-
-Quantisers (round to nearest, never clipping): int8 s = absmax(row) / 127 rounded *up* to bf16, so
-|w - q s| <= s / 2. int4: z = bf16(min + 8 (max - min) / 15), then s = max((max - z) / 7, (z - min) / 8)
-rounded up to bf16, so every (w - z) / s lies in [-8, 7] and |w - dequant| <= s / 2 as well.
+Quantisers (round to nearest, never clipping): int8 scale = absmax(group) / 127 rounded *up* to the
+scale dtype, so |w - dequant| <= scale / 2. int4 min = the group's minimum rounded *down*, scale =
+(max - min) / 15 rounded up, so every (w - min) / scale lies in [0, 15] and again |w - dequant| <= scale / 2.
 """
 from __future__ import annotations
 
@@ -42,11 +39,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
 from .errors import Qwen2Error
 
 MODES = ("int8", "int4", "int4-pure")
-GROUP_SIZES = (32, 64, 128, 256)  # what aten._weight_int4pack_mm_for_cpu accepts
+GROUP_SIZES = (32, 64, 128, 256)  # int4 choices (and what the kernel's 32-input blocks allow)
 DEFAULT_GROUP_SIZE = 32
+INT8_GROUP_SIZE = 32  # int8's groups (one per row when 32 does not divide the width); see int8_group_size
+SCALE_DTYPE = torch.bfloat16
 # In "int4" mode these stay int8, as llama.cpp's Q4_K_M keeps attn_v and ffn_down at 6 bits: on the
 # 0.5B model, int4 v_proj alone costs +5.7 % perplexity and int4 down_proj +2.8 %, while they hold
 # under a third of the block weights (v_proj is 2 % of them). "int4-pure" quantises them to int4 too.
@@ -54,39 +54,8 @@ INT4_KEEP_INT8 = ("self_attn.v_proj", "mlp.down_proj")
 BACKENDS = ("auto", "kernel", "dense", "reference")
 BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-_INT4_BLOCK_N = 64  # rows interleaved per block by the CPU int4 packing
+_BLOCK = 32  # inputs per int4 packing block (and per activation block in the kernel)
 _CHUNK_ELEMENTS = 1 << 22  # weight elements dequantised (or quantised) at a time: bounds temporary memory
-
-
-# --------------------------------------------------------------------------------------------------
-# What this machine's PyTorch offers
-# --------------------------------------------------------------------------------------------------
-
-def _op(name: str):
-    return getattr(torch.ops.aten, name, None) if hasattr(torch.ops.aten, name) else None
-
-
-def int8_kernel_available() -> bool:
-    return _op("_weight_int8pack_mm") is not None
-
-
-_int4_ok: bool | None = None
-
-
-def int4_kernel_available() -> bool:
-    """The int4 ops exist and pack exactly as `pack_int4` does (checked once on a small probe, so a
-    future PyTorch that changes the layout falls back to the reference path instead of computing garbage)."""
-    global _int4_ok
-    if _int4_ok is None:
-        convert, mm = _op("_convert_weight_to_int4pack_for_cpu"), _op("_weight_int4pack_mm_for_cpu")
-        _int4_ok = False
-        if convert is not None and mm is not None:
-            try:
-                q = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
-                _int4_ok = torch.equal(convert(q, 1), pack_int4(q))
-            except Exception:  # noqa: BLE001 (an op that exists but fails is as good as absent)
-                _int4_ok = False
-    return _int4_ok
 
 
 def _bf16_gemm_is_fast() -> bool:
@@ -101,51 +70,57 @@ _DENSE_DTYPE = torch.bfloat16 if _bf16_gemm_is_fast() else torch.float32
 # Quantisers (pure functions, fp32 in)
 # --------------------------------------------------------------------------------------------------
 
-def _bf16_at_least(x: torch.Tensor) -> torch.Tensor:
-    """The smallest bf16 value >= x (x >= 0, fp32)."""
-    r = x.to(torch.bfloat16)
-    return torch.where(r.float() < x, torch.nextafter(r, torch.full_like(r, float("inf"))), r)
+def _round_to(x: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
+    """x (fp32) rounded to `dtype`, towards +inf (up) or -inf: the nearest value on that side."""
+    r = x.to(dtype)
+    if dtype == torch.float32:
+        return r
+    wrong = r.float() < x if up else r.float() > x
+    return torch.where(wrong, torch.nextafter(r, torch.full_like(r, float("inf") if up else float("-inf"))), r)
 
 
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (N, K) float -> q int8 (N, K) in [-127, 127], scales bf16 (N,): w ≈ q * scale, error <= scale / 2."""
-    w = w.float()
-    absmax = w.abs().amax(dim=1)
-    scale = _bf16_at_least(torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax)))
-    q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale
-
-
-def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """w (N, K) float -> q int32 (N, K) in [0, 15], scales and zeros bf16 (N, K / group_size):
-    w ≈ (q - 8) * scale + zero within scale / 2."""
+def _groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
     N, K = w.shape
     if K % group_size:
-        raise Qwen2Error(f"int4 group size {group_size} does not divide {K} input features")
-    g = w.float().reshape(N, K // group_size, group_size)
+        raise Qwen2Error(f"group size {group_size} does not divide {K} input features")
+    return w.float().reshape(N, K // group_size, group_size)
+
+
+def quantize_int8(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype = SCALE_DTYPE):
+    """w (N, K) -> q uint8 (N, K) (int8 value + 128, in [1, 255]), scale (N, K / group_size):
+    w ≈ (q - 128) * scale within scale / 2."""
+    g = _groups(w, group_size)
+    absmax = g.abs().amax(-1)
+    scale = _round_to(torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax)), scale_dtype, up=True)
+    q = torch.round(g / scale.float()[..., None]).clamp_(-127, 127).add_(128).to(torch.uint8)
+    return q.reshape(w.shape), scale
+
+
+def quantize_int4(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype = SCALE_DTYPE):
+    """w (N, K) -> q uint8 (N, K) in [0, 15], scale and min (N, K / group_size):
+    w ≈ q * scale + min within scale / 2."""
+    g = _groups(w, group_size)
     lo, hi = g.amin(-1), g.amax(-1)
-    zero = (lo + (hi - lo) * (8 / 15)).to(torch.bfloat16)
-    z = zero.float()
-    need = torch.maximum((hi - z) / 7, (z - lo) / 8)
-    scale = _bf16_at_least(torch.where(need > 0, need, torch.ones_like(need)))
-    q = torch.round((g - z[..., None]) / scale.float()[..., None]).add_(8).clamp_(0, 15).to(torch.int32)
-    return q.reshape(N, K), scale, zero
+    low = _round_to(lo, scale_dtype, up=False)
+    need = (hi - low.float()) / 15
+    scale = _round_to(torch.where(need > 0, need, torch.ones_like(need)), scale_dtype, up=True)
+    q = torch.round((g - low.float()[..., None]) / scale.float()[..., None]).clamp_(0, 15).to(torch.uint8)
+    return q.reshape(w.shape), scale, low
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """int4 values (N, K) in [0, 15], N a multiple of 64 -> uint8 (N, K/2) in the CPU kernel's layout:
-    rows in blocks of 64, each block stored k-major as 32 bytes per k, byte j holding row j of the
-    block in its low nibble and row 32 + j in its high nibble."""
+    """int4 values (N, K) in [0, 15] -> uint8 (N, K/2): per block of 32 inputs, byte j = input j
+    (low nibble) | input j + 16 (high nibble)."""
     N, K = q.shape
-    b = q.to(torch.uint8).reshape(N // _INT4_BLOCK_N, _INT4_BLOCK_N, K).transpose(1, 2)  # (N/64, K, 64)
-    return (b[..., :32] | (b[..., 32:] << 4)).reshape(N, K // 2)
+    b = q.to(torch.uint8).reshape(N, K // _BLOCK, 2, _BLOCK // 2)
+    return (b[:, :, 0] | (b[:, :, 1] << 4)).reshape(N, K // 2)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """The inverse of pack_int4: uint8 (N, K/2) -> uint8 (N, K) in [0, 15]."""
     N, K = packed.shape[0], packed.shape[1] * 2
-    b = packed.reshape(N // _INT4_BLOCK_N, K, 32)
-    return torch.cat((b & 15, b >> 4), dim=-1).transpose(1, 2).reshape(N, K)
+    b = packed.reshape(N, K // _BLOCK, 1, _BLOCK // 2)
+    return torch.cat((b & 15, b >> 4), dim=2).reshape(N, K)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -158,22 +133,32 @@ class QuantLinear(nn.Module):
     mode = ""
     dense_rows = 32  # from this many rows of x on, "auto" dequantises and runs one GEMM
 
-    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None):
+    def __init__(self, in_features: int, out_features: int, group_size: int, bias: torch.Tensor | None):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
         self.backend = "auto"
+        self._kernel_ok: bool | None = None
+        self._ops = None  # torch.ops.qwen2_kernels once kernel_ok has been asked (no lock on the hot path)
+        # the "dense" path's dtype: bf16 where the CPU multiplies it fast; int8 mode sets fp32 (see quantize_model)
+        self.dense_dtype = _DENSE_DTYPE
 
-    # subclasses: kernel_ok, _kernel(x_bf16) -> (M, N) bf16, _dequant_rows(start, stop, dtype) -> (rows, K)
-    kernel_ok = False
-    _row_align = 1
+    # subclasses: _kernel(x_fp32) -> (M, N) fp32, _dequant_rows(start, stop, dtype) -> (rows, K)
+
+    @property
+    def kernel_ok(self) -> bool:
+        """The native kernel exists here and takes this shape (inputs a multiple of 64)."""
+        if self._kernel_ok is None:  # asked on every forward: decided once
+            self._ops = kernels.ops() if self.in_features % (2 * _BLOCK) == 0 else None
+            self._kernel_ok = self._ops is not None
+        return self._kernel_ok
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The full (N, K) weight this layer computes with."""
         return self._dequant_rows(0, self.out_features, dtype)
 
     def _chunks(self) -> Iterable[tuple[int, int]]:
-        step = max(self._row_align, _CHUNK_ELEMENTS // self.in_features // self._row_align * self._row_align)
+        step = max(1, _CHUNK_ELEMENTS // self.in_features)
         for start in range(0, self.out_features, step):
             yield start, min(start + step, self.out_features)
 
@@ -188,26 +173,25 @@ class QuantLinear(nn.Module):
         backend = self.backend
         if backend == "auto":
             if rows >= self.dense_rows:
-                backend = "dense" if _DENSE_DTYPE != torch.float32 else "reference"
+                backend = "dense" if self.dense_dtype != torch.float32 else "reference"
             else:
                 backend = "kernel" if self.kernel_ok else "reference"
         if backend == "kernel" and not self.kernel_ok:
-            raise Qwen2Error(f"no {self.mode} kernel for this layer here (PyTorch op missing or shape "
-                             f"{self.out_features}x{self.in_features} unsupported); use backend 'reference'")
+            raise Qwen2Error(f"no native {self.mode} kernel for this layer here ({kernels.status()}; or input "
+                             f"width {self.in_features} not a multiple of 64); use backend 'reference'")
+        if backend not in BACKENDS:
+            raise Qwen2Error(f"unknown quantised-linear backend {self.backend!r}; use one of {', '.join(BACKENDS)}")
         return backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         path = self.path(x2.shape[0])
-        if path == "kernel":
-            y = self._kernel(x2.to(torch.bfloat16).contiguous()).to(x.dtype)
-        elif path == "dense":
-            y = self._matmul_dequantized(x2, _DENSE_DTYPE)
-        elif path == "reference":
-            y = self._matmul_dequantized(x2, x.dtype)
-        else:
-            raise Qwen2Error(f"unknown quantised-linear backend {self.backend!r}; use one of {', '.join(BACKENDS)}")
+        if path == "kernel":  # decode: every microsecond here is paid ~170 times per token
+            y = self._kernel(x2 if x2.dtype == torch.float32 and x2.is_contiguous() else x2.float().contiguous())
+            y = y if self.bias is None else y.add_(self.bias)
+            return y.view(*shape, self.out_features).to(x.dtype)
+        y = self._matmul_dequantized(x2, self.dense_dtype if path == "dense" else x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape, self.out_features)
@@ -217,90 +201,104 @@ class QuantLinear(nn.Module):
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def describe(self) -> str:
-        return self.mode
+        return f"{self.mode}, group_size={self.group_size}, scales {str(self.scales.dtype).replace('torch.', '')}"
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, {self.describe()}, "
                 f"bias={self.bias is not None}")
 
 
+def int8_group_size(in_features: int) -> int:
+    """INT8_GROUP_SIZE when it divides the width, else one group per row (per output channel).
+    Why groups of 32 and not one scale per output channel: per channel, one outlier weight coarsens
+    its whole row. On the 0.5B model, 32-token greedy continuations of 20 prompts equal fp32's in 15
+    of 20 per channel, 17 with groups of 128 or 32, and 18 with groups of 32 and an fp32 lm_head
+    (hence int8 mode's default); the scales cost 0.5 bit per weight."""
+    return INT8_GROUP_SIZE if in_features % INT8_GROUP_SIZE == 0 else in_features
+
+
+def _quantize_in_chunks(weight: torch.Tensor, quantizer, out: tuple, on_chunk, row_chunk: int):
+    """Fill the row slices of the `out` tensors with `quantizer(weight[a:b])`, chunk by chunk (fp32
+    temporaries stay small even for the lm_head); `on_chunk(weight[a:b])` after each."""
+    for a in range(0, weight.shape[0], row_chunk):
+        b = min(a + row_chunk, weight.shape[0])
+        for target, value in zip(out, quantizer(weight[a:b])):
+            target[a:b] = value
+        if on_chunk is not None:
+            on_chunk(weight[a:b])
+
+
 class Int8Linear(QuantLinear):
-    """Weight int8 per output channel (symmetric), bf16 scales."""
+    """Weight int8 (stored + 128 as uint8), symmetric, one scale per group of `group_size` inputs."""
 
     mode = "int8"
-    dense_rows = 32
+    dense_rows = 48  # measured crossovers on a 2-core AVX-512 Xeon: int8 ~45 rows, int4 ~100
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, on_chunk=None):
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, group_size: int, bias: torch.Tensor | None = None):
+        N, K = q.shape
+        super().__init__(K, N, group_size, bias)
+        self.register_buffer("weight", q.contiguous())
+        self.register_buffer("scales", scales.contiguous())
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int | None = None,
+                   on_chunk=None, scale_dtype: torch.dtype | None = None) -> "Int8Linear":
         N, K = weight.shape
-        super().__init__(K, N, bias)
-        q = torch.empty(N, K, dtype=torch.int8)
-        scales = torch.empty(N, dtype=torch.bfloat16)
-        for a, b in self._chunks():  # row chunks: fp32 temporaries stay small even for the lm_head
-            q[a:b], scales[a:b] = quantize_int8(weight[a:b])
-            if on_chunk is not None:
-                on_chunk(weight[a:b])
-        self.register_buffer("weight", q)
-        self.register_buffer("scales", scales)
-
-    @property
-    def kernel_ok(self) -> bool:
-        # K not a multiple of 16 makes _weight_int8pack_mm read out of bounds (garbage, even a crash)
-        return int8_kernel_available() and self.in_features % 16 == 0
+        group_size = group_size or int8_group_size(K)
+        scale_dtype = scale_dtype or SCALE_DTYPE
+        q = torch.empty(N, K, dtype=torch.uint8)
+        scales = torch.empty(N, K // group_size, dtype=scale_dtype)
+        _quantize_in_chunks(weight, lambda w: quantize_int8(w, group_size, scale_dtype), (q, scales), on_chunk,
+                            max(1, _CHUNK_ELEMENTS // K))
+        return cls(q, scales, group_size, bias)
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales)
+        return self._ops.int8_linear(x, self.weight, self.scales, self.group_size)
 
     def _dequant_rows(self, a: int, b: int, dtype: torch.dtype) -> torch.Tensor:
-        return self.weight[a:b].to(dtype) * self.scales[a:b, None].to(dtype)
+        G = self.in_features // self.group_size
+        q = self.weight[a:b].view(b - a, G, self.group_size).to(dtype) - 128
+        return (q * self.scales[a:b, :, None].to(dtype)).view(b - a, self.in_features)
 
 
 class Int4Linear(QuantLinear):
-    """Weight int4, asymmetric (scale and zero per group of `group_size` input features), bf16 scales."""
+    """Weight int4, asymmetric: a scale and a min per group of `group_size` inputs."""
 
     mode = "int4"
-    dense_rows = 128
-    _row_align = _INT4_BLOCK_N
+    dense_rows = 96
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = DEFAULT_GROUP_SIZE,
-                 on_chunk=None):
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
+                 bias: torch.Tensor | None = None):
+        N, K = packed.shape[0], packed.shape[1] * 2
+        check_group_size(group_size, {"weight": K})
+        super().__init__(K, N, group_size, bias)
+        self.register_buffer("weight", packed.contiguous())
+        self.register_buffer("scales", scales.contiguous())
+        self.register_buffer("mins", mins.contiguous())
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = DEFAULT_GROUP_SIZE,
+                   on_chunk=None, scale_dtype: torch.dtype | None = None) -> "Int4Linear":
         N, K = weight.shape
         check_group_size(group_size, {"weight": K})
-        super().__init__(K, N, bias)
-        self.group_size = group_size
-        Np = -(-N // _INT4_BLOCK_N) * _INT4_BLOCK_N
-        packed = torch.empty(Np, K // 2, dtype=torch.uint8)
-        sz = torch.zeros(K // group_size, Np, 2, dtype=torch.bfloat16)
-        packed[N:] = 0x88  # padding rows: q = 8 with scale 0 and zero 0 (sz starts zeroed) dequantise to exactly 0
-        for a, b in self._chunks():
-            q, s, z = quantize_int4(weight[a:b], group_size)
-            if (b - a) % _INT4_BLOCK_N:  # the last, ragged chunk: pad to a block
-                q = torch.cat((q, q.new_full((-(-(b - a) // _INT4_BLOCK_N) * _INT4_BLOCK_N - (b - a), K), 8)))
-            packed[a:a + q.shape[0]] = pack_int4(q)
-            sz[:, a:b, 0], sz[:, a:b, 1] = s.T, z.T
-            if on_chunk is not None:
-                on_chunk(weight[a:b])
-        self.register_buffer("weight", packed)
-        self.register_buffer("scales_and_zeros", sz)
+        scale_dtype = scale_dtype or SCALE_DTYPE
+        packed = torch.empty(N, K // 2, dtype=torch.uint8)
+        scales = torch.empty(N, K // group_size, dtype=scale_dtype)
+        mins = torch.empty_like(scales)
 
-    @property
-    def kernel_ok(self) -> bool:
-        return int4_kernel_available()
+        def quantize(w):
+            q, s, m = quantize_int4(w, group_size, scale_dtype)
+            return pack_int4(q), s, m
+        _quantize_in_chunks(weight, quantize, (packed, scales, mins), on_chunk, max(1, _CHUNK_ELEMENTS // K))
+        return cls(packed, scales, mins, group_size, bias)
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales_and_zeros)
-        return y[:, :self.out_features] if y.shape[1] != self.out_features else y
+        return self._ops.int4_linear(x, self.weight, self.scales, self.mins, self.group_size)
 
     def _dequant_rows(self, a: int, b: int, dtype: torch.dtype) -> torch.Tensor:
-        # a is a multiple of 64 (chunks are aligned); unpack whole blocks, then cut to b
-        stop = min(-(-b // _INT4_BLOCK_N) * _INT4_BLOCK_N, self.weight.shape[0])
-        q = unpack_int4(self.weight[a:stop])[:b - a].to(dtype)  # (rows, K)
         G = self.in_features // self.group_size
-        sz = self.scales_and_zeros[:, a:b].to(dtype)  # (G, rows, 2)
-        scale, zero = sz[..., 0].T[..., None], sz[..., 1].T[..., None]  # (rows, G, 1)
-        return ((q.view(b - a, G, self.group_size) - 8) * scale + zero).view(b - a, self.in_features)
-
-    def describe(self) -> str:
-        return f"int4, group_size={self.group_size}"
+        q = unpack_int4(self.weight[a:b]).view(b - a, G, self.group_size).to(dtype)
+        return (q * self.scales[a:b, :, None].to(dtype) + self.mins[a:b, :, None].to(dtype)).view(b - a, self.in_features)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -332,17 +330,19 @@ def quantized_linears(model: nn.Module) -> dict[str, QuantLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-def quantize_model(model, mode: str, group_size: int = DEFAULT_GROUP_SIZE, lm_head: bool = True,
+def quantize_model(model, mode: str, group_size: int = DEFAULT_GROUP_SIZE, lm_head: bool | None = None,
                    release: bool = False):
     """Replace the q/k/v/o and gate/up/down projections of every block (and, with `lm_head`, the
     output head, always int8: see below) of a `Transformer` by quantised linears, in place; returns it.
-    mode "int8": all per-channel int8. "int4": group-wise int4, but v_proj and down_proj int8 (see
-    INT4_KEEP_INT8). "int4-pure": all seven int4.
+    mode "int8": all int8 (groups of 32, `int8_group_size`). "int4": group-wise int4, but v_proj and
+    down_proj int8 (see INT4_KEEP_INT8). "int4-pure": all seven int4.
 
-    The lm_head is quantised per channel to int8 even in int4 mode: it is the largest single matrix
-    of a small model (136 M of the 0.5B model's 494 M parameters) and reading it in fp32 is a third
-    of a decode step, while its errors go straight into the logits; int8 keeps them ~16x smaller
-    than int4 for ~60 MB more. A tied embedding is left intact (the head gets a quantised copy).
+    `lm_head` None means the mode's default: int8 in the int4 modes, fp32 in int8 mode. The lm_head
+    is the largest single matrix of a small model (136 M of the 0.5B model's 494 M parameters), so
+    reading it in fp32 is a third of a decode step; but its errors go straight into the logits, where
+    they flip near-tie greedy choices: int8 mode is the accuracy mode, so it keeps the head exact.
+    When quantised it is int8, never int4 (errors ~16x smaller for ~60 MB more). A tied embedding
+    is left intact (the head gets a quantised copy).
 
     `release`: the fp32 weights may live in a memory-mapped file (safetensors); drop their pages from
     this process once quantised, so resident memory does not keep the fp32 model (load() uses it).
@@ -351,6 +351,7 @@ def quantize_model(model, mode: str, group_size: int = DEFAULT_GROUP_SIZE, lm_he
     if mode is None:
         return model
     keep_int8 = INT4_KEEP_INT8 if mode == "int4" else ()
+    lm_head = mode != "int8" if lm_head is None else lm_head
     if getattr(model, "quantization", None):
         raise Qwen2Error(f"the model is already quantised ({describe(model)})")
     if model.device.type != "cpu":
@@ -368,8 +369,8 @@ def quantize_model(model, mode: str, group_size: int = DEFAULT_GROUP_SIZE, lm_he
         release_chunk = None if keep or not mapped else (lambda t: _release_pages(t, mapped))
         w = linear.weight.detach()
         if as_mode.startswith("int4"):
-            return Int4Linear(w, linear.bias, group_size, on_chunk=release_chunk)
-        return Int8Linear(w, linear.bias, on_chunk=release_chunk)
+            return Int4Linear.from_float(w, linear.bias, group_size, on_chunk=release_chunk)
+        return Int8Linear.from_float(w, linear.bias, on_chunk=release_chunk)
 
     with torch.no_grad():
         for block in model.model.layers:
@@ -380,18 +381,24 @@ def quantize_model(model, mode: str, group_size: int = DEFAULT_GROUP_SIZE, lm_he
         if lm_head:
             tied = model.lm_head.weight is model.model.embed_tokens.weight
             model.lm_head = convert(model.lm_head, "int8", keep=tied)
+    if mode == "int8":
+        # int8 mode is the accuracy mode: a bf16 prefill alone flips 1-2 of 20 greedy continuations
+        for layer in quantized_linears(model).values():
+            layer.dense_dtype = torch.float32
     model.quantization = {"mode": mode, "group_size": group_size if mode.startswith("int4") else None,
                           "int8": [p.split(".")[1] for p in keep_int8], "lm_head": "int8" if lm_head else None}
     return model
 
 
 def describe(model) -> str:
-    """'int4 (group 32; v_proj, down_proj int8), lm_head int8' or 'none'."""
+    """'int4 (group 32; v_proj, down_proj int8; exact from the GGUF: 12 Q4_K, 12 Q8_0), lm_head int8' or 'none'."""
     q = getattr(model, "quantization", None)
     if not q:
         return "none"
     more = ([f"group {q['group_size']}"] if q.get("group_size") else []) + \
-        ([", ".join(q["int8"]) + " int8"] if q.get("int8") else [])
+        ([", ".join(q["int8"]) + " int8"] if q.get("int8") else []) + \
+        (["exact from the GGUF: " + ", ".join(f"{n} {t}" for t, n in sorted(q["gguf_exact"].items()))]
+         if q.get("gguf_exact") else [])
     text = q["mode"] + (f" ({'; '.join(more)})" if more else "")
     return text + (f", lm_head {q['lm_head']}" if q.get("lm_head") else ", lm_head fp32")
 

@@ -45,6 +45,38 @@ def load_checkpoint(source: str | os.PathLike, progress: bool = True):
     raise Qwen2Error(f"{path} is neither a model directory nor a .gguf file")
 
 
+def gguf_source(source: str | os.PathLike, progress: bool = True) -> str | None:
+    """The GGUF file the weights of `source` come from (a registry model's cached GGUF, or the file
+    itself); None for an HF directory, or when a registry model's GGUF cannot be had any more."""
+    from .registry import gguf_path
+
+    source = os.fspath(source)
+    if source.lower() in KNOWN_MODELS:
+        try:
+            return gguf_path(source, progress=progress)
+        except Qwen2Error:  # parts uninstalled since the conversion: its HF directory still loads
+            return None
+    return source if os.path.isfile(source) and _has_gguf_magic(source) else None
+
+
+def convert_gguf_exact(model: Transformer, source: str | os.PathLike, progress: bool = True) -> Transformer:
+    """After `quantize_model`: when the weights come from a GGUF, swap in the exact quantised layer
+    for each tensor whose blocks map losslessly onto ours (Q4_K -> int4 in int4 modes at group size
+    32, Q8_0/Q5_0 -> int8; see `gguf.convert_exact_linears`), counted by block type in
+    `model.quantization["gguf_exact"]`. Unquantised models and HF-directory sources are left as they are."""
+    from .gguf import convert_exact_linears
+
+    quantization = getattr(model, "quantization", None)
+    if not quantization:
+        return model
+    path = gguf_source(source, progress)
+    if path is not None:
+        counts = convert_exact_linears(model, path, progress)
+        if counts:
+            quantization["gguf_exact"] = counts
+    return model
+
+
 def _has_gguf_magic(path: str) -> bool:
     with open(path, "rb") as f:
         return f.read(4) == b"GGUF"
@@ -88,4 +120,5 @@ def _check_against(model: Transformer, config: Qwen2Config, state_dict: dict[str
                              f"config expects {tuple(tensor.shape)}")
 
 
-__all__ = ["DEFAULT_MODEL", "KNOWN_MODELS", "build_model", "check_state_dict", "load_checkpoint", "resolve"]
+__all__ = ["DEFAULT_MODEL", "KNOWN_MODELS", "build_model", "check_state_dict", "convert_gguf_exact", "gguf_source",
+           "load_checkpoint", "resolve"]

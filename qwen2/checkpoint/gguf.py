@@ -117,6 +117,20 @@ class GGUFFile:
                 data = raw.reshape(outer + (dims[0] // block * type_size,))
             self.tensors.append(GGUFTensor(name, qtype, tuple(dims), data, n_bytes))
 
+    def release(self, tensor: GGUFTensor) -> None:
+        """Drop the file pages under `tensor` from this process (touching it again re-reads them):
+        converting tensor by tensor then holds one tensor's pages at a time, not the whole file's."""
+        import mmap
+
+        mapping = getattr(self._mm, "_mmap", None)  # numpy's mmap.mmap under the memmap (offset 0)
+        if mapping is None or not hasattr(mapping, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = tensor.data.__array_interface__["data"][0] - self._mm.__array_interface__["data"][0]
+        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages only: neighbours keep theirs
+        last = (start + tensor.n_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:
+            mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+
     def _advance(self, n: int) -> int:
         start = self._pos
         if n < 0 or start + n > len(self._buf):
@@ -275,3 +289,195 @@ def load_gguf(path, progress: bool = True):
     tokenizer = Tokenizer.from_gguf_metadata(meta)
     state_dict = dict(dequantized_tensors(reader, progress))
     return config, state_dict, tokenizer
+
+
+# --------------------------------------------------------------------------------------------------
+# Q4_K blocks as int4 weights, losslessly
+# --------------------------------------------------------------------------------------------------
+
+# Q4_K stores 256 weights in 144 bytes: fp16 d, fp16 dmin, 12 bytes holding eight 6-bit scales and
+# eight 6-bit mins (one per sub-block of 32), then 128 bytes of nibbles. Weight i of sub-block j is
+# d * sc_j * q_i - dmin * m_j: exactly `qwen2.quantize`'s int4 form q * scale + min at group size 32.
+_Q4K_BYTES = 144
+_Q4K_WEIGHTS = 256
+_Q4K_GROUP = 32
+
+
+def q4k_to_int4(rows):
+    """Raw Q4_K rows (N, K / 256 * 144) uint8 (a `GGUFTensor.data`) -> (q uint8 (N, K) in [0, 15],
+    scale fp32 (N, K / 32), min fp32 (N, K / 32)) with q * scale + min bit-for-bit equal to
+    `gguf.quants.dequantize` of the rows.
+
+    Why it is exact: d * sc and dmin * m (fp16 times a 6-bit integer) and scale * q (17 bits times
+    4) are exact in fp32, so both this form and gguf's `d * sc * q - dmin * m` round only once, at
+    the final addition, the same sum."""
+    import numpy as np
+    import torch
+
+    qs, scale, minimum = _q4k_fields(rows)
+    # 128 bytes = 4 runs of 32: the low nibbles of run r are sub-block 2r, the high nibbles 2r + 1
+    q = np.concatenate((qs[:, :, None] & 0x0F, qs[:, :, None] >> 4), axis=2).reshape(scale.shape[0], -1)
+    return torch.from_numpy(q), torch.from_numpy(scale), torch.from_numpy(minimum)
+
+
+def q4k_to_packed_int4(rows):
+    """As `q4k_to_int4`, but q already packed as `qwen2.quantize.pack_int4` packs it (N, K / 2),
+    straight from the nibbles: per sub-block, byte j = weight j | weight j + 16 << 4."""
+    import numpy as np
+    import torch
+
+    qs, scale, minimum = _q4k_fields(rows)
+    first, second = qs[..., :16], qs[..., 16:]  # weights 0-15 and 16-31 of sub-blocks 2r, 2r + 1
+    low_sub = (first & 0x0F) | (second << 4)  # uint8: the shift drops the high nibble
+    high_sub = (first >> 4) | (second & 0xF0)
+    packed = np.stack((low_sub, high_sub), axis=2).reshape(scale.shape[0], -1)
+    return torch.from_numpy(packed), torch.from_numpy(scale), torch.from_numpy(minimum)
+
+
+def _q4k_fields(rows):
+    """(nibble bytes (N * K / 256, 4, 32), scale and min fp32 (N, K / 32)) of raw Q4_K rows."""
+    import numpy as np
+
+    rows = np.asarray(rows, dtype=np.uint8)
+    N = rows.shape[0]
+    blocks = rows.reshape(-1, _Q4K_BYTES)
+    d = blocks[:, 0:2].view(np.float16).astype(np.float32)
+    dmin = blocks[:, 2:4].view(np.float16).astype(np.float32)
+    sc, m = _q4k_scales_mins(blocks[:, 4:16])
+    scale = d * sc.astype(np.float32)  # the products gguf's dequantize forms, in the same dtype
+    minimum = -(dmin * m.astype(np.float32))
+    return blocks[:, 16:].reshape(-1, 4, 32), scale.reshape(N, -1), minimum.reshape(N, -1)
+
+
+def _q4k_scales_mins(packed):
+    """12 bytes per block -> eight 6-bit scales and eight 6-bit mins (llama.cpp's get_scale_min_k4):
+    bytes 0-3 hold scales 0-3 in their low 6 bits (and the top 2 bits of scales 4-7), bytes 4-7 the
+    mins 0-3 likewise (top bits of mins 4-7), bytes 8-11 the low 4 bits of scale (low nibble) and
+    min (high nibble) 4-7."""
+    import numpy as np
+
+    b = packed.reshape(-1, 3, 4)
+    s_lo, m_lo, extra = b[:, 0], b[:, 1], b[:, 2]
+    sc = np.concatenate((s_lo & 0x3F, (extra & 0x0F) | ((s_lo >> 2) & 0x30)), axis=-1)
+    m = np.concatenate((m_lo & 0x3F, (extra >> 4) | ((m_lo >> 2) & 0x30)), axis=-1)
+    return sc, m
+
+
+_INT8_BLOCK = 32
+_Q8_0_BYTES, _Q5_0_BYTES = 34, 22
+
+
+def q8_0_to_int8(rows):
+    """Raw Q8_0 rows (N, K / 32 * 34 bytes) -> (q int8 (N, K), scale fp32 (N, K / 32)): per block an
+    fp16 d and 32 int8 values, w = d * q, so int8 with scale d is the same weight exactly."""
+    import numpy as np
+    import torch
+
+    rows = np.asarray(rows, dtype=np.uint8)
+    blocks = rows.reshape(-1, _Q8_0_BYTES)
+    d = blocks[:, :2].view(np.float16).astype(np.float32)
+    q = blocks[:, 2:].view(np.int8)
+    return torch.from_numpy(q.reshape(rows.shape[0], -1).copy()), torch.from_numpy(d.reshape(rows.shape[0], -1))
+
+
+def q5_0_to_int8(rows):
+    """Raw Q5_0 rows -> (q int8 (N, K) in [-16, 15], scale fp32 (N, K / 32)): per block an fp16 d,
+    32 high bits and 16 bytes of low nibbles (byte j: weight j low, weight j + 16 high),
+    w = d * (q5 - 16): an int8 with scale d, exactly."""
+    import numpy as np
+    import torch
+
+    rows = np.asarray(rows, dtype=np.uint8)
+    blocks = rows.reshape(-1, _Q5_0_BYTES)
+    d = blocks[:, :2].view(np.float16).astype(np.float32)
+    high = blocks[:, 2:6].copy().view(np.uint32)[:, :1] >> np.arange(32, dtype=np.uint32)  # (n, 32)
+    nibbles = blocks[:, 6:]
+    low = np.concatenate((nibbles & 0x0F, nibbles >> 4), axis=1)  # weights 0-15, then 16-31
+    q = (low | ((high & 1).astype(np.uint8) << 4)).astype(np.int8) - np.int8(16)
+    return torch.from_numpy(q.reshape(rows.shape[0], -1)), torch.from_numpy(d.reshape(rows.shape[0], -1))
+
+
+def _exact_converters():
+    """GGUF block type -> (target QuantLinear class name, function tensor, bias -> exact layer)."""
+    from gguf import GGMLQuantizationType as T
+
+    return {T.Q4_K: ("Int4Linear", q4k_int4_linear), T.Q8_0: ("Int8Linear", lambda t, b: _int8_linear(t, b, q8_0_to_int8)),
+            T.Q5_0: ("Int8Linear", lambda t, b: _int8_linear(t, b, q5_0_to_int8))}
+
+
+def q4k_tensors(reader) -> dict[str, GGUFTensor]:
+    """HF parameter name -> GGUF tensor, for every Q4_K tensor of a `GGUFFile`."""
+    from gguf import GGMLQuantizationType
+
+    return {hf_tensor_name(t.name): t for t in reader.tensors if t.tensor_type == GGMLQuantizationType.Q4_K}
+
+
+def q4k_int4_linear(tensor: GGUFTensor, bias=None):
+    """A `qwen2.quantize.Int4Linear` (group 32, fp32 scales and mins) computing exactly the weight
+    of a Q4_K tensor, converted in row chunks so that temporaries stay small (an lm_head too)."""
+    import torch
+
+    from ..quantize import Int4Linear
+
+    N, K = (int(n) for n in reversed(tensor.shape))
+    groups = (N, K // _Q4K_GROUP)
+    out = (torch.empty(N, K // 2, dtype=torch.uint8), torch.empty(groups, dtype=torch.float32),
+           torch.empty(groups, dtype=torch.float32))  # packed weights, fp32 scales, fp32 mins
+    step = max(1, (1 << 22) // K)  # ~4 M weights at a time
+    for a in range(0, N, step):
+        for target, value in zip(out, q4k_to_packed_int4(tensor.data[a:a + step])):
+            target[a:a + step] = value
+    return Int4Linear(*out, _Q4K_GROUP, bias)
+
+
+def _int8_linear(tensor: GGUFTensor, bias, to_int8):
+    """A `qwen2.quantize.Int8Linear` (group 32, fp32 scales) computing exactly the weight of a
+    Q8_0/Q5_0 tensor (`to_int8` reads its blocks), in row chunks."""
+    import torch
+
+    from ..quantize import Int8Linear
+
+    N, K = (int(n) for n in reversed(tensor.shape))
+    q, scales = torch.empty(N, K, dtype=torch.uint8), torch.empty(N, K // _INT8_BLOCK, dtype=torch.float32)
+    step = max(1, (1 << 22) // K)
+    for a in range(0, N, step):
+        values, scale = to_int8(tensor.data[a:a + step])
+        q[a:a + step], scales[a:a + step] = (values.to(torch.int16) + 128).to(torch.uint8), scale
+    return Int8Linear(q, scales, _INT8_BLOCK, bias)
+
+
+def convert_exact_linears(model, path, progress: bool = True) -> dict[str, int]:
+    """Replace quantised linears of `model` (the block projections, and the lm_head when it is
+    quantised) by the exact equivalent of their GGUF tensor where its blocks map losslessly onto our
+    layouts: Q4_K onto int4 groups of 32 (any quantised layer of an int4-mode model: an exact int4
+    beats requantising to int8), Q8_0 and Q5_0 onto int8 groups of 32 (layers that are int8 anyway).
+    Returns {"Q4_K": n, "Q8_0": n, "Q5_0": n} for the layers converted. Why: requantising the
+    dequantised blocks adds a second rounding error to weights that are already integers times a
+    per-32 scale. The GGUF must be the one the weights came from."""
+    from ..progress import progress_bar
+    from ..quantize import Int4Linear, Int8Linear
+
+    reader = open_gguf(path)
+    converters = _exact_converters()
+    tensors = {hf_tensor_name(t.name): t for t in reader.tensors if t.tensor_type in converters}
+    if model.config.tie_word_embeddings and "model.embed_tokens.weight" in tensors:
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]  # a tied head is the embedding
+    int4_mode = model.quantization["mode"].startswith("int4") and model.quantization.get("group_size") == _Q4K_GROUP
+    allowed = {"Int4Linear": (Int4Linear, Int8Linear) if int4_mode else (), "Int8Linear": (Int8Linear,)}
+    targets = [(name, module, tensors[f"{name}.weight"]) for name, module in model.named_modules()
+               if f"{name}.weight" in tensors
+               and isinstance(module, allowed[converters[tensors[f"{name}.weight"].tensor_type][0]])]
+    counts: dict[str, int] = {}
+    for name, module, tensor in progress_bar(targets, desc="taking exact GGUF blocks", unit="tensor",
+                                             disable=not progress):
+        if tuple(reversed(tensor.shape)) != (module.out_features, module.in_features):
+            raise Qwen2Error(f"GGUF tensor {tensor.name} has shape {list(reversed(tensor.shape))}, the model's "
+                             f"{name} is {[module.out_features, module.in_features]}; {path} is not this model's file")
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        exact = converters[tensor.tensor_type][1](tensor, module.bias)
+        exact.dense_dtype = module.dense_dtype
+        setattr(parent, attr, exact)
+        reader.release(tensor)
+        counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
+    return counts
