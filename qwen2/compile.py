@@ -29,9 +29,9 @@ def _register_fake_kernels() -> None:
     if ops is None or getattr(_register_fake_kernels, "done", False):
         return
     torch.library.register_fake("qwen2_kernels::int4_linear")(
-        lambda x, q, scale, mins, group_size: x.new_empty(x.shape[0], q.shape[0]))
+        lambda x, q, scale, mins, group_size, digits: x.new_empty(x.shape[0], q.shape[0]))
     torch.library.register_fake("qwen2_kernels::int8_linear")(
-        lambda x, q, scale, group_size: x.new_empty(x.shape[0], q.shape[0]))
+        lambda x, q, scale, group_size, digits: x.new_empty(x.shape[0], q.shape[0]))
     _register_fake_kernels.done = True
 
 

@@ -14,10 +14,11 @@ blocks (Q4_K's scales are products that bf16 cannot hold). The bias (q/k/v only)
 
 Three ways to compute it (`QuantLinear.backend`):
 
-  "kernel"     the native kernels (`qwen2.kernels`, compiled on first use): x is quantised to int8 per
-               block of 32 inputs (one fp32 scale each) and the dot products run on 8-bit integers,
-               as llama.cpp does; decode is then bound by memory bandwidth, not arithmetic. Cost grows
-               with the rows of x (weights are read once per 4 rows): the decode path.
+  "kernel"     the native kernels (`qwen2.kernels`, compiled on first use): x is rounded to int8 per
+               block of 32 inputs (one fp32 scale each; two int8 digits, ~16-bit exact, for the
+               attention projections: `activation_digits`) and the dot products run on 8-bit
+               integers, as llama.cpp does; decode is then bound by memory bandwidth, not arithmetic.
+               Cost grows with the rows of x (weights are read once per 4 rows): the decode path.
   "dense"      dequantise the weight in row chunks (to bf16 where the CPU has bf16 matrix units, else
                fp32; always fp32 in int8 mode) and run one GEMM: for many rows (prefill) this is
                compute-bound and much faster.
@@ -142,6 +143,11 @@ class QuantLinear(nn.Module):
         self._ops = None  # torch.ops.qwen2_kernels once kernel_ok has been asked (no lock on the hot path)
         # the "dense" path's dtype: bf16 where the CPU multiplies it fast; int8 mode sets fp32 (see quantize_model)
         self.dense_dtype = _DENSE_DTYPE
+        # The kernel's activations: 1 or 2 int8 digits per block of 32 inputs. quantize_model gives the
+        # attention projections 2 (with 1 everywhere, int4 perplexity on the 0.5B model rose ~2 %, most
+        # of it there) and, in the int4 modes, the MLP and lm_head 1 (no measurable loss; 2 costs ~3 %
+        # decode speed); int8 mode, the accuracy mode, 2 everywhere.
+        self.activation_digits = 2
 
     # subclasses: _kernel(x_fp32) -> (M, N) fp32, _dequant_rows(start, stop, dtype) -> (rows, K)
 
@@ -253,7 +259,7 @@ class Int8Linear(QuantLinear):
         return cls(q, scales, group_size, bias)
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
-        return self._ops.int8_linear(x, self.weight, self.scales, self.group_size)
+        return self._ops.int8_linear(x, self.weight, self.scales, self.group_size, self.activation_digits)
 
     def _dequant_rows(self, a: int, b: int, dtype: torch.dtype) -> torch.Tensor:
         G = self.in_features // self.group_size
@@ -293,7 +299,7 @@ class Int4Linear(QuantLinear):
         return cls(packed, scales, mins, group_size, bias)
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
-        return self._ops.int4_linear(x, self.weight, self.scales, self.mins, self.group_size)
+        return self._ops.int4_linear(x, self.weight, self.scales, self.mins, self.group_size, self.activation_digits)
 
     def _dequant_rows(self, a: int, b: int, dtype: torch.dtype) -> torch.Tensor:
         G = self.in_features // self.group_size
@@ -381,9 +387,10 @@ def quantize_model(model, mode: str, group_size: int = DEFAULT_GROUP_SIZE, lm_he
         if lm_head:
             tied = model.lm_head.weight is model.model.embed_tokens.weight
             model.lm_head = convert(model.lm_head, "int8", keep=tied)
-    if mode == "int8":
-        # int8 mode is the accuracy mode: a bf16 prefill alone flips 1-2 of 20 greedy continuations
-        for layer in quantized_linears(model).values():
+    for name, layer in quantized_linears(model).items():
+        layer.activation_digits = 2 if "self_attn" in name or mode == "int8" else 1
+        if mode == "int8":
+            # int8 mode is the accuracy mode: a bf16 prefill alone flips 1-2 of 20 greedy continuations
             layer.dense_dtype = torch.float32
     model.quantization = {"mode": mode, "group_size": group_size if mode.startswith("int4") else None,
                           "int8": [p.split(".")[1] for p in keep_int8], "lm_head": "int8" if lm_head else None}

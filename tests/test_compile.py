@@ -66,7 +66,7 @@ def test_compiled_decode_with_native_quantised_linears():
     assert compiled.error is None, compiled.error
     # fused fp32 arithmetic differs in the last bits, and the kernel's int8 rounding of activations
     # can turn such a difference into one quantisation step: close, not equal
-    assert float((got - eager).abs().max()) <= 1e-3 * float(eager.abs().max())
+    assert float((got - eager).abs().max()) <= 1e-2 * float(eager.abs().max())
     assert torch.equal(got.argmax(-1), eager.argmax(-1))
 
 

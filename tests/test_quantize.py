@@ -125,9 +125,11 @@ CASES = [  # (mode, N, K, group_size, bias)
 
 def _kernel_bound(layer, x):
     x2 = x.reshape(-1, layer.in_features)
-    # the second digit's step; a full one, as the digit is clamped to 127 where it would round to 128
-    block_step = x2.view(x2.shape[0], -1, 32).abs().amax(-1, keepdim=True) / 127 / 256
-    steps = block_step.expand(-1, -1, 32).reshape(x2.shape)
+    block_step = x2.view(x2.shape[0], -1, 32).abs().amax(-1, keepdim=True) / 127
+    if layer.activation_digits == 2:  # the second digit's step; a full one, as it is clamped to 127
+        steps = (block_step / 256).expand(-1, -1, 32).reshape(x2.shape)
+    else:
+        steps = (block_step / 2).expand(-1, -1, 32).reshape(x2.shape)
     return steps @ layer.dequantize().abs().T + 1e-5 * (x2.abs() @ layer.dequantize().abs().T)
 
 
@@ -148,8 +150,11 @@ def _kernel_math(layer, x):
     inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
     t = blocks.float() * inv
     xq = torch.round(t)
-    xr = torch.round((t - xq) * 256).clamp(-127, 127)
-    xhat = ((xq.double() * 256 + xr.double()) * (amax / 127 / 256).double()).view_as(x2)
+    if layer.activation_digits == 2:
+        xr = torch.round((t - xq) * 256).clamp(-127, 127)
+        xhat = ((xq.double() * 256 + xr.double()) * (amax / 127 / 256).double()).view_as(x2)
+    else:
+        xhat = (xq.double() * (amax / 127).double()).view_as(x2)
     w = layer.dequantize().double()
     if isinstance(layer, Q.Int8Linear):
         return xhat @ w.T
@@ -159,10 +164,12 @@ def _kernel_math(layer, x):
 
 
 @pytest.mark.parametrize("mode,N,K,group_size,bias", CASES)
-def test_paths_match_the_dequantised_reference(mode, N, K, group_size, bias):
+@pytest.mark.parametrize("digits", [1, 2])
+def test_paths_match_the_dequantised_reference(mode, N, K, group_size, bias, digits):
     w = _weight(N, K)
     b = torch.randn(N) if bias else None
     layer = _make(mode, w, b, group_size)
+    layer.activation_digits = digits
     assert layer.kernel_ok, f"the native kernels are expected on this machine: {kernels.status()}"
     x = torch.randn(3, 7, K)  # 21 rows
     layer.backend = "reference"
@@ -183,14 +190,16 @@ def test_paths_match_the_dequantised_reference(mode, N, K, group_size, bias):
 
 @pytest.mark.parametrize("mode,N,K,group_size,bias", CASES)
 @pytest.mark.parametrize("rows", [1, 3, 4, 9])
-def test_kernel_computes_its_integer_arithmetic_exactly(mode, N, K, group_size, bias, rows):
+@pytest.mark.parametrize("digits", [1, 2])
+def test_kernel_computes_its_integer_arithmetic_exactly(mode, N, K, group_size, bias, rows, digits):
     """Tighter than the bound above: the kernel equals the float64 model of its own arithmetic up to
-    fp32 rounding, for 1 to 9 rows of x (it takes rows 4 at a time), fp32 and bf16 scales alike."""
+    fp32 rounding, for 1 to 9 rows of x (it takes rows 4 at a time), one or two activation digits,
+    fp32 and bf16 scales alike."""
     for scale_dtype in (torch.bfloat16, torch.float32):
         w = _weight(N, K, seed=rows)
         layer = (Q.Int8Linear.from_float(w, None, group_size, scale_dtype=scale_dtype) if mode == "int8"
                  else Q.Int4Linear.from_float(w, None, group_size, scale_dtype=scale_dtype))
-        layer.backend = "kernel"
+        layer.backend, layer.activation_digits = "kernel", digits
         x = torch.randn(rows, K)
         x[0, :32] = 0.0  # an all-zero block
         got, model = layer(x).double(), _kernel_math(layer, x)
@@ -275,6 +284,8 @@ def test_quantize_model_replaces_every_block_linear(mode, tied):
     else:
         assert len(int4) == 14
     assert isinstance(model.lm_head, Q.Int8Linear)
+    assert {n: m.activation_digits for n, m in linears.items()} == {  # two digits where one cost the most
+        n: 2 if "self_attn" in n or mode == "int8" else 1 for n in linears}
     # no fp32 copy of any quantised weight is left: the only 2-d float tensors are the embedding
     # and the (bf16) scales and mins
     for name, t in list(model.state_dict().items()) + [(n, b) for n, b in model.named_buffers()]:
@@ -415,10 +426,10 @@ def test_real_perplexity_close_to_fp32(real_model, real_int8, real_int4, ppl_ids
     print(f"through the decode kernels: int8 {kernel['int8']:.3f} ({kernel['int8'] / fp32 - 1:+.2%}), "
           f"int4 {kernel['int4']:.3f} ({kernel['int4'] / fp32 - 1:+.2%})")
     assert 0.97 * fp32 < kernel["int8"] <= 1.01 * fp32
-    # Measured +3.1 % here against +2.6 % through the bf16 prefill above and +3.0 % with exact fp32
-    # activations (backend "reference"): the 4-bit weights sit at the issue's 3 % line on this text,
-    # and the bf16 GEMM happens to land below it. Held at 3.5 %: a broken kernel gives far more.
-    assert 0.95 * fp32 < kernel["int4"] <= 1.035 * fp32
+    # Measured +1.3 % (int4) and -0.2 % (int8). On 512 tokens this measure moves by ~1.5 % with any
+    # change of rounding: exact fp32 activations (backend "reference") gave +3.0 % for int4, one
+    # activation digit everywhere +4.9 %, one digit in the MLP and lm_head only (the default) +1.3 %.
+    assert 0.95 * fp32 < kernel["int4"] <= 1.03 * fp32
 
 
 def test_real_quantised_model_state(real_model, real_int4):

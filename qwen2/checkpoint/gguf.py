@@ -476,7 +476,7 @@ def convert_exact_linears(model, path, progress: bool = True) -> dict[str, int]:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         exact = converters[tensor.tensor_type][1](tensor, module.bias)
-        exact.dense_dtype = module.dense_dtype
+        exact.dense_dtype, exact.activation_digits = module.dense_dtype, module.activation_digits
         setattr(parent, attr, exact)
         reader.release(tensor)
         counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1

@@ -3,11 +3,11 @@
 // Decode reads every weight once per token, so it is bound by memory bandwidth, provided the
 // arithmetic keeps up: turning each 4-bit weight into an fp32 lane and FMA-ing it costs more than
 // the memory brings in on 2 cores. So the dot products run on 8-bit integers (VNNI `vpdpbusd`, or
-// AVX2 `vpmaddubsw`/`vpmaddwd`), 32 weights per instruction, with the activations split into two
-// int8 digits per block of 32 inputs: x ≈ xs * (xq + xr / 256), xs = absmax(block) / 127. One
-// digit (what llama.cpp does) costs the 0.5B model ~2 % perplexity on top of 4-bit weights; the
-// second makes activations ~16-bit exact for one more integer dot product, which memory-bound
-// decode does not notice.
+// AVX2 `vpmaddubsw`/`vpmaddwd`), 32 weights per instruction, on activations rounded to int8 per
+// block of 32 inputs, x ≈ xs * xq with xs = absmax(block) / 127 (what llama.cpp does), or, with
+// `digits` = 2, to two int8 digits, x ≈ xs * (xq + xr / 256): ~16-bit exact for a second integer
+// dot product. One digit everywhere cost the 0.5B model ~2 % perplexity on top of its 4-bit
+// weights, nearly all of it in the attention projections; the caller chooses per layer.
 //
 // Weight layouts (all row-major over the N output rows; g = k / group_size):
 //   int4  q  uint8 (N, K/2): per block of 32 inputs, 16 bytes; byte j holds input j in its low
@@ -16,9 +16,10 @@
 // scale and min are fp32 or bf16 (N, K / group_size); group_size is a multiple of 32 dividing K, and
 // K a multiple of 64 (blocks are taken two at a time).
 //
-// With d_b = 256 (q_b · xq_b) + q_b · xr_b (int32, exact) and b = k / 32:
-//   int4: y = sum_b xs_b / 256 * scale_g * d_b                   + sum_g min_g * (sum of x over g)
-//   int8: y = sum_b xs_b / 256 * scale_g * (d_b - 128 (256 sum xq_b + sum xr_b))
+// With d_b = 256 (q_b · xq_b) + q_b · xr_b, or q_b · xq_b with one digit (int32, exact), b = k / 32
+// and xs' = xs / 256 (two digits) or xs (one):
+//   int4: y = sum_b xs'_b * scale_g * d_b                        + sum_g min_g * (sum of x over g)
+//   int8: y = sum_b xs'_b * scale_g * (d_b - 128 (digits of x summed over b, like d_b))
 // The min term uses the exact fp32 sums of x, so only the scale term sees the activation rounding.
 // int8's offset is taken off in int32 (exactly) before anything is rounded: done in fp32 after the
 // scaling, the two large terms would cancel and leave their rounding error behind.
@@ -77,7 +78,7 @@ inline __m256i load_block(const uint8_t* row, int64_t b) {
   return kInt4 ? unpack_int4(row + b * 16) : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * 32));
 }
 
-// x quantised per block of 32: digits xq, xr int8 (M, K), xs / 256 fp32 (M, K/32), plus per block
+// x quantised per block of 32: digits xq, xr (0 with one digit) int8 (M, K), xs' fp32 (M, K/32), plus per block
 // the fp32 sum of x (for the int4 min term) and the int8 offset as the starting value of the
 // block's integer dot product: lane j of `vpdpbusd` sums inputs 4j..4j+3, so it starts at -128
 // times their 256 xq + xr (every lane exact, not just their total: the lanes are scaled in fp32
@@ -90,7 +91,7 @@ struct QuantizedX {
   std::vector<int32_t> group;   // block -> weight group
 };
 
-const QuantizedX& quantize_x(const float* x, int64_t M, int64_t K, int64_t group_size) {
+const QuantizedX& quantize_x(const float* x, int64_t M, int64_t K, int64_t group_size, bool two_digits) {
   static thread_local QuantizedX r;
   const int64_t B = K / kBlock;
   r.q.resize(M * K);
@@ -108,34 +109,38 @@ const QuantizedX& quantize_x(const float* x, int64_t M, int64_t K, int64_t group
     for (int k = 0; k < kBlock; ++k) {
       const float t = xb[k] * inv;
       const float q = std::nearbyint(t);
-      const int rest = static_cast<int>(std::min(127.f, std::max(-127.f, std::nearbyint((t - q) * 256.f))));
+      const int rest = two_digits ? static_cast<int>(std::min(127.f, std::max(-127.f, std::nearbyint((t - q) * 256.f)))) : 0;
       r.q[i * kBlock + k] = static_cast<int8_t>(q);
       r.r[i * kBlock + k] = static_cast<int8_t>(rest);
-      r.offset[i * 8 + k / 4] -= 128 * (256 * static_cast<int>(q) + rest);
+      r.offset[i * 8 + k / 4] -= 128 * (two_digits ? 256 * static_cast<int>(q) + rest : static_cast<int>(q));
     }
-    r.scale[i] = amax / 127.f / 256.f;
+    r.scale[i] = two_digits ? amax / 127.f / 256.f : amax / 127.f;
     r.sum[i] = sum;
   }
   return r;
 }
 
-// Block i's integer dot product d = 256 (w · xq) + w · xr, exact in every int32 lane (|d| < 2^24
-// per lane, so its conversion to fp32 is exact too).
-template <bool kInt4>
+// Block i's integer dot product d = 256 (w · xq) + w · xr (kTwo) or w · xq, exact in every int32
+// lane (|d| < 2^24 per lane, so its conversion to fp32 is exact too).
+template <bool kInt4, bool kTwo>
 inline __m256i block_dot(const QuantizedX& x, int64_t i, __m256i w) {
   const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + i * kBlock));
-  const __m256i xr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.r.data() + i * kBlock));
+  const __m256i xr = kTwo ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.r.data() + i * kBlock)) : xq;
   const __m256i zero = _mm256_setzero_si256();
-  if (kInt4) return _mm256_add_epi32(_mm256_slli_epi32(dot4(zero, w, xq), 8), dot4(zero, w, xr));  // w in [0, 15]
+  if (kInt4) {  // w in [0, 15]
+    const __m256i high = dot4(zero, w, xq);
+    return kTwo ? _mm256_add_epi32(_mm256_slli_epi32(high, 8), dot4(zero, w, xr)) : high;
+  }
 #if defined(__AVX512VNNI__) || defined(__AVXVNNI__)
   // w is the int8 value + 128: unsigned, as vpdpbusd wants; the offset takes the 128 off
   const __m256i start = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.offset.data() + i * 8));
+  if (!kTwo) return dot4(start, w, xq);
   return _mm256_add_epi32(_mm256_slli_epi32(dot4(zero, w, xq), 8), dot4(start, w, xr));
 #else
   // vpmaddubsw would saturate on w + 128: multiply |w| by the digits carrying w's sign instead
   const __m256i ws = _mm256_xor_si256(w, _mm256_set1_epi8(static_cast<char>(0x80))), wa = _mm256_abs_epi8(ws);
-  return _mm256_add_epi32(_mm256_slli_epi32(dot4(zero, wa, _mm256_sign_epi8(xq, ws)), 8),
-                          dot4(zero, wa, _mm256_sign_epi8(xr, ws)));
+  const __m256i high = dot4(zero, wa, _mm256_sign_epi8(xq, ws));
+  return kTwo ? _mm256_add_epi32(_mm256_slli_epi32(high, 8), dot4(zero, wa, _mm256_sign_epi8(xr, ws))) : high;
 #endif
 }
 
@@ -143,7 +148,7 @@ inline __m256i block_dot(const QuantizedX& x, int64_t i, __m256i w) {
 inline float to_float(float v) { return v; }
 inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
 
-template <int M, bool kInt4, typename S>
+template <int M, bool kInt4, bool kTwo, typename S>
 void rows(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* q, const S* scale,
           const S* min, int64_t group_size, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   const int64_t B = K / kBlock, G = K / group_size, per_group = group_size / kBlock;
@@ -174,7 +179,7 @@ void rows(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* q, const 
       const __m256i w0 = load_block<kInt4>(qn, b), w1 = load_block<kInt4>(qn, b + 1);
       for (int m = 0; m < M; ++m) {
         const int64_t i = (xrow + m) * B + b;
-        const __m256i d0 = block_dot<kInt4>(x, i, w0), d1 = block_dot<kInt4>(x, i + 1, w1);
+        const __m256i d0 = block_dot<kInt4, kTwo>(x, i, w0), d1 = block_dot<kInt4, kTwo>(x, i + 1, w1);
         acc0[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_mul_ps(s0, _mm256_set1_ps(x.scale[i])), acc0[m]);
         acc1[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_mul_ps(s1, _mm256_set1_ps(x.scale[i + 1])), acc1[m]);
       }
@@ -186,7 +191,7 @@ void rows(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* q, const 
   }
 }
 
-template <bool kInt4, typename S>
+template <bool kInt4, bool kTwo, typename S>
 void run(const QuantizedX& xq, int64_t M, int64_t K, int64_t N, const at::Tensor& q, const at::Tensor& scale,
          const at::Tensor* min, int64_t group_size, float* yp) {
   const uint8_t* qp = q.data_ptr<uint8_t>();
@@ -197,10 +202,10 @@ void run(const QuantizedX& xq, int64_t M, int64_t K, int64_t N, const at::Tensor
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
       switch (std::min<int64_t>(kMaxRows, M - m0)) {
-        case 1: rows<1, kInt4, S>(xq, m0, K, qp, sp, mp, group_size, yp, N, n0, n1); break;
-        case 2: rows<2, kInt4, S>(xq, m0, K, qp, sp, mp, group_size, yp, N, n0, n1); break;
-        case 3: rows<3, kInt4, S>(xq, m0, K, qp, sp, mp, group_size, yp, N, n0, n1); break;
-        default: rows<4, kInt4, S>(xq, m0, K, qp, sp, mp, group_size, yp, N, n0, n1); break;
+        case 1: rows<1, kInt4, kTwo, S>(xq, m0, K, qp, sp, mp, group_size, yp, N, n0, n1); break;
+        case 2: rows<2, kInt4, kTwo, S>(xq, m0, K, qp, sp, mp, group_size, yp, N, n0, n1); break;
+        case 3: rows<3, kInt4, kTwo, S>(xq, m0, K, qp, sp, mp, group_size, yp, N, n0, n1); break;
+        default: rows<4, kInt4, kTwo, S>(xq, m0, K, qp, sp, mp, group_size, yp, N, n0, n1); break;
       }
     }
   });
@@ -208,7 +213,7 @@ void run(const QuantizedX& xq, int64_t M, int64_t K, int64_t N, const at::Tensor
 
 template <bool kInt4>
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const at::Tensor* min,
-                        int64_t group_size) {
+                        int64_t group_size, int64_t digits) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous fp32 (M, K)");
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
   TORCH_CHECK(K % (2 * kBlock) == 0 && group_size % kBlock == 0 && K % group_size == 0,
@@ -220,27 +225,35 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& q, const at::Tens
               "scale must be contiguous fp32 or bf16 (N, K / group_size)");
   TORCH_CHECK(!kInt4 || (min->scalar_type() == stype && min->is_contiguous() && min->numel() == scale.numel()),
               "min must be like scale");
-  const QuantizedX xq = quantize_x(x.data_ptr<float>(), M, K, group_size);
+  TORCH_CHECK(digits == 1 || digits == 2, "digits must be 1 or 2");
+  const QuantizedX& xq = quantize_x(x.data_ptr<float>(), M, K, group_size, digits == 2);
   auto y = at::empty({M, N}, x.options());
-  if (stype == at::kFloat) run<kInt4, float>(xq, M, K, N, q, scale, min, group_size, y.data_ptr<float>());
-  else run<kInt4, at::BFloat16>(xq, M, K, N, q, scale, min, group_size, y.data_ptr<float>());
+  float* yp = y.data_ptr<float>();
+  if (stype == at::kFloat) {
+    if (digits == 2) run<kInt4, true, float>(xq, M, K, N, q, scale, min, group_size, yp);
+    else run<kInt4, false, float>(xq, M, K, N, q, scale, min, group_size, yp);
+  } else {
+    if (digits == 2) run<kInt4, true, at::BFloat16>(xq, M, K, N, q, scale, min, group_size, yp);
+    else run<kInt4, false, at::BFloat16>(xq, M, K, N, q, scale, min, group_size, yp);
+  }
   return y;
 }
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const at::Tensor& min,
-                       int64_t group_size) {
-  return quant_linear<true>(x, q, scale, &min, group_size);
+                       int64_t group_size, int64_t digits) {
+  return quant_linear<true>(x, q, scale, &min, group_size, digits);
 }
 
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, int64_t group_size) {
-  return quant_linear<false>(x, q, scale, nullptr, group_size);
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, int64_t group_size,
+                       int64_t digits) {
+  return quant_linear<false>(x, q, scale, nullptr, group_size, digits);
 }
 
 }  // namespace
 
 TORCH_LIBRARY(qwen2_kernels, m) {
-  m.def("int4_linear(Tensor x, Tensor q, Tensor scale, Tensor min, int group_size) -> Tensor");
-  m.def("int8_linear(Tensor x, Tensor q, Tensor scale, int group_size) -> Tensor");
+  m.def("int4_linear(Tensor x, Tensor q, Tensor scale, Tensor min, int group_size, int digits) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor q, Tensor scale, int group_size, int digits) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qwen2_kernels, CPU, m) {
