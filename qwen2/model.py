@@ -77,6 +77,10 @@ class KVCache:
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) next RoPE position
         self.length = 0  # slots used
         self.max_len = max_len
+        # Attend for each new token exactly as a one-token step would (same kernel, same key count):
+        # speculative verification sets it, so that quantised models, whose activation rounding turns
+        # last-bit differences into visible ones, verify with the very numbers plain decoding uses.
+        self.exact_rows = False
 
     def __len__(self) -> int:
         return self.length
@@ -133,10 +137,26 @@ class Attention(nn.Module):
             cache.k[layer, :, :, start:start + T] = k
             cache.v[layer, :, :, start:start + T] = v
             k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]  # (B, nkv, S, hs)
-        # GQA: SDPA broadcasts each kv head over its nh/nkv query heads, nothing is copied.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=self.n_head != self.n_kv_head)  # (B, nh, T, hs)
+        if isinstance(cache, KVCache) and cache.exact_rows and T > 1:
+            y = self._rows_as_steps(q, k, v, mask, cache.length)  # (B, nh, T, hs)
+        else:
+            # GQA: SDPA broadcasts each kv head over its nh/nkv query heads, nothing is copied.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               enable_gqa=self.n_head != self.n_kv_head)  # (B, nh, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+    def _rows_as_steps(self, q, k, v, mask, start: int) -> torch.Tensor:
+        """Attention of each of the T new queries as its own one-token step: query t sees slots
+        0..start+t, with no mask when they are all real (what a one-token forward passes)."""
+        rows = []
+        for t in range(q.shape[2]):
+            S = start + t + 1
+            row_mask = None if mask is None else mask[:, :, t:t + 1, :S]
+            if row_mask is not None and bool(row_mask.all()):
+                row_mask = None
+            rows.append(F.scaled_dot_product_attention(q[:, :, t:t + 1], k[:, :, :S], v[:, :, :S], attn_mask=row_mask,
+                                                       enable_gqa=self.n_head != self.n_kv_head))
+        return torch.cat(rows, dim=2)  # (B, nh, T, hs)
 
 
 class FeedForward(nn.Module):

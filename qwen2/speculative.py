@@ -171,6 +171,7 @@ def speculative_steps(model: Transformer, prompt_ids: Sequence[int], params: Sam
         drafter.start(model, prompt, max_len)
         cache = model.new_cache(1, max_len)
         logits = model(torch.tensor([prompt], device=device), cache=cache, last_only=True)
+        cache.exact_rows = True  # verification attends as plain decoding's one-token steps do
         token = int(logits[0, -1].float().argmax())
     tokens = prompt + [token]
     stats.generated += 1
