@@ -4,6 +4,7 @@ that fails falls back to eager with the reason kept."""
 import pytest
 import torch
 
+from ggufs import random_model
 from qwen2 import compile as C
 from qwen2 import quantize as Q
 from qwen2.config import Qwen2Config
@@ -12,15 +13,9 @@ from qwen2.model import Transformer
 
 
 def _tiny(seed=0) -> Transformer:
-    config = Qwen2Config(vocab_size=301, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         bos_token_id=None, eos_token_id=None)
-    torch.manual_seed(seed)
-    model = Transformer(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    return model
+    return random_model(Qwen2Config(vocab_size=301, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                    bos_token_id=None, eos_token_id=None), seed)
 
 
 def _decode_logits(model, ids, mask, steps=6):
