@@ -223,9 +223,12 @@ def int8_group_size(in_features: int) -> int:
     return INT8_GROUP_SIZE if in_features % INT8_GROUP_SIZE == 0 else in_features
 
 
-def _quantize_in_chunks(weight: torch.Tensor, quantizer, out: tuple, on_chunk, row_chunk: int):
-    """Fill the row slices of the `out` tensors with `quantizer(weight[a:b])`, chunk by chunk (fp32
-    temporaries stay small even for the lm_head); `on_chunk(weight[a:b])` after each."""
+def fill_in_row_chunks(weight, quantizer, out: tuple, in_features: int, on_chunk=None):
+    """Fill the row slices of the `out` tensors with `quantizer(weight[a:b])`, chunk by chunk, about
+    _CHUNK_ELEMENTS weights at a time (temporaries stay small even for the lm_head);
+    `on_chunk(weight[a:b])` after each. `weight` is any row-indexable array of `in_features`-wide
+    rows: an fp32 tensor, or a GGUF tensor's raw block rows."""
+    row_chunk = max(1, _CHUNK_ELEMENTS // in_features)
     for a in range(0, weight.shape[0], row_chunk):
         b = min(a + row_chunk, weight.shape[0])
         for target, value in zip(out, quantizer(weight[a:b])):
@@ -254,8 +257,7 @@ class Int8Linear(QuantLinear):
         scale_dtype = scale_dtype or SCALE_DTYPE
         q = torch.empty(N, K, dtype=torch.uint8)
         scales = torch.empty(N, K // group_size, dtype=scale_dtype)
-        _quantize_in_chunks(weight, lambda w: quantize_int8(w, group_size, scale_dtype), (q, scales), on_chunk,
-                            max(1, _CHUNK_ELEMENTS // K))
+        fill_in_row_chunks(weight, lambda w: quantize_int8(w, group_size, scale_dtype), (q, scales), K, on_chunk)
         return cls(q, scales, group_size, bias)
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
@@ -295,7 +297,7 @@ class Int4Linear(QuantLinear):
         def quantize(w):
             q, s, m = quantize_int4(w, group_size, scale_dtype)
             return pack_int4(q), s, m
-        _quantize_in_chunks(weight, quantize, (packed, scales, mins), on_chunk, max(1, _CHUNK_ELEMENTS // K))
+        fill_in_row_chunks(weight, quantize, (packed, scales, mins), K, on_chunk)
         return cls(packed, scales, mins, group_size, bias)
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:

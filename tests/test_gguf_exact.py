@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from gguf import GGMLQuantizationType
 
 import qwen2
 from ggufs import random_model, small_tokenizer_metadata, state_dict_of, tiny_config, write_gguf
 from qwen2 import quantize as Q
-from qwen2.checkpoint.gguf import open_gguf, q4k_tensors, q4k_to_int4, q4k_to_packed_int4, q5_0_to_int8, q8_0_to_int8
+from qwen2.checkpoint.gguf import block_tensors, open_gguf, q4k_to_int4, q4k_to_packed_int4, q5_0_to_int8, q8_0_to_int8
 
 
 def random_q4k_rows(rng: np.random.Generator, N: int, K: int, d_range: float | None = None) -> np.ndarray:
@@ -116,7 +117,7 @@ def _logits(model, ids):
 def test_load_converts_q4k_linears_exactly(q4k_gguf, mode):
     path, fp32 = q4k_gguf
     model = qwen2.load(path, quantize=mode, progress=False).model
-    q4k = q4k_tensors(open_gguf(path))
+    q4k = block_tensors(open_gguf(path), {GGMLQuantizationType.Q4_K})
     lossless = {name: m for name, m in Q.quantized_linears(model).items() if f"{name}.weight" in q4k
                 or (name == "lm_head" and "model.embed_tokens.weight" in q4k)}
     assert model.quantization["gguf_exact"]["Q4_K"] == len(lossless) == 14  # 13 block linears + the lm_head

@@ -398,18 +398,18 @@ def q5_0_to_int8(rows):
 
 
 def _exact_converters():
-    """GGUF block type -> (target QuantLinear class name, function tensor, bias -> exact layer)."""
+    """GGUF block type -> (the QuantLinear class it becomes, function (tensor, bias) -> exact layer)."""
     from gguf import GGMLQuantizationType as T
 
-    return {T.Q4_K: ("Int4Linear", q4k_int4_linear), T.Q8_0: ("Int8Linear", lambda t, b: _int8_linear(t, b, q8_0_to_int8)),
-            T.Q5_0: ("Int8Linear", lambda t, b: _int8_linear(t, b, q5_0_to_int8))}
+    from ..quantize import Int4Linear, Int8Linear
+
+    return {T.Q4_K: (Int4Linear, q4k_int4_linear), T.Q8_0: (Int8Linear, lambda t, b: _int8_linear(t, b, q8_0_to_int8)),
+            T.Q5_0: (Int8Linear, lambda t, b: _int8_linear(t, b, q5_0_to_int8))}
 
 
-def q4k_tensors(reader) -> dict[str, GGUFTensor]:
-    """HF parameter name -> GGUF tensor, for every Q4_K tensor of a `GGUFFile`."""
-    from gguf import GGMLQuantizationType
-
-    return {hf_tensor_name(t.name): t for t in reader.tensors if t.tensor_type == GGMLQuantizationType.Q4_K}
+def block_tensors(reader, types) -> dict[str, GGUFTensor]:
+    """HF parameter name -> GGUF tensor, for every tensor of a `GGUFFile` stored in one of `types`."""
+    return {hf_tensor_name(t.name): t for t in reader.tensors if t.tensor_type in types}
 
 
 def q4k_int4_linear(tensor: GGUFTensor, bias=None):
@@ -417,16 +417,13 @@ def q4k_int4_linear(tensor: GGUFTensor, bias=None):
     of a Q4_K tensor, converted in row chunks so that temporaries stay small (an lm_head too)."""
     import torch
 
-    from ..quantize import Int4Linear
+    from ..quantize import Int4Linear, fill_in_row_chunks
 
     N, K = (int(n) for n in reversed(tensor.shape))
     groups = (N, K // _Q4K_GROUP)
     out = (torch.empty(N, K // 2, dtype=torch.uint8), torch.empty(groups, dtype=torch.float32),
            torch.empty(groups, dtype=torch.float32))  # packed weights, fp32 scales, fp32 mins
-    step = max(1, (1 << 22) // K)  # ~4 M weights at a time
-    for a in range(0, N, step):
-        for target, value in zip(out, q4k_to_packed_int4(tensor.data[a:a + step])):
-            target[a:a + step] = value
+    fill_in_row_chunks(tensor.data, q4k_to_packed_int4, out, K)
     return Int4Linear(*out, _Q4K_GROUP, bias)
 
 
@@ -435,15 +432,16 @@ def _int8_linear(tensor: GGUFTensor, bias, to_int8):
     Q8_0/Q5_0 tensor (`to_int8` reads its blocks), in row chunks."""
     import torch
 
-    from ..quantize import Int8Linear
+    from ..quantize import Int8Linear, fill_in_row_chunks
+
+    def stored(rows):  # Int8Linear keeps the int8 value + 128
+        values, scale = to_int8(rows)
+        return (values.to(torch.int16) + 128).to(torch.uint8), scale
 
     N, K = (int(n) for n in reversed(tensor.shape))
-    q, scales = torch.empty(N, K, dtype=torch.uint8), torch.empty(N, K // _INT8_BLOCK, dtype=torch.float32)
-    step = max(1, (1 << 22) // K)
-    for a in range(0, N, step):
-        values, scale = to_int8(tensor.data[a:a + step])
-        q[a:a + step], scales[a:a + step] = (values.to(torch.int16) + 128).to(torch.uint8), scale
-    return Int8Linear(q, scales, _INT8_BLOCK, bias)
+    out = (torch.empty(N, K, dtype=torch.uint8), torch.empty(N, K // _INT8_BLOCK, dtype=torch.float32))
+    fill_in_row_chunks(tensor.data, stored, out, K)
+    return Int8Linear(*out, _INT8_BLOCK, bias)
 
 
 def convert_exact_linears(model, path, progress: bool = True) -> dict[str, int]:
@@ -459,11 +457,11 @@ def convert_exact_linears(model, path, progress: bool = True) -> dict[str, int]:
 
     reader = open_gguf(path)
     converters = _exact_converters()
-    tensors = {hf_tensor_name(t.name): t for t in reader.tensors if t.tensor_type in converters}
+    tensors = block_tensors(reader, converters)
     if model.config.tie_word_embeddings and "model.embed_tokens.weight" in tensors:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]  # a tied head is the embedding
     int4_mode = model.quantization["mode"].startswith("int4") and model.quantization.get("group_size") == _Q4K_GROUP
-    allowed = {"Int4Linear": (Int4Linear, Int8Linear) if int4_mode else (), "Int8Linear": (Int8Linear,)}
+    allowed = {Int4Linear: (Int4Linear, Int8Linear) if int4_mode else (), Int8Linear: (Int8Linear,)}  # replaceable layers
     targets = [(name, module, tensors[f"{name}.weight"]) for name, module in model.named_modules()
                if f"{name}.weight" in tensors
                and isinstance(module, allowed[converters[tensors[f"{name}.weight"].tensor_type][0]])]

@@ -144,9 +144,10 @@ inline __m256i block_dot(const QuantizedX& x, int64_t i, __m256i w) {
 #endif
 }
 
-// Output rows [n0, n1) for M (<= kMaxRows) rows of x.
 inline float to_float(float v) { return v; }
 inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
+
+// Output rows [n0, n1) for M (<= kMaxRows) rows of x.
 
 template <int M, bool kInt4, bool kTwo, typename S>
 void rows(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* q, const S* scale,
