@@ -145,7 +145,9 @@ class Qwen2:
 
 def load(source: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtype = torch.float32,
          device: str | torch.device = "cpu", progress: bool = True, quantize: str | None = None,
-         group_size: int | None = None, quantize_lm_head: bool | None = None, compile: bool = False) -> Qwen2:
+         group_size: int | None = None, quantize_lm_head: bool | None = None, compile: bool = False,
+         rope_scaling: str | dict | None = None, dca: bool | int | dict | None = None,
+         long_context: bool = False) -> Qwen2:
     """Load a model by registry name (e.g. "qwen2.5-coder-0.5b-instruct"), HF directory or .gguf file.
 
     quantize="int8" (groups of 32), "int4" (group-wise, `group_size` 32/64/128, default 32;
@@ -157,7 +159,15 @@ def load(source: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtype = t
     modes, group size 32), Q8_0 and Q5_0 as int8 (the layers that are int8). See `qwen2.quantize`.
 
     compile=True runs decode steps through `torch.compile` (see `qwen2.compile`): the first step of
-    each batch size compiles (tens of seconds), and a failed compilation falls back to eager."""
+    each batch size compiles (tens of seconds), and a failed compilation falls back to eager.
+
+    Long context (see `qwen2.long_context`; each overrides the checkpoint's own config):
+    rope_scaling="yarn:4" (YaRN, factor 4 over the trained length; "yarn:4:32768" names that length),
+    "dynamic-yarn:4" (plain RoPE until a sequence outgrows the trained length), a rope_scaling dict,
+    or "none"; dca=True (Dual Chunk Attention, chunk_size = the trained length), a chunk size, or a
+    dual_chunk_attention_config dict; long_context=True: the Qwen2.5 model cards' YaRN ×4 plus DCA.
+    The usable context (what prompt + max_new_tokens may reach) grows with them."""
+    from . import long_context as lc
     from . import quantize as q
 
     mode = q.check_mode(quantize)
@@ -169,6 +179,10 @@ def load(source: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtype = t
     if mode is not None and torch.device(device).type != "cpu":
         raise Qwen2Error(f"quantize={mode!r} runs on the CPU only, not {device}")
     config, state_dict, tokenizer, generation_config = load_checkpoint(source, progress=progress)
+    config = lc.extend_config(config, rope_scaling=rope_scaling, dca=dca, preset=long_context)
+    if compile and config.dual_chunk_attention_config is not None:
+        raise Qwen2Error("compile=True does not apply with Dual Chunk Attention (its decode step runs eager); "
+                         "drop one of them")
     model = build_model(config, state_dict, dtype=parse_dtype(dtype), device=device)
     del state_dict  # the model holds the weights now: quantising can free each fp32 one as it goes
     if mode is not None:

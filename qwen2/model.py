@@ -14,7 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import long_context
 from .config import Qwen2Config
+from .moe import SparseMoeBlock, load_balancing_loss
 
 
 class RMSNorm(nn.Module):
@@ -37,17 +39,30 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, config: Qwen2Config):
         super().__init__()
-        hs = config.head_dim
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.int64).float() / hs))
+        # Plain RoPE, or YaRN's rescaled frequencies and attention factor (qwen2/long_context.py).
+        inv_freq, self.attention_factor = long_context.rope_frequencies(config)
         # Not a persistent buffer: derived from the config, never stored in checkpoints.
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # Dynamic YaRN: plain RoPE for sequences that fit the trained length (see `forward`'s span).
+        self.dynamic_from = None
+        if long_context.is_dynamic(config):
+            self.dynamic_from = long_context.yarn_original_length(config)
+            self.register_buffer("plain_inv_freq", long_context.rope_frequencies(config, scaled=False)[0],
+                                 persistent=False)
 
     @torch.no_grad()
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions (B, T) -> cos, sin (B, T, hs), angles computed in fp32 as the reference does
-        angles = positions[..., None].float() * self.inv_freq  # (B, T, hs/2)
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype,
+                span: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions (B, T) -> cos, sin (B, T, hs), angles computed in fp32 as the reference does.
+        # span: the length the sequence may reach (dynamic YaRN scales only beyond the trained length).
+        inv_freq, factor = self.inv_freq, self.attention_factor
+        if self.dynamic_from is not None and span is not None and span <= self.dynamic_from:
+            inv_freq, factor = self.plain_inv_freq, 1.0
+        angles = positions[..., None].float() * inv_freq  # (B, T, hs/2)
         angles = torch.cat((angles, angles), dim=-1)  # (B, T, hs)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        if factor == 1.0:
+            return angles.cos().to(dtype), angles.sin().to(dtype)
+        return (angles.cos() * factor).to(dtype), (angles.sin() * factor).to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -103,10 +118,14 @@ class KVCache:
 class StaticKV(NamedTuple):
     """A KV cache seen with static shapes, for the compiled decode step: the new key/value go to
     slot `slot` (a 1-element long tensor, not a Python int, so one compiled graph serves every
-    step) and attention runs over all max_len slots, masked by `valid`."""
+    step) and attention runs over all max_len slots, masked by `valid`. A (B,) `slot` gives each
+    row its own slot: rows of different lengths decode together (the server's continuous batching)."""
     k: torch.Tensor  # (L, B, nkv, max_len, hs)
     v: torch.Tensor
-    slot: torch.Tensor  # (1,)
+    slot: torch.Tensor  # (1,) the same slot for every row, or (B,) one per row
+    # Set (eager only): row b attends over its first row_lengths[b] slots, unmasked, exactly as its
+    # one-row decode would; a batched row's tokens then equal the row's alone (quantised models too).
+    row_lengths: list[int] | None = None
 
 
 class Attention(nn.Module):
@@ -126,10 +145,16 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        q_unrotated = q  # DCA rotates queries its own three ways
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if isinstance(cache, StaticKV):
-            cache.k[layer].index_copy_(2, cache.slot, k)
-            cache.v[layer].index_copy_(2, cache.slot, v)
+            if cache.slot.numel() == 1:
+                cache.k[layer].index_copy_(2, cache.slot, k)
+                cache.v[layer].index_copy_(2, cache.slot, v)
+            else:  # row b's one new key/value into its own slot[b]
+                rows = torch.arange(B, device=k.device)
+                cache.k[layer][rows, :, cache.slot] = k[:, :, 0]  # (B, nkv, hs)
+                cache.v[layer][rows, :, cache.slot] = v[:, :, 0]
             k, v = cache.k[layer], cache.v[layer]  # (B, nkv, max_len, hs), unused slots masked out
         elif cache is not None:
             # Write the new keys into their slots, then attend over every slot used so far.
@@ -137,8 +162,14 @@ class Attention(nn.Module):
             cache.k[layer, :, :, start:start + T] = k
             cache.v[layer, :, :, start:start + T] = v
             k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]  # (B, nkv, S, hs)
-        if isinstance(cache, KVCache) and cache.exact_rows and T > 1:
+        if isinstance(mask, long_context.DualChunkContext):  # keys were rotated at p mod L (see Transformer)
+            y = mask.attend(q_unrotated, k, v)  # (B, nh, T, hs)
+        elif isinstance(cache, KVCache) and cache.exact_rows and T > 1:
             y = self._rows_as_steps(q, k, v, mask, cache.length)  # (B, nh, T, hs)
+        elif isinstance(cache, StaticKV) and cache.row_lengths is not None:
+            y = torch.cat([F.scaled_dot_product_attention(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n],
+                                                          enable_gqa=self.n_head != self.n_kv_head)
+                           for b, n in enumerate(cache.row_lengths)])  # (B, nh, 1, hs)
         else:
             # GQA: SDPA broadcasts each kv head over its nh/nkv query heads, nothing is copied.
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
@@ -173,12 +204,13 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: Qwen2Config):
+    def __init__(self, config: Qwen2Config, layer: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = FeedForward(config)
+        # Qwen2-MoE: a sparse expert block in the layers the config makes sparse (qwen2/moe.py).
+        self.mlp = SparseMoeBlock(config) if config.is_moe_layer(layer) else FeedForward(config)
 
     def forward(self, x, cos, sin, mask, cache, layer):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
@@ -193,12 +225,13 @@ class Transformer(nn.Module):
         self.config = config
         self.model = nn.Module()  # namespace only, so state_dict keys read `model.*` like HF's
         self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.model.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.model.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rope = RotaryEmbedding(config)
+        self.sliding_layers = long_context.sliding_layers(config)  # layers whose attention slides
         self.compiled_step = None  # set by qwen2.compile.compile_decode: decode steps then run through it
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -213,12 +246,15 @@ class Transformer(nn.Module):
         """
         B, T = input_ids.shape
         if self.compiled_step is not None and cache is not None and T == 1 and attention_mask is None \
-                and position_ids is None:
+                and position_ids is None and self.config.dual_chunk_attention_config is None:
             return self.compiled_step(input_ids, cache)
         start = cache.length if cache is not None else 0
         if cache is not None and start + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} tokens; {start} cached + {T} new do not fit")
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        if position_ids is not None and self.config.dual_chunk_attention_config is not None:
+            raise ValueError("position_ids cannot be given with Dual Chunk Attention: "
+                             "it numbers each row's real tokens itself")
         if position_ids is None:
             offset = cache.positions[:, None] if cache is not None else 0
             position_ids = (offset + real.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
@@ -227,12 +263,20 @@ class Transformer(nn.Module):
             key_real = cache.valid[:, :start + T]  # (B, S)
         else:
             key_real = real
-        mask = self._attention_mask(key_real, start, T)
 
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        cos, sin = self.rope(position_ids, x.dtype)
+        span = cache.max_len if cache is not None else T  # the length this sequence may reach (dynamic YaRN)
+        if self.config.dual_chunk_attention_config is not None:
+            cos, sin, mask = self._dual_chunk_inputs(position_ids, real, key_real, span, x.dtype)
+        else:
+            cos, sin = self.rope(position_ids, x.dtype, span)
+            mask = self._attention_mask(key_real, start, T)
+        window_mask = None
+        if self.sliding_layers:  # layers >= max_window_layers see only the last sliding_window slots
+            window_mask = long_context.sliding_window_mask(mask, start, T, key_real.shape[1],
+                                                           self.config.sliding_window, x.device)
         for i, block in enumerate(self.model.layers):
-            x = block(x, cos, sin, mask, cache, i)
+            x = block(x, cos, sin, window_mask if i in self.sliding_layers else mask, cache, i)
         if cache is not None:
             cache.length += T
             cache.positions += real.sum(-1)
@@ -241,18 +285,34 @@ class Transformer(nn.Module):
         return self.lm_head(self.model.norm(x))  # (B, T, V)
 
     def static_decode(self, input_ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
-                      positions: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+                      positions: torch.Tensor, slot: torch.Tensor, exact_rows: bool = False) -> torch.Tensor:
         """One new token per row, input_ids (B, 1), written to cache slot `slot` (B rows at once), with
         every shape fixed by the cache: what torch.compile traces (see qwen2/compile.py). `valid`
         (B, max_len) must already mark the slot; positions (B,) are the new tokens' RoPE positions.
-        Equal to forward(input_ids, cache=...) up to the masked-out slots it also reads."""
+        Equal to forward(input_ids, cache=...) up to the masked-out slots it also reads.
+        exact_rows (eager, a (B,) slot of rows filled from slot 0, no sliding window): each row attends
+        over its slots 0..slot[b] alone, unmasked, so its logits are bit for bit its one-row decode's."""
         x = self.model.embed_tokens(input_ids)  # (B, 1, C)
-        cos, sin = self.rope(positions[:, None], x.dtype)
+        cos, sin = self.rope(positions[:, None], x.dtype, span=k.shape[3])
         mask = valid[:, None, None, :]  # (B, 1, 1, max_len)
-        kv = StaticKV(k, v, slot)
+        window_mask = long_context.static_sliding_mask(mask, slot, self.config.sliding_window) \
+            if self.sliding_layers else None
+        kv = StaticKV(k, v, slot, (slot + 1).tolist() if exact_rows else None)
         for i, block in enumerate(self.model.layers):
-            x = block(x, cos, sin, mask, kv, i)
+            x = block(x, cos, sin, window_mask if i in self.sliding_layers else mask, kv, i)
         return self.lm_head(self.model.norm(x))  # (B, 1, V)
+
+    def _dual_chunk_inputs(self, positions, real, key_real, span: int, dtype):
+        """DCA's key rotation (cos, sin at p mod L: keys are cached rotated so) and the context its
+        attention takes in place of a mask (qwen2/long_context.py)."""
+        dca = self.config.dual_chunk_attention_config
+
+        def rope(p, dt):
+            return self.rope(p, dt, span)
+
+        cos, sin = rope(positions % long_context.dca_chunk_len(self.config), dtype)
+        context = long_context.DualChunkContext(positions, real, key_real, rope, dca["chunk_size"], dca["local_size"])
+        return cos, sin, context
 
     @staticmethod
     def _attention_mask(key_real: torch.Tensor, start: int, T: int) -> torch.Tensor | None:
@@ -277,6 +337,12 @@ class Transformer(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
+
+    def aux_loss(self, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Qwen2-MoE's load-balancing loss for the last forward (its router logits; pass the same
+        attention_mask), unweighted like transformers' `aux_loss`. Train on
+        lm_loss + config.router_aux_loss_coef * aux_loss. 0 for a dense model. See qwen2/moe.py."""
+        return load_balancing_loss(self, attention_mask)
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         return KVCache(self.config, batch_size, max_len or self.config.max_position_embeddings,

@@ -365,6 +365,9 @@ def quantize_model(model, mode: str, group_size: int = DEFAULT_GROUP_SIZE, lm_he
     if model.device.type != "cpu":
         raise Qwen2Error(f"quantised linears run on the CPU only, not {model.device}")
     config = model.config
+    if config.num_experts:
+        raise Qwen2Error("quantised linears do not cover mixture-of-experts layers yet; load this Qwen2-MoE model "
+                         "without quantize=")
     if mode.startswith("int4"):
         check_group_size(group_size, {
             "q/k/v/gate/up_proj (hidden size)": config.hidden_size,

@@ -1,0 +1,167 @@
+"""The Qwen2-MoE layer (qwen2/moe.py SparseMoeBlock) against transformers' Qwen2MoeSparseMoeBlock on the
+same weights, at 1, 16 and 512 tokens, side by side in one process.
+
+    python benchmarks/bench_moe.py                 # the 57B-A14B layer with every width divided by 4
+    python benchmarks/bench_moe.py --scale 1 --tokens 1,16    # its real shape (8 GB of fp32 experts per copy)
+
+The layer: Qwen2-57B-A14B's MoE block (64 experts, 8 routed per token, norm_topk_prob false) with the
+hidden size, expert width and shared-expert width divided by --scale (default 4: hidden 896, experts
+640 wide, shared expert 5120), fp32, random weights (router N(0, 0.02^2), so routing is near uniform,
+as a load-balanced router's is). Rows, each timed on the same input:
+  * qwen2: SparseMoeBlock.forward (the few-token path at 1 token, the sort-by-expert dispatch above)
+  * transformers eager: Qwen2MoeSparseMoeBlock with experts_implementation "eager", the block's own
+    loop over the experts hit (what a block built from a config runs)
+  * transformers grouped_mm: the same block with "grouped_mm", what from_pretrained picks by default
+    in transformers 5.x (sort by expert, one grouped matmul; on the CPU its per-expert fallback)
+Every repeat runs the three one after another, so a load change on the shared machine hits them
+alike; tok/s = tokens / median time. Outputs are checked equal (max |diff| <= 1e-4) before timing.
+Results go to benchmarks/results/moe.json and .md (atomically).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_inference import cpu_busy_s, machine_facts, set_torch_threads, wait_for_quiet  # noqa: E402
+
+from qwen2.config import named_config  # noqa: E402
+from qwen2.fileio import write_text_atomic  # noqa: E402
+from qwen2.moe import SparseMoeBlock  # noqa: E402
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPEATS = {1: 40, 16: 15, 512: 5}  # more for the short calls, whose times vary more
+
+
+def layer_config(scale: int):
+    import dataclasses
+
+    c = named_config("Qwen2-57B-A14B")
+    return dataclasses.replace(c, hidden_size=c.hidden_size // scale, num_attention_heads=c.num_attention_heads // scale,
+                               num_key_value_heads=1, head_dim=0, intermediate_size=c.intermediate_size // scale,
+                               moe_intermediate_size=c.moe_intermediate_size // scale,
+                               shared_expert_intermediate_size=c.shared_expert_intermediate_size // scale)
+
+
+def make_blocks(config):
+    """Our block with random weights, and transformers' with the same ones (its experts fused)."""
+    import transformers
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+
+    gen = torch.Generator().manual_seed(0)
+    ours = SparseMoeBlock(config).eval()
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            p.normal_(0, 0.02 if name == "gate.weight" else 1 / p.shape[-1] ** 0.5, generator=gen)
+    hf_config = transformers.Qwen2MoeConfig(**config.to_hf_dict())
+    theirs = Qwen2MoeSparseMoeBlock(hf_config).eval()
+    with torch.no_grad():
+        theirs.gate.weight.copy_(ours.gate.weight)
+        theirs.experts.gate_up_proj.copy_(torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight])
+                                                       for e in ours.experts]))
+        theirs.experts.down_proj.copy_(torch.stack([e.down_proj.weight for e in ours.experts]))
+        theirs.shared_expert.load_state_dict(ours.shared_expert.state_dict())
+        theirs.shared_expert_gate.weight.copy_(ours.shared_expert_gate.weight)
+    return ours, theirs, hf_config
+
+
+def measure(n_tokens: int, ours, theirs, hf_config, repeats: int, wait: float) -> dict:
+    x = torch.randn(1, n_tokens, ours.gate.in_features, generator=torch.Generator().manual_seed(n_tokens))
+
+    def run_theirs(impl):
+        def run():
+            hf_config._experts_implementation = impl
+            return theirs(x)
+        return run
+
+    engines = {"qwen2": lambda: ours(x), "transformers eager": run_theirs("eager"),
+               "transformers grouped_mm": run_theirs("grouped_mm")}
+    with torch.no_grad():
+        expected = ours(x)
+        diffs = {name: (run() - expected).abs().max().item() for name, run in engines.items()}
+        assert all(d <= 1e-4 for d in diffs.values()), diffs
+        waited = wait_for_quiet(wait)
+        times = {name: [] for name in engines}
+        busy0, own0, wall0 = cpu_busy_s(), _own_cpu_s(), time.monotonic()
+        for _ in range(repeats):
+            for name, run in engines.items():
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+        wall = time.monotonic() - wall0
+    others = max(0.0, (cpu_busy_s() - busy0) - (_own_cpu_s() - own0)) / (wall * (os.cpu_count() or 1))
+    tok_s = {name: n_tokens / statistics.median(t) for name, t in times.items()}
+    row = {"tokens": n_tokens, "repeats": repeats, "times_s": times, "tok_s": tok_s, "max_abs_diff": diffs,
+           "vs_eager": tok_s["qwen2"] / tok_s["transformers eager"],
+           "vs_grouped_mm": tok_s["qwen2"] / tok_s["transformers grouped_mm"],
+           "others_cpu_pct": round(100 * others, 1), "quiet_before_pct": round(waited, 1)}
+    print(f"  {n_tokens:4d} tokens: " + ", ".join(f"{k} {v:,.1f} tok/s" for k, v in tok_s.items())
+          + f"; x{row['vs_eager']:.2f} vs eager, x{row['vs_grouped_mm']:.2f} vs grouped_mm"
+          + f" (others used {row['others_cpu_pct']}% of the CPU)", flush=True)
+    return row
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| tokens | qwen2 tok/s | transformers eager tok/s | transformers grouped_mm tok/s | vs eager | "
+             "vs grouped_mm | CPU taken by others |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        t = r["tok_s"]
+        lines.append(f"| {r['tokens']} | {t['qwen2']:,.1f} | {t['transformers eager']:,.1f} | "
+                     f"{t['transformers grouped_mm']:,.1f} | {r['vs_eager']:.2f}x | {r['vs_grouped_mm']:.2f}x | "
+                     f"{r['others_cpu_pct']}% |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--scale", type=int, default=4, help="divide the 57B-A14B layer's widths by this (default 4)")
+    p.add_argument("--tokens", default="1,16,512", help="token counts, comma-separated")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per engine (default 40/15/5 by size)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--wait-quiet", type=float, default=20.0, help="seconds to wait for a quiet machine per size")
+    p.add_argument("--out", default=os.path.join(REPO_ROOT, "benchmarks", "results", "moe.json"))
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    set_torch_threads(args.threads)
+    config = layer_config(args.scale)
+    shape = (f"hidden {config.hidden_size}, {config.num_experts} experts x {config.moe_intermediate_size} wide, "
+             f"top-{config.num_experts_per_tok}, shared expert {config.shared_expert_intermediate_size} wide")
+    print(f"Qwen2-57B-A14B MoE layer / {args.scale}: {shape}", flush=True)
+    ours, theirs, hf_config = make_blocks(config)
+    rows = [measure(n, ours, theirs, hf_config, args.repeats or REPEATS.get(n, 10), args.wait_quiet)
+            for n in (int(t) for t in args.tokens.split(","))]
+    md = table(rows)
+    print("\n" + md)
+    facts = machine_facts(args.threads)
+    data = {"layer": f"Qwen2-57B-A14B MoE layer, widths / {args.scale}", "scale": args.scale,
+            "config": {k: getattr(config, k) for k in ("hidden_size", "num_experts", "num_experts_per_tok",
+                                                      "moe_intermediate_size", "shared_expert_intermediate_size",
+                                                      "norm_topk_prob")},
+            "machine": facts, "rows": rows}
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    write_text_atomic(args.out, json.dumps(data, indent=1) + "\n")
+    header = (f"MoE layer throughput, Qwen2-57B-A14B layer / {args.scale} ({shape}), fp32, {args.threads} thread{'s' * (args.threads != 1)}, "
+              f"median of the repeats; {facts['cpu']}, torch {facts['torch']}, transformers {facts['transformers']}, "
+              f"{facts['date']}.\n\n")
+    write_text_atomic(os.path.splitext(args.out)[0] + ".md", header + md + "\n")
+    print(f"\nwrote {args.out} and its .md", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

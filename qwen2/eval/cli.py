@@ -1,0 +1,135 @@
+"""`qwen2 eval ...`: humaneval, perplexity, passkey, needle, lm-eval (added to the `qwen2` parser by
+qwen2/cli.py). Heavy imports happen inside the commands."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..errors import Qwen2Error
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def cmd_humaneval(args) -> None:
+    from . import humaneval
+    from .sandbox import Limits
+    from ..cli import _load
+
+    settings = humaneval.Settings(model=args.model, samples=args.samples, temperature=args.temperature,
+                                  top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    ks = sorted({1, args.k or 1})
+    problems = humaneval.load_problems(limit=args.limit)
+    limits = Limits(timeout=args.timeout)
+    m = _load(args)
+    summary = humaneval.run(humaneval.model_generator(m), problems, args.out, settings, ks=ks, limits=limits,
+                            tokenizer=m.tokenizer)
+    rates = ", ".join(f"{k} {summary[k]:.3f}" for k in summary if k.startswith("pass@"))
+    print(f"{summary['problems']} problems, {summary['passed']}/{summary['samples']} samples passed: {rates}")
+    print(f"results: {args.out}, summary: {humaneval.summary_path(args.out)}")
+
+
+def cmd_perplexity(args) -> None:
+    from .perplexity import perplexity
+    from ..cli import _load
+
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise Qwen2Error(f"cannot read {args.file}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise Qwen2Error(f"{args.file} is not UTF-8 text") from None
+    m = _load(args)
+    r = perplexity(m.model, m.tokenizer.encode(text), context=args.context, stride=args.stride, progress=True)
+    print(f"perplexity {r.perplexity:.4f} over {r.scored} scored tokens of {r.tokens} "
+          f"({r.windows} windows of {r.context} tokens, stride {r.stride}; mean NLL {r.mean_nll:.4f} nats)")
+
+
+def cmd_retrieval(args) -> None:
+    from . import retrieval
+    from ..cli import _load
+
+    m = _load(args)
+    chat = None if args.chat is None else args.chat == "on"
+    records = retrieval.run(m, args.kind, args.lengths, args.depths, trials=args.trials, chat=chat,
+                            max_new_tokens=args.max_new_tokens)
+    print(retrieval.table(records))
+    correct = sum(r["correct"] for r in records)
+    print(f"{args.kind}: {correct}/{len(records)} correct")
+    if args.out:
+        from ..fileio import write_text_atomic
+
+        write_text_atomic(args.out, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def cmd_lm_eval(args) -> None:
+    try:
+        from .lm_eval_adapter import main
+    except ImportError as e:
+        raise Qwen2Error(f"qwen2 eval lm-eval needs lm-eval ({e.name} is missing): pip install -e '.[eval]'") from None
+    code = main(args.args)
+    if code:
+        sys.exit(code)
+
+
+def add_eval_parser(sub, add_model_args) -> None:
+    """The `eval` command and its subcommands, on the top-level subparsers `sub`."""
+    ev = sub.add_parser("eval", help="benchmarks: humaneval, perplexity, passkey, needle, lm-eval")
+    what = ev.add_subparsers(dest="benchmark", required=True)
+
+    p = what.add_parser("humaneval", help="HumanEval pass@1 (pass@k with --samples), code run in a sandbox")
+    add_model_args(p)
+    p.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    p.add_argument("--out", default="humaneval_results.jsonl",
+                   help="results, one line per sample, appended as it goes; a run resumes from it "
+                        "(default: humaneval_results.jsonl); the summary goes beside it (.summary.json)")
+    p.add_argument("--samples", type=int, default=1, help="samples per problem (needs --temperature > 0 above 1)")
+    p.add_argument("--k", type=int, default=None, help="also report pass@K (K <= --samples)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per sample's tests (default 10)")
+    p.set_defaults(func=cmd_humaneval)
+
+    p = what.add_parser("perplexity", help="sliding-window perplexity of a text file")
+    add_model_args(p)
+    p.add_argument("file")
+    p.add_argument("--context", type=int, default=None, help="window length in tokens (default: the model's, "
+                   "at most 4096)")
+    p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: context/2)")
+    p.set_defaults(func=cmd_perplexity)
+
+    for kind, helptext in (("passkey", "find a 5-digit pass key hidden in filler text"),
+                           ("needle", "find a 'special magic number' hidden in filler text")):
+        p = what.add_parser(kind, help=helptext)
+        add_model_args(p)
+        p.add_argument("--lengths", type=_ints, default=[1024, 2048, 4096], help="prompt lengths in tokens, "
+                       "comma-separated (default 1024,2048,4096)")
+        p.add_argument("--depths", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                       help="needle depths from 0 (start) to 1 (end), comma-separated")
+        p.add_argument("--trials", type=int, default=1, help="prompts (different keys) per length and depth")
+        p.add_argument("--chat", choices=["on", "off"], default=None,
+                       help="use the chat template (default: when the model has one)")
+        p.add_argument("--max-new-tokens", type=int, default=16)
+        p.add_argument("--out", default=None, help="write every prompt's record as JSONL")
+        p.set_defaults(func=cmd_retrieval, kind=kind)
+
+    # Everything after `lm-eval` is lm_eval's (its options look like ours, so none are parsed here).
+    p = what.add_parser("lm-eval", prefix_chars="+", add_help=False,
+                        help="lm_eval's command line with the 'qwen2' model registered (lm-eval --help for options)")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_lm_eval)

@@ -1,0 +1,109 @@
+"""The OpenAI API's request bodies (the fields this server honours) as pydantic models, and its error
+shape `{"error": {"message", "type", "param", "code"}}`.
+
+Unknown fields are ignored, as OpenAI-compatible servers do (clients send fields a server may not
+know); fields whose meaning we cannot honour (logprobs, echo, best_of, suffix) are refused with 400
+rather than silently dropped. The OpenAPI schema FastAPI derives from these models is what the
+fuzzing test generates requests from.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+INT64 = dict(ge=-(2 ** 63), le=2 ** 63 - 1)
+
+
+class APIError(Exception):
+    """An error answered as OpenAI's error JSON with this HTTP status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class SamplingFields(_Body):
+    """Fields both /v1/completions and /v1/chat/completions take."""
+    model: str | None = Field(None, description="the served model's id (GET /v1/models); optional")
+    max_tokens: int | None = Field(None, ge=1, le=2 ** 31, description="default: the rest of the context")
+    temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy; default: the model's "
+                                                                    "generation_config (greedy for registry models)")
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, le=2 ** 31, description="extension (as vLLM): 0 = off")
+    min_p: float | None = Field(None, ge=0, lt=1, description="extension (as vLLM): 0 = off")
+    repetition_penalty: float | None = Field(None, gt=0, le=100, description="extension (as vLLM): 1 = off")
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    n: int = Field(1, ge=1, le=128)
+    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
+    seed: int | None = Field(None, **INT64)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
+class FunctionDefinition(_Body):
+    name: str
+    description: str | None = None
+    parameters: dict | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class FunctionCall(_Body):
+    name: str
+    arguments: str = Field(description="the arguments as a JSON string, as OpenAI sends them")
+
+
+class ToolCall(_Body):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ContentPart(_Body):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=2 ** 31, description="newer name of max_tokens")
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=64)] \
+        | Annotated[list[Annotated[int, Field(ge=0, le=2 ** 31)]], Field(min_length=1)]
+    echo: bool | None = None
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None

@@ -1,0 +1,222 @@
+"""Training options: one dataclass, read from a TOML or YAML file, overridden by `key=value` pairs.
+
+    qwen2 train sft --config sft.toml lr=1e-5 max_steps=200 lora=true
+
+Every option has a default; a file or override naming an unknown option, or giving a value of the
+wrong type, is a one-line `Qwen2Error`, never a silently ignored typo.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+
+from ..errors import Qwen2Error
+
+TASKS = ("pretrain", "sft", "dpo")
+SCHEDULES = ("cosine", "linear", "constant")
+PRECISIONS = ("fp32", "bf16", "auto")
+ON_BAD_RECORD = ("fail", "skip")
+LORA_DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train, on what, where to write -------------------------------------------------
+    model: str = "qwen2.5-coder-0.5b-instruct"  # registry name, HF directory or .gguf file
+    data: str = ""  # pretrain: .txt or .jsonl ({"text": ...}); sft: chat .jsonl; dpo: preference .jsonl
+    output_dir: str = ""
+    from_scratch: bool = False  # pretrain: random weights; `model` supplies the config and tokenizer only
+    model_config: dict = field(default_factory=dict)  # with from_scratch: config fields to change (hidden_size, ...)
+    device: str = "cpu"  # cpu, cuda, cuda:1, or auto
+    precision: str = "fp32"  # fp32; bf16 autocast (refused where the hardware lacks bf16); auto picks
+    # --- data ----------------------------------------------------------------------------------
+    seq_len: int = 512  # tokens per row: packed rows (pretrain), longest example (sft/dpo, longer ones are truncated)
+    pack_documents: bool = True  # pretrain: pack documents into full rows, attention kept within each document
+    on_bad_record: str = "fail"  # fail: stop at the first bad record; skip: report it (file:line) and go on
+    # --- optimisation --------------------------------------------------------------------------
+    batch_size: int = 8  # rows (pretrain, sft) or preference pairs (dpo) per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 100  # optimizer steps
+    lr: float = 7e-6  # peak learning rate (the Qwen2 report's SFT: 7e-6 decayed to 7e-7)
+    min_lr: float = 7e-7  # the floor the schedule decays to
+    schedule: str = "cosine"  # cosine, linear or constant after warm-up
+    warmup_steps: int = 0
+    weight_decay: float = 0.1  # on matrices only; biases, norms and LoRA-free 1-D tensors get none
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 = no clipping
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
+    seed: int = 0
+    # --- LoRA ----------------------------------------------------------------------------------
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list = field(default_factory=lambda: list(LORA_DEFAULT_TARGETS))  # module-name patterns
+    merge_lora: bool = True  # at the end, also write the base model with the adapters merged in
+    # --- DPO -----------------------------------------------------------------------------------
+    beta: float = 0.1
+    reference_model: str = ""  # default: the starting policy (with LoRA: the base model, adapters off)
+    # --- logging and checkpoints ---------------------------------------------------------------
+    log_every: int = 1
+    save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end)
+    keep_checkpoints: int = 2  # most recent checkpoints kept
+    tensorboard: bool = False  # also log to output_dir/tensorboard (needs the tensorboard package)
+    resume: bool = False  # continue from the latest checkpoint in output_dir
+
+    def __post_init__(self):
+        check(self)
+
+
+def _field_types() -> dict[str, type]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+
+
+def _type_name(t: type) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
+            dict: "a table"}[t]
+
+
+def _coerce(name: str, value, t: type):
+    """`value` as type `t`, or a one-line error. Ints are accepted for floats; nothing else is converted."""
+    if t is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if t is list and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    if isinstance(value, t) and not (t is int and isinstance(value, bool)) and t is not list:
+        return value
+    raise Qwen2Error(f"training option {name!r} must be {_type_name(t)}, got {value!r}")
+
+
+def _parse_override(name: str, text: str, t: type):
+    """A command-line value: `lr=1e-5`, `lora=true`, `lora_targets=q_proj,v_proj`, `model_config={"hidden_size": 64}`."""
+    if t is str:
+        return text
+    if t is bool:
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+    elif t is list:
+        return [s.strip() for s in text.split(",") if s.strip()]
+    elif t is dict:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            pass
+    else:
+        try:
+            return t(text)
+        except ValueError:
+            pass
+    raise Qwen2Error(f"training option {name!r} must be {_type_name(t)}, got {text!r}")
+
+
+def from_dict(options: dict, source: str = "config") -> TrainConfig:
+    types = _field_types()
+    unknown = sorted(set(options) - set(types))
+    if unknown:
+        raise Qwen2Error(f"unknown training option(s) {', '.join(map(repr, unknown))} in {source}; "
+                         f"known options: {', '.join(types)}")
+    return TrainConfig(**{k: _coerce(k, v, types[k]) for k, v in options.items()})
+
+
+def read_file(path: str | os.PathLike) -> dict:
+    """The options of a .toml, .yaml or .yml file, as a dict."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise Qwen2Error(f"cannot read training config {path}: {e.strerror or e}") from None
+    if path.endswith(".toml"):
+        import tomllib
+
+        try:
+            options = tomllib.loads(raw.decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise Qwen2Error(f"{path} is not valid TOML ({e})") from None
+    elif path.endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError:
+            raise Qwen2Error(f"reading {path} needs PyYAML (pip install -e '.[train]'); or write the config in TOML") from None
+
+        try:
+            options = yaml.safe_load(raw) or {}
+        except yaml.YAMLError as e:
+            raise Qwen2Error(f"{path} is not valid YAML ({' '.join(str(e).split())})") from None
+    else:
+        raise Qwen2Error(f"training config {path} must be a .toml, .yaml or .yml file")
+    if not isinstance(options, dict):
+        raise Qwen2Error(f"{path} must hold a table of options (key = value), not {type(options).__name__}")
+    return options
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None) -> TrainConfig:
+    """Options from `path` (optional), then `overrides`: ["key=value", ...] strings or a dict."""
+    options = read_file(path) if path else {}
+    source = os.fspath(path) if path else "overrides"
+    types = _field_types()
+    if isinstance(overrides, dict):
+        options.update(overrides)
+    else:
+        for item in overrides or []:
+            key, eq, value = item.partition("=")
+            key = key.strip()
+            if not eq or not key:
+                raise Qwen2Error(f"override {item!r} must be key=value (e.g. lr=1e-5)")
+            if key not in types:
+                raise Qwen2Error(f"unknown training option {key!r} in override {item!r}; known options: {', '.join(types)}")
+            options[key] = _parse_override(key, value, types[key])
+    return from_dict(options, source)
+
+
+def check(cfg: TrainConfig) -> None:
+    """Values out of range, in one line each."""
+    def choice(name, allowed):
+        if getattr(cfg, name) not in allowed:
+            raise Qwen2Error(f"training option {name!r} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+
+    choice("schedule", SCHEDULES)
+    choice("precision", PRECISIONS)
+    choice("on_bad_record", ON_BAD_RECORD)
+    for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "lora_r", "keep_checkpoints"):
+        if getattr(cfg, name) < 1:
+            raise Qwen2Error(f"training option {name!r} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("warmup_steps", "save_every"):
+        if getattr(cfg, name) < 0:
+            raise Qwen2Error(f"training option {name!r} must be 0 or more, got {getattr(cfg, name)}")
+    for name in ("lr", "beta", "lora_alpha"):
+        if not getattr(cfg, name) > 0:
+            raise Qwen2Error(f"training option {name!r} must be positive, got {getattr(cfg, name)}")
+    for name in ("min_lr", "weight_decay", "grad_clip"):
+        if getattr(cfg, name) < 0:
+            raise Qwen2Error(f"training option {name!r} must be 0 or more, got {getattr(cfg, name)}")
+    if cfg.min_lr > cfg.lr:
+        raise Qwen2Error(f"min_lr ({cfg.min_lr}) must not exceed lr ({cfg.lr})")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise Qwen2Error(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if not (0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1):
+        raise Qwen2Error("adam_beta1 and adam_beta2 must be in [0, 1)")
+    if cfg.lora and not cfg.lora_targets:
+        raise Qwen2Error("lora=true needs at least one lora_targets pattern (e.g. q_proj,v_proj)")
+
+
+def require_paths(cfg: TrainConfig) -> None:
+    """What a run needs before anything is loaded (a bare TrainConfig() is valid, e.g. for tests)."""
+    if not cfg.data:
+        raise Qwen2Error("no training data: set data = \"path/to/file.jsonl\" in the config or data=... on the command line")
+    if not os.path.isfile(cfg.data):
+        raise Qwen2Error(f"training data {cfg.data} does not exist or is not a file")
+    if not cfg.output_dir:
+        raise Qwen2Error("no output directory: set output_dir = \"runs/NAME\" in the config or output_dir=... on the command line")
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,243 @@
+"""`pretrain`, `sft` and `dpo`: a TrainConfig in, a trained model (and its log) out. Each wires
+its data and objective into the shared `Trainer`."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import Qwen2Error
+from ..fileio import write_text_atomic
+from . import data as D
+from .config import TrainConfig, from_dict, load_config, require_paths, to_dict
+from .dpo import dpo_loss, sequence_log_probs
+from .forward import forward, lm_loss_sum
+from .loop import Trainer
+from .lora import apply_lora, lora_disabled, merge_lora, save_adapters, trainable_parameters
+
+
+@dataclass
+class RunResult:
+    log: list[dict]  # one record per logged step: step, loss, lr, grad_norm, tokens, tokens_per_s, ...
+    data: dict  # records used, skipped, truncated
+    output_dir: str
+    model_dir: str | None  # HF checkpoint of the trained (merged) model
+    adapter_dir: str | None  # LoRA adapters alone
+
+
+# ---- objectives -------------------------------------------------------------------------------
+
+class LanguageModelling:
+    """Next-token cross-entropy on the labelled tokens (pre-training: all; SFT: the assistant's)."""
+
+    def __init__(self, activation_checkpointing: bool):
+        self.activation_checkpointing = activation_checkpointing
+
+    def count(self, batch: D.Batch) -> int:
+        return batch.num_targets
+
+    def tokens(self, batch: D.Batch) -> int:
+        return batch.num_tokens
+
+    def loss(self, model, batch: D.Batch):
+        logits = forward(model, batch.input_ids, batch.doc_ids, self.activation_checkpointing)
+        return lm_loss_sum(logits, batch.labels), {}
+
+
+@dataclass
+class PreferenceBatch:
+    rows: D.Batch  # the N chosen rows, then the N rejected ones
+    ref_logps: torch.Tensor | None  # (2N,) precomputed reference log-probs, same order
+
+    @property
+    def pairs(self) -> int:
+        return self.rows.input_ids.shape[0] // 2
+
+
+class DirectPreference:
+    """Sigmoid DPO. The reference log-probs come from the batch (precomputed), a frozen reference
+    model, or with LoRA and no reference model, the policy itself with its adapters switched off."""
+
+    def __init__(self, beta: float, reference: torch.nn.Module | None, activation_checkpointing: bool):
+        self.beta, self.reference, self.activation_checkpointing = beta, reference, activation_checkpointing
+
+    def count(self, batch: PreferenceBatch) -> int:
+        return batch.pairs
+
+    def tokens(self, batch: PreferenceBatch) -> int:
+        return batch.rows.num_tokens
+
+    def reference_logps(self, model, batch: PreferenceBatch) -> torch.Tensor:
+        if batch.ref_logps is not None:
+            return batch.ref_logps
+        with torch.no_grad():
+            if self.reference is not None:
+                logits = forward(self.reference, batch.rows.input_ids, batch.rows.doc_ids)
+            else:
+                with lora_disabled(model):
+                    logits = forward(model, batch.rows.input_ids, batch.rows.doc_ids)
+            return sequence_log_probs(logits, batch.rows.labels)
+
+    def loss(self, model, batch: PreferenceBatch):
+        ref = self.reference_logps(model, batch)
+        logits = forward(model, batch.rows.input_ids, batch.rows.doc_ids, self.activation_checkpointing)
+        policy = sequence_log_probs(logits, batch.rows.labels)
+        n = batch.pairs
+        out = dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], self.beta)
+        return out.losses.sum(), out.metrics()
+
+
+# ---- model ------------------------------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise Qwen2Error(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise Qwen2Error(f"device={name} but no CUDA GPU is available; use device=cpu")
+    return device
+
+
+def init_weights(model: torch.nn.Module, std: float = 0.02) -> None:
+    """Fresh weights for pre-training from scratch: N(0, 0.02) matrices and embeddings, zero
+    biases, unit norm scales (transformers' Qwen2 initialisation)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std)
+
+
+def load_model(cfg: TrainConfig, device: torch.device):
+    """The starting model as a `qwen2.Qwen2` (fp32 weights: the optimizer's master copy)."""
+    from ..api import Qwen2, load
+    from ..checkpoint import load_checkpoint
+    from ..model import Transformer
+
+    if not cfg.from_scratch:
+        if cfg.model_config:
+            raise Qwen2Error("model_config changes the architecture of a model trained from_scratch only; "
+                             "set from_scratch=true or remove model_config")
+        m = load(cfg.model, device=device)
+    else:
+        config, _, tokenizer, generation_config = load_checkpoint(cfg.model)
+        try:
+            config = dataclasses.replace(config, **cfg.model_config)
+        except TypeError as e:
+            raise Qwen2Error(f"model_config: {e}; use Qwen2Config field names (hidden_size, num_hidden_layers, ...)") from None
+        torch.manual_seed(cfg.seed)
+        model = Transformer(config)
+        init_weights(model)
+        m = Qwen2(model.to(device), tokenizer, generation_config, source=cfg.model)
+    if m.tokenizer is None:
+        raise Qwen2Error(f"{cfg.model} has no tokenizer files; training needs its tokenizer")
+    return m
+
+
+# ---- runs ---------------------------------------------------------------------------------------
+
+def _as_config(config, overrides: dict) -> TrainConfig:
+    if isinstance(config, TrainConfig):
+        return from_dict({**to_dict(config), **overrides})
+    if isinstance(config, dict):
+        return from_dict({**config, **overrides})
+    if isinstance(config, (str, os.PathLike)):
+        return load_config(config, overrides)
+    raise Qwen2Error(f"config must be a TrainConfig, a dict of options or a .toml/.yaml path, not {type(config).__name__}")
+
+
+def _run(task: str, config, overrides: dict) -> RunResult:
+    cfg = _as_config(config, overrides)
+    require_paths(cfg)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    m = load_model(cfg, device)
+    tokenizer = m.tokenizer
+    report = D.DataReport(cfg.data, cfg.on_bad_record)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+
+    if task == "dpo":
+        examples = D.preference_pairs(tokenizer, cfg.data, cfg.seq_len, report)
+    elif task == "sft":
+        examples = D.sft_rows(tokenizer, cfg.data, cfg.seq_len, report)
+    else:
+        examples = D.pretraining_rows(tokenizer, cfg.data, cfg.seq_len, cfg.pack_documents, report)
+    order = D.ExampleOrder(len(examples), cfg.batch_size, cfg.seed)
+
+    reference = None
+    if task == "dpo" and examples[0].ref_chosen_logp is None and (cfg.reference_model or not cfg.lora):
+        # A frozen copy of the starting policy, taken before any checkpoint is restored into it.
+        ref_source = load_model(dataclasses.replace(cfg, model=cfg.reference_model, from_scratch=False, model_config={}),
+                                device).model \
+            if cfg.reference_model else copy.deepcopy(m.model)
+        reference = ref_source.eval().requires_grad_(False)
+
+    if cfg.lora:
+        apply_lora(m.model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, seed=cfg.seed)
+
+    def micro_batch(index: int):
+        chosen = [examples[i] for i in order.micro_batch(index)]
+        if task != "dpo":
+            return D.collate(chosen, tokenizer.pad_token_id).to(device)
+        rows = D.collate([p.chosen for p in chosen] + [p.rejected for p in chosen], tokenizer.pad_token_id)
+        ref = None
+        if chosen[0].ref_chosen_logp is not None:
+            ref = torch.tensor([p.ref_chosen_logp for p in chosen] + [p.ref_rejected_logp for p in chosen])
+            ref = ref.to(device)
+        return PreferenceBatch(rows.to(device), ref)
+
+    if task == "dpo":
+        objective = DirectPreference(cfg.beta, reference, cfg.activation_checkpointing)
+    else:
+        objective = LanguageModelling(cfg.activation_checkpointing)
+    trainer = Trainer(cfg, m.model, objective, micro_batch, device, extra_state={"data": report.summary()})
+    trainer.start()
+    write_text_atomic(os.path.join(cfg.output_dir, "train_config.json"), json.dumps(to_dict(cfg), indent=2))
+    print(f"{task}: {report.records} examples from {cfg.data} ({report.skipped} skipped, {report.truncated} truncated), "
+          f"{trainable_parameters(m.model):,} trainable parameters", flush=True)
+    log = trainer.fit()
+    model_dir, adapter_dir = _export(cfg, m)
+    return RunResult(log, report.summary(), cfg.output_dir, model_dir, adapter_dir)
+
+
+def _export(cfg: TrainConfig, m) -> tuple[str | None, str | None]:
+    """The final model as an HF checkpoint (adapters merged in), and the adapters alone."""
+    adapter_dir = model_dir = None
+    if cfg.lora:
+        adapter_dir = os.path.join(cfg.output_dir, "adapter")
+        save_adapters(m.model, adapter_dir)
+        if not cfg.merge_lora:
+            return None, adapter_dir
+        merge_lora(m.model)
+    model_dir = os.path.join(cfg.output_dir, "model")
+    m.save(model_dir, overwrite=True)
+    return model_dir, adapter_dir
+
+
+def pretrain(config, **overrides) -> RunResult:
+    """Pre-train (or continue pre-training) on plain text: `config` is a TrainConfig, a dict of
+    options or a .toml/.yaml file; keyword arguments override it."""
+    return _run("pretrain", config, overrides)
+
+
+def sft(config, **overrides) -> RunResult:
+    """Supervised fine-tuning on chat JSONL (`messages`); loss on the assistant turns only."""
+    return _run("sft", config, overrides)
+
+
+def dpo(config, **overrides) -> RunResult:
+    """Offline DPO on preference JSONL (`prompt`, `chosen`, `rejected`)."""
+    return _run("dpo", config, overrides)
+
+
+TASK_FUNCTIONS = {"pretrain": pretrain, "sft": sft, "dpo": dpo}

@@ -1,0 +1,397 @@
+"""Training (qwen2/train/): every piece against an independent computation, on tiny models.
+
+- the SFT loss mask, read back as token strings of the real tokenizer's chat rendering;
+- packing: each packed document's logits equal the document alone;
+- LoRA: zero B changes nothing, merged equals unmerged, adapters round-trip through safetensors;
+- the DPO loss against the formula evaluated by hand with `math`;
+- a training step's loss and gradients against transformers' Qwen2ForCausalLM;
+- a run SIGKILLed mid-way and resumed logs bit-identical losses to an uninterrupted run;
+- bad records reported with file and line, fatal or skipped by flag; config errors in one line.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import qwen2
+import qwen2.train
+from qwen2.checkpoint.hf import save_hf_dir
+from qwen2.checkpoint.registry import generation_config_for
+from qwen2.cli import main
+from qwen2.errors import Qwen2Error
+from qwen2.tokenizer import Tokenizer
+from qwen2.train import data as D
+from qwen2.train.config import TrainConfig, load_config
+from qwen2.train.dpo import dpo_loss, sequence_log_probs
+from qwen2.train.forward import forward
+from qwen2.train.lora import apply_lora, load_adapters, lora_layers, merge_lora, save_adapters
+from qwen2.train.loop import Trainer, lr_at
+from qwen2.train.run import LanguageModelling
+
+from ggufs import random_model, small_tokenizer_metadata, state_dict_of, tiny_config
+
+transformers = pytest.importorskip("transformers")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _quiet(monkeypatch):
+    monkeypatch.delenv("QWEN2_PROGRESS", raising=False)
+
+
+@pytest.fixture(scope="module")
+def real_tokenizer():
+    from qwen2.checkpoint.registry import DEFAULT_MODEL, hf_dir
+
+    return Tokenizer.from_dir(hf_dir(DEFAULT_MODEL, progress=False))
+
+
+@pytest.fixture(scope="module")
+def small_dir(tmp_path_factory) -> str:
+    """A tiny random model with a 264-token byte-level tokenizer (ChatML specials, default template)."""
+    tokenizer = Tokenizer.from_gguf_metadata(small_tokenizer_metadata())
+    config = tiny_config(vocab_size=len(tokenizer), tie_word_embeddings=True)
+    path = str(tmp_path_factory.mktemp("small") / "model")
+    save_hf_dir(path, config, state_dict_of(random_model(config)), tokenizer, generation_config_for(tokenizer))
+    return path
+
+
+def write_lines(path, lines) -> str:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return str(path)
+
+
+CHATS = [
+    {"messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "the cat"},
+                  {"role": "assistant", "content": "the hat"}, {"role": "user", "content": "in a tin"},
+                  {"role": "assistant", "content": "a thin tin"}]},
+    {"messages": [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "the end"}]},
+    {"messages": [{"role": "user", "content": "in the"}, {"role": "assistant", "content": "heat"}]},
+]
+
+
+# ---- SFT loss mask ------------------------------------------------------------------------------
+
+def labelled_spans(row: D.Row) -> list[tuple[int, int]]:
+    spans, start = [], None
+    for i, label in enumerate(row.labels + [D.IGNORE_INDEX]):
+        if label != D.IGNORE_INDEX and start is None:
+            start = i
+        elif label == D.IGNORE_INDEX and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
+
+
+def test_sft_mask_is_exactly_the_assistant_turns_and_their_im_end(real_tokenizer):
+    replies = ["Sure.\n\n  Here is `x = 1`.", "Ça marche — 42 ✓"]
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Set x."},
+                {"role": "assistant", "content": replies[0]}, {"role": "user", "content": "Encore?"},
+                {"role": "assistant", "content": replies[1]}]
+    row = D.render_chat(real_tokenizer, messages)
+    text = real_tokenizer.apply_chat_template(messages)
+    assert row.input_ids == real_tokenizer.encode(text)  # the tokens inference sees
+    assert all(label in (D.IGNORE_INDEX, token) for label, token in zip(row.labels, row.input_ids))
+    spans = labelled_spans(row)
+    assert [real_tokenizer.decode(row.input_ids[s:e]) for s, e in spans] == [r + "<|im_end|>" for r in replies]
+    for s, e in spans:  # the header before is not trained, nor the newline after <|im_end|>
+        assert real_tokenizer.decode(row.input_ids[:s]).endswith("<|im_start|>assistant\n")
+        assert real_tokenizer.decode(row.input_ids[e:e + 1]) == "\n"
+    # DPO responses: only the last turn
+    last = D.render_chat(real_tokenizer, messages, train_on="last")
+    assert labelled_spans(last) == spans[-1:]
+
+
+# ---- packing --------------------------------------------------------------------------------------
+
+def test_packed_documents_do_not_see_each_other():
+    model = random_model(tiny_config(vocab_size=300))
+    gen = torch.Generator().manual_seed(1)
+    docs = [torch.randint(0, 290, (n,), generator=gen).tolist() for n in (5, 9, 3, 12)]
+    eod, pad = 299, 298
+    rows = D.pack_documents(docs, seq_len=16, eod_id=eod, pad_id=pad)
+    assert sum(r.doc_ids.count(D.PAD_DOCUMENT) for r in rows) == 16 * len(rows) - sum(len(d) + 1 for d in docs)
+    batch = D.collate(rows, pad)
+    with torch.no_grad():
+        packed = forward(model, batch.input_ids, batch.doc_ids)
+        causal_only = forward(model, batch.input_ids)
+    segments = 0
+    for b, row in enumerate(rows):
+        for doc in set(row.doc_ids) - {D.PAD_DOCUMENT}:
+            where = [i for i, d in enumerate(row.doc_ids) if d == doc]
+            alone = model(batch.input_ids[b:b + 1, where])[0]
+            assert (packed[b, where] - alone).abs().max().item() <= 1e-5
+            # the first token of a document is no target; the rest predict their own document
+            assert row.labels[where[0]] == D.IGNORE_INDEX
+            assert [row.labels[i] for i in where[1:]] == [row.input_ids[i] for i in where[1:]]
+            segments += 1
+    assert segments > len(docs)  # some document was cut across rows and continued as its own segment
+    assert (packed - causal_only).abs().max().item() > 1e-3  # without the document mask they differ
+
+
+@pytest.mark.parametrize("extension", ["sliding-window", "dynamic-yarn"])
+def test_training_forward_equals_the_model_with_long_context_options(extension):
+    """The training forward keeps the model's own attention rules: sliding-window layers slide, and
+    dynamic YaRN decides by the row's length as Transformer.forward does."""
+    if extension == "sliding-window":
+        config = tiny_config(vocab_size=300, use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    else:
+        config = tiny_config(vocab_size=300, max_position_embeddings=8, rope_scaling={
+            "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "dynamic": True})
+    model = random_model(config)
+    ids = torch.randint(0, 290, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (forward(model, ids) - model(ids)).abs().max().item() <= 1e-5
+
+
+def test_training_refuses_dual_chunk_attention():
+    model = random_model(tiny_config(vocab_size=300, dual_chunk_attention_config={"chunk_size": 8, "local_size": 2}))
+    with pytest.raises(Qwen2Error, match="train without it"):
+        forward(model, torch.zeros(1, 4, dtype=torch.long))
+
+
+# ---- LoRA -------------------------------------------------------------------------------------------
+
+def test_lora_zero_b_merge_and_adapter_round_trip(tmp_path):
+    config = tiny_config()
+    model = random_model(config)
+    ids = torch.randint(0, config.vocab_size, (2, 11))
+    with torch.no_grad():
+        base = model(ids)
+    names = apply_lora(model, ["q_proj", "v_proj", "model.layers.1.mlp.*"], r=4, alpha=8.0)
+    assert len(names) == 2 * 2 + 3
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    with torch.no_grad():
+        assert torch.equal(model(ids), base)  # B = 0: exactly the base model
+        for layer in lora_layers(model).values():
+            layer.lora_B.normal_(0, 0.1)
+        adapted = model(ids)
+    assert (adapted - base).abs().max().item() > 1e-2
+    save_adapters(model, tmp_path / "adapter")
+    fresh = random_model(config)
+    load_adapters(fresh, tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(fresh(ids), adapted)
+        merged = merge_lora(model)(ids)
+    assert not lora_layers(model)
+    assert (merged - adapted).abs().max().item() <= 1e-5
+    with pytest.raises(Qwen2Error, match="'nope_proj' match no linear layer"):
+        apply_lora(random_model(config), ["q_proj", "nope_proj"])
+
+
+# ---- DPO ----------------------------------------------------------------------------------------------
+
+def test_dpo_loss_equals_the_hand_computed_value():
+    beta = 0.1
+    pc, pr, rc, rr = [-12.5, -3.0], [-15.0, -1.0], [-13.0, -3.5], [-14.0, -2.0]
+    out = dpo_loss(*(torch.tensor(v, dtype=torch.float64) for v in (pc, pr, rc, rr)), beta)
+    for i in range(2):
+        z = beta * ((pc[i] - rc[i]) - (pr[i] - rr[i]))
+        assert out.losses[i].item() == pytest.approx(math.log(1 + math.exp(-z)), abs=1e-12)
+        assert out.chosen_rewards[i].item() == pytest.approx(beta * (pc[i] - rc[i]), abs=1e-12)
+        assert out.rejected_rewards[i].item() == pytest.approx(beta * (pr[i] - rr[i]), abs=1e-12)
+    assert out.metrics()["accuracy"] == 1.0  # pair 0 wins (z = 0.15), pair 1 loses (z = -0.05)
+
+
+def test_sequence_log_probs_score_the_response_tokens_only():
+    # vocabulary of 3; logits at position t predict the label at t + 1
+    logits = torch.tensor([[[0.0, 1.0, 2.0], [1.0, 1.0, 1.0], [3.0, 0.0, 0.0], [0.5, 0.5, 0.0]]])
+    labels = torch.tensor([[D.IGNORE_INDEX, D.IGNORE_INDEX, 2, 0]])  # prompt, prompt, response, response
+
+    def log_softmax(row, k):
+        return row[k] - math.log(sum(math.exp(x) for x in row))
+
+    expected = log_softmax([1.0, 1.0, 1.0], 2) + log_softmax([3.0, 0.0, 0.0], 0)
+    assert sequence_log_probs(logits, labels).item() == pytest.approx(expected, abs=1e-6)
+
+
+# ---- a training step against transformers ---------------------------------------------------------
+
+def hf_twin(model):
+    theirs = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**model.config.to_hf_dict()))
+    theirs.load_state_dict(model.state_dict(), strict=False)
+    return theirs.train()
+
+
+def fixed_batch(vocab_size: int) -> D.Batch:
+    gen = torch.Generator().manual_seed(3)
+    rows = []
+    for n, prompt in ((13, 4), (9, 0), (6, 2)):
+        ids = torch.randint(0, vocab_size, (n,), generator=gen).tolist()
+        rows.append(D.Row(ids, [D.IGNORE_INDEX] * prompt + ids[prompt:], [0] * n))
+    return D.collate(rows, pad_id=0)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_training_step_loss_and_gradients_equal_transformers(tied):
+    model = random_model(tiny_config(tie_word_embeddings=tied)).train()
+    theirs = hf_twin(model)
+    batch = fixed_batch(model.config.vocab_size)
+    real = (batch.doc_ids != D.PAD_DOCUMENT).long()
+    expected = theirs(input_ids=batch.input_ids, attention_mask=real, labels=batch.labels)
+    expected.loss.backward()
+    objective = LanguageModelling(activation_checkpointing=False)
+    loss, _ = objective.loss(model, batch)
+    (loss / objective.count(batch)).backward()
+    assert abs((loss / objective.count(batch)).item() - expected.loss.item()) <= 1e-6
+    theirs_params = dict(theirs.named_parameters())
+    for name, p in model.named_parameters():
+        assert (p.grad - theirs_params[name].grad).abs().max().item() <= 1e-5, name
+    # the Trainer's logged step loss is that same number, and the same grads drive the update
+    cfg = TrainConfig(output_dir="unused", grad_clip=0.0, lr=1e-3, min_lr=1e-3, weight_decay=0.0)
+    fresh = random_model(tiny_config(tie_word_embeddings=tied))
+    record = Trainer(cfg, fresh, objective, lambda m: batch, torch.device("cpu")).train_step()
+    assert abs(record["loss"] - expected.loss.item()) <= 1e-6
+    assert record["tokens"] == int(real.sum())
+
+
+def test_accumulation_and_activation_checkpointing_keep_the_gradients():
+    batch = fixed_batch(1000)
+    halves = [D.Batch(batch.input_ids[i:j], batch.labels[i:j], batch.doc_ids[i:j]) for i, j in ((0, 1), (1, 3))]
+
+    def grads(micro_batches, checkpointing):
+        model = random_model(tiny_config()).train()
+        objective = LanguageModelling(checkpointing)
+        total = sum(objective.count(mb) for mb in micro_batches)
+        for mb in micro_batches:
+            (objective.loss(model, mb)[0] / total).backward()
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    whole = grads([batch], False)
+    for variant in (grads(halves, False), grads([batch], True)):
+        for name, g in whole.items():
+            assert (variant[name] - g).abs().max().item() <= 1e-6, name
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(lr=7e-6, min_lr=7e-7, warmup_steps=10, max_steps=111, schedule="cosine")
+    assert lr_at(0, cfg) == pytest.approx(7e-7) and lr_at(9, cfg) == pytest.approx(7e-6)
+    assert lr_at(10 + 50, cfg) == pytest.approx((7e-6 + 7e-7) / 2)  # cosine half-way through steps 10..110
+    assert lr_at(110, cfg) == pytest.approx(7e-7)  # the last step is at the floor
+    linear = TrainConfig(lr=1.0, min_lr=0.0, warmup_steps=0, max_steps=5, schedule="linear")
+    assert [lr_at(s, linear) for s in range(5)] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+
+
+# ---- runs: resume after SIGKILL, SFT + LoRA, DPO ----------------------------------------------------
+
+def run_cli(args, env_extra=None):
+    env = dict(os.environ, **(env_extra or {}))
+    env.pop("QWEN2_PROGRESS", None)
+    return subprocess.run([sys.executable, "-m", "qwen2.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def losses(output_dir) -> list[tuple]:
+    with open(os.path.join(output_dir, "log.jsonl"), encoding="utf-8") as f:
+        return [(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in map(json.loads, f)]
+
+
+@pytest.mark.parametrize("task", ["pretrain", "sft"])
+def test_resume_after_sigkill_reproduces_the_losses_exactly(task, small_dir, tmp_path, capsys):
+    if task == "pretrain":
+        data = tmp_path / "corpus.txt"
+        data.write_text("<|endoftext|>".join(f"the cat {i} sat in the hat " * (1 + i % 4) for i in range(12)))
+        extra = ["seq_len=24", "lr=3e-3"]
+    else:  # LoRA with dropout: the RNG state must come back too
+        data = write_lines(tmp_path / "chat.jsonl", [json.dumps(c) for c in CHATS])
+        extra = ["lora=true", "lora_r=4", "lora_dropout=0.2", "lr=1e-2", "seq_len=128"]
+    config = tmp_path / "train.toml"
+    config.write_text(f'model = "{small_dir}"\ndata = "{data}"\nbatch_size = 2\ngrad_accum = 2\n'
+                      "max_steps = 8\nsave_every = 3\nwarmup_steps = 2\nmin_lr = 1e-4\n")
+    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+    # Only the run to be killed needs a process of its own; the others run in this one.
+    assert main(["train", task, "--config", str(config), f"output_dir={whole}", *extra]) == 0
+    crash = run_cli(["train", task, "--config", str(config), f"output_dir={killed}", *extra],
+                    {"QWEN2_TRAIN_KILL_AFTER_STEP": "5"})
+    assert crash.returncode == -9, crash.stderr
+    assert [s for s, *_ in losses(killed)] == [1, 2, 3, 4, 5]  # steps 4, 5 are past the checkpoint at 3
+    assert os.listdir(os.path.join(killed, "checkpoints")) == ["step-00000003"]
+    capsys.readouterr()
+    assert main(["train", task, "--resume", "--config", str(config), f"output_dir={killed}", *extra]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert losses(killed) == losses(whole)  # bit-identical floats: losses, learning rates, grad norms
+    assert len(losses(whole)) == 8 and losses(whole)[-1][1] < losses(whole)[0][1]
+
+
+def test_sft_lora_run_writes_adapters_and_a_merged_hf_model(small_dir, tmp_path):
+    data = write_lines(tmp_path / "chat.jsonl", [json.dumps(c) for c in CHATS])
+    result = qwen2.train.sft({"model": small_dir, "data": data, "output_dir": str(tmp_path / "run"), "lora": True,
+                              "lora_r": 4, "lr": 1e-2, "min_lr": 1e-3, "batch_size": 3, "max_steps": 4,
+                              "seq_len": 128})
+    assert [r["step"] for r in result.log] == [1, 2, 3, 4]
+    assert result.data == {"file": data, "records": 3, "skipped": 0, "truncated": 0}
+    merged = qwen2.load(result.model_dir, progress=False).model
+    base = qwen2.load(small_dir, progress=False).model
+    adapted = qwen2.load(small_dir, progress=False).model
+    load_adapters(adapted, result.adapter_dir)
+    ids = torch.randint(0, 264, (1, 12))
+    with torch.no_grad():
+        assert (merged(ids) - adapted(ids)).abs().max().item() <= 1e-5
+        assert (merged(ids) - base(ids)).abs().max().item() > 1e-4  # it did learn something
+    theirs = transformers.Qwen2ForCausalLM.from_pretrained(result.model_dir)  # an HF checkpoint
+    with torch.no_grad():
+        assert (theirs(ids).logits - merged(ids)).abs().max().item() <= 1e-4
+
+
+def test_dpo_starts_at_log2_with_the_policy_as_its_own_reference(small_dir, tmp_path):
+    pairs = [{"prompt": "the cat", "chosen": "the hat", "rejected": "in a tin"},
+             {"prompt": [{"role": "user", "content": "hi"}], "chosen": "the end", "rejected": "then"}]
+    data = write_lines(tmp_path / "prefs.jsonl", [json.dumps(p) for p in pairs])
+    options = {"model": small_dir, "data": data, "batch_size": 2, "max_steps": 3, "lr": 1e-2, "min_lr": 1e-2,
+               "seq_len": 128, "beta": 0.5}
+    for lora in (False, True):  # frozen copy as reference; LoRA: the base with adapters off
+        log = qwen2.train.dpo(options, output_dir=str(tmp_path / f"run-{lora}"), lora=lora).log
+        assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+        assert log[0]["margin"] == pytest.approx(0.0, abs=1e-6)
+        assert log[-1]["margin"] > 0 and log[-1]["loss"] < math.log(2)
+
+
+# ---- bad records and bad options ------------------------------------------------------------------
+
+def test_bad_records_are_reported_with_file_and_line(small_dir, tmp_path, capsys):
+    lines = [json.dumps(CHATS[0]), "{not json", "", json.dumps({"messages": [{"role": "user", "content": "x"}]}),
+             json.dumps(CHATS[1]), json.dumps(["a list"])]
+    data = write_lines(tmp_path / "chat.jsonl", lines)
+    tokenizer = Tokenizer.from_dir(small_dir)
+    with pytest.raises(Qwen2Error, match=rf"bad record at {data}:2: invalid JSON .*on_bad_record=skip"):
+        D.sft_rows(tokenizer, data, 64, D.DataReport(data, "fail"))
+    report = D.DataReport(data, "skip")
+    rows = D.sft_rows(tokenizer, data, 64, report)
+    assert len(rows) == report.records == 2 and report.skipped == 3
+    err = capsys.readouterr().err
+    assert f"{data}:2: invalid JSON" in err and f"{data}:4: the conversation has no assistant message" in err
+    assert f"{data}:6: a record must be a JSON object" in err
+    # through the CLI: one error line, exit 1
+    rc = main(["train", "sft", f"model={small_dir}", f"data={data}", f"output_dir={tmp_path / 'run'}"])
+    assert rc == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: bad record at {data}:2: invalid JSON (Expecting property name enclosed in double quotes at column 2) "
+        "(set on_bad_record=skip to skip such records)"]
+
+
+def test_config_files_overrides_and_their_errors(tmp_path, capsys):
+    toml = tmp_path / "a.toml"
+    toml.write_text('data = "x.jsonl"\nlr = 1e-5\nlora_targets = ["q_proj", "v_proj"]\nmax_steps = 7\n')
+    yaml_file = tmp_path / "a.yaml"
+    yaml_file.write_text("data: x.jsonl\nlr: 1.0e-5\nlora_targets: [q_proj, v_proj]\nmax_steps: 7\n")
+    for path in (toml, yaml_file):
+        cfg = load_config(path, ["max_steps=9", "lora=true", "lora_targets=o_proj,up_proj", "min_lr=0"])
+        assert (cfg.lr, cfg.max_steps, cfg.lora, cfg.lora_targets, cfg.min_lr) == (1e-5, 9, True, ["o_proj", "up_proj"], 0.0)
+    toml.write_text("lrr = 1e-5\n")
+    with pytest.raises(Qwen2Error, match=r"unknown training option\(s\) 'lrr' in .*a.toml; known options: model, data"):
+        load_config(toml)
+    with pytest.raises(Qwen2Error, match=r"training option 'max_steps' must be an integer, got 'ten'"):
+        load_config(None, ["max_steps=ten"])
+    with pytest.raises(Qwen2Error, match=r"training option 'lr' must be a number, got 'fast'"):
+        load_config(None, {"lr": "fast"})
+    with pytest.raises(Qwen2Error, match=r"schedule' must be one of cosine, linear, constant"):
+        load_config(None, ["schedule=step"])
+    assert main(["train", "pretrain", "lr=fast"]) == 1
+    assert capsys.readouterr().err == "error: training option 'lr' must be a number, got 'fast'\n"
