@@ -237,6 +237,8 @@ def cmd_train(args) -> None:
     options = _train_options_parser(args.task).parse_intermixed_args(args.options)
     overrides = options.overrides + (["resume=true"] if options.resume else [])
     result = TASK_FUNCTIONS[args.task](load_config(options.config, overrides))
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return
     last = result.log[-1] if result.log else {}
     print(f"done: step {last.get('step', 0)}, loss {last.get('loss', float('nan')):.4f}; "
           f"log in {result.output_dir}/log.jsonl" + (f"; model in {result.model_dir}" if result.model_dir else "")
@@ -308,8 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the registry of known models")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("train", help="pre-train, fine-tune (SFT, LoRA) or DPO-train a model from a config file")
-    p.add_argument("task", choices=["pretrain", "sft", "dpo"])
+    p = sub.add_parser("train", help="pre-train, fine-tune (SFT, LoRA) or DPO-train (offline, online) a model "
+                                     "from a config file; under torchrun with distributed=ddp|fsdp2")
+    p.add_argument("task", choices=["pretrain", "sft", "dpo", "online-dpo"])
     # The rest is parsed by _train_options_parser, intermixed: overrides may come before or after
     # --config FILE and --resume (a subparser gives positionals no slot after an option).
     p.add_argument("options", nargs=argparse.REMAINDER, metavar="[--config FILE] [--resume] [key=value ...]")

@@ -22,6 +22,7 @@ import torch
 
 from ..errors import Qwen2Error
 from ..fileio import umask_mode
+from .distributed import barrier, full_tensor, shard_like
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8})$")
@@ -47,16 +48,19 @@ def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
     state = optimizer.state_dict()
-    tensors = {f"state.{index}.{key}": value.detach().contiguous()
+    tensors = {f"state.{index}.{key}": full_tensor(value.detach()).contiguous()
                for index, entries in state["state"].items() for key, value in entries.items()}
     return tensors, state["param_groups"]
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # the state's index order
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         _, index, name = key.split(".", 2)
-        state.setdefault(int(index), {})[name] = value
+        param = params[int(index)]
+        # FSDP2: the moments of a sharded parameter are sharded like it
+        state.setdefault(int(index), {})[name] = shard_like(value, param) if value.shape == param.shape else value
     for group in groups:  # JSON turned the betas tuple into a list
         if isinstance(group.get("betas"), list):
             group["betas"] = tuple(group["betas"])
@@ -81,19 +85,23 @@ def restore_rng(tensors: dict[str, torch.Tensor], python_state) -> None:
 
 
 def save_checkpoint(output_dir: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict, keep: int) -> str:
+                    state: dict, keep: int, write: bool = True) -> str:
     """Write checkpoint `step` atomically; keep the `keep` most recent ones. `state` is JSON data
-    (data position, counters, options)."""
+    (data position, counters, options). Distributed, every rank calls it (FSDP2 shards are gathered
+    in full, a collective) and only the one with `write` writes."""
     from safetensors.torch import save_file
 
     final = checkpoint_dir(output_dir, step)
+    weights = {k: full_tensor(v.detach()).contiguous() for k, v in trainable_tensors(model).items()}
+    opt_tensors, groups = optimizer_tensors(optimizer)
+    if not write:
+        barrier()
+        return final
     root = os.path.dirname(final)
     os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.partial-", dir=root)
     try:
-        save_file({k: v.detach().contiguous() for k, v in trainable_tensors(model).items()},
-                  os.path.join(tmp, "model.safetensors"))
-        opt_tensors, groups = optimizer_tensors(optimizer)
+        save_file(weights, os.path.join(tmp, "model.safetensors"))
         save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
         save_file(rng_tensors(), os.path.join(tmp, "rng.safetensors"))
         full_state = dict(state, step=step, optimizer_param_groups=groups, python_rng=random.getstate())
@@ -110,6 +118,7 @@ def save_checkpoint(output_dir: str, step: int, model: torch.nn.Module, optimize
         raise
     for _, old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    barrier()  # no rank runs ahead of a checkpoint it may be asked to resume from
     return final
 
 
@@ -132,7 +141,7 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
                          "(a different model, or lora on/off?); resume with the options it was written with")
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(weights[name])
+            p.copy_(shard_like(weights[name], p))
     restore_optimizer(optimizer, opt_tensors, state["optimizer_param_groups"])
     restore_rng(rng, state["python_rng"])
     return state

@@ -15,10 +15,14 @@ from dataclasses import dataclass, field
 
 from ..errors import Qwen2Error
 
-TASKS = ("pretrain", "sft", "dpo")
+TASKS = ("pretrain", "sft", "dpo", "online-dpo")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "auto")
 ON_BAD_RECORD = ("fail", "skip")
+DISTRIBUTED = ("none", "ddp", "fsdp2")
+OPTIMIZERS = ("adamw", "onmerge")
+ONMERGE_METHODS = ("dare", "ties")
+REWARDS = ("execution", "model")
 LORA_DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -32,6 +36,7 @@ class TrainConfig:
     model_config: dict = field(default_factory=dict)  # with from_scratch: config fields to change (hidden_size, ...)
     device: str = "cpu"  # cpu, cuda, cuda:1, or auto
     precision: str = "fp32"  # fp32; bf16 autocast (refused where the hardware lacks bf16); auto picks
+    distributed: str = "none"  # under torchrun: ddp or fsdp2 (see qwen2/train/distributed.py)
     # --- data ----------------------------------------------------------------------------------
     seq_len: int = 512  # tokens per row: packed rows (pretrain), longest example (sft/dpo, longer ones are truncated)
     pack_documents: bool = True  # pretrain: pack documents into full rows, attention kept within each document
@@ -61,6 +66,22 @@ class TrainConfig:
     # --- DPO -----------------------------------------------------------------------------------
     beta: float = 0.1
     reference_model: str = ""  # default: the starting policy (with LoRA: the base model, adapters off)
+    # --- online DPO: sample, score, pair best and worst ------------------------------------------
+    num_samples: int = 4  # responses sampled per prompt
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    reward: str = "execution"  # execution: the prompt's unit tests in the sandbox; model: reward_model's score
+    reward_model: str = ""  # reward=model: the causal LM whose mean response log-prob is the reward
+    sandbox_timeout: float = 10.0  # seconds per execution of a response
+    # --- optimizer -----------------------------------------------------------------------------
+    optimizer: str = "adamw"  # adamw, or onmerge: the Online Merging Optimizer (qwen2/train/onmerge.py)
+    onmerge_method: str = "dare"  # dare (OnDARE) or ties (OnTIES)
+    # Online Merging Optimizer; defaults from the authors' 7B DPO script (keep 1 %, alpha 1e-7)
+    onmerge_drop_rate: float = 0.99  # OnDARE: fraction of each delta's entries dropped (the rest rescaled)
+    onmerge_density: float = 0.01  # OnTIES: fraction of each delta's entries kept (largest magnitudes)
+    onmerge_ref_weight: float = 1e-7  # alpha: step = alpha * reference delta (SFT - base) + (1 - alpha) * update
+    onmerge_base_model: str = ""  # the pre-trained model the starting (SFT) model was tuned from
     # --- logging and checkpoints ---------------------------------------------------------------
     log_every: int = 1
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end)
@@ -186,6 +207,17 @@ def check(cfg: TrainConfig) -> None:
     choice("schedule", SCHEDULES)
     choice("precision", PRECISIONS)
     choice("on_bad_record", ON_BAD_RECORD)
+    choice("distributed", DISTRIBUTED)
+    choice("optimizer", OPTIMIZERS)
+    choice("onmerge_method", ONMERGE_METHODS)
+    choice("reward", REWARDS)
+    if cfg.num_samples < 2:
+        raise Qwen2Error(f"training option 'num_samples' must be at least 2 (a best and a worst), got {cfg.num_samples}")
+    if cfg.max_new_tokens < 1 or cfg.temperature < 0 or not 0 < cfg.top_p <= 1 or not cfg.sandbox_timeout > 0:
+        raise Qwen2Error("online sampling needs max_new_tokens >= 1, temperature >= 0, top_p in (0, 1] "
+                         "and sandbox_timeout > 0")
+    if not (0 <= cfg.onmerge_drop_rate < 1 and 0 < cfg.onmerge_density <= 1 and 0 <= cfg.onmerge_ref_weight <= 1):
+        raise Qwen2Error("onmerge_drop_rate must be in [0, 1), onmerge_density in (0, 1], onmerge_ref_weight in [0, 1]")
     for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "lora_r", "keep_checkpoints"):
         if getattr(cfg, name) < 1:
             raise Qwen2Error(f"training option {name!r} must be at least 1, got {getattr(cfg, name)}")

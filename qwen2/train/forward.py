@@ -32,9 +32,24 @@ def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     return index - first
 
 
+class TrainingForward(torch.nn.Module):
+    """`forward` below as a module, for DDP and FSDP2 to wrap: both hook into a module's __call__,
+    which the training forward otherwise bypasses (see `distributed.wrap`)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, doc_ids=None, activation_checkpointing: bool = False):
+        return forward(self.model, input_ids, doc_ids, activation_checkpointing)
+
+
 def forward(model, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
             activation_checkpointing: bool = False) -> torch.Tensor:
-    """input_ids (B, T) -> logits (B, T, V). Without doc_ids every row is one document."""
+    """input_ids (B, T) -> logits (B, T, V). Without doc_ids every row is one document. `model` is
+    a Transformer, or a distributed wrapper of one (DDP of a TrainingForward, a sharded TrainingForward)."""
+    if not hasattr(model, "config"):  # the wrapper: through its __call__, so its hooks run
+        return model(input_ids, doc_ids, activation_checkpointing)
     if model.config.dual_chunk_attention_config is not None:
         raise Qwen2Error("Dual Chunk Attention is an inference-time (training-free) extension; "
                          "train without it (drop dca / dual_chunk_attention_config from the model config)")

@@ -23,6 +23,7 @@ from ..errors import Qwen2Error
 from ..fileio import write_text_atomic
 from ..progress import progress_bar
 from . import checkpoint as ckpt
+from . import distributed as dist
 from .config import TrainConfig
 
 # Test hook: the resume test sets it to SIGKILL the run right after that step (logged and, when
@@ -57,17 +58,33 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * factor
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig,
+                   reference_deltas: dict[str, torch.Tensor] | None = None) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; weight decay on matrices only (decaying biases and
-    norm scales towards zero only hurts, the common practice since GPT-2)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    norm scales towards zero only hurts, the common practice since GPT-2). optimizer=onmerge: the
+    Online Merging Optimizer, merging each step with `reference_deltas` (by parameter name)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise Qwen2Error("the model has no trainable parameters")
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             eps=cfg.adam_eps)
+    decay = [(n, p) for n, p in named if p.dim() >= 2]
+    no_decay = [(n, p) for n, p in named if p.dim() < 2]
+    groups = [{"params": [p for _, p in decay], "weight_decay": cfg.weight_decay},
+              {"params": [p for _, p in no_decay], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    adamw = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, **adamw)
+    from .onmerge import OnlineMergingAdamW
+
+    if reference_deltas is None:
+        raise Qwen2Error("optimizer=onmerge is for online-dpo (it needs onmerge_base_model)")
+    missing = [n for n, _ in named if n not in reference_deltas]
+    if missing:
+        raise Qwen2Error(f"optimizer=onmerge has no reference delta for {missing[0]} (LoRA adapters have no "
+                         "SFT - base delta); train without lora, or with optimizer=adamw")
+    deltas = [dist.shard_like(reference_deltas[n], p) for n, p in decay + no_decay]
+    return OnlineMergingAdamW(groups, deltas, cfg.onmerge_method, cfg.onmerge_drop_rate, cfg.onmerge_density,
+                              cfg.onmerge_ref_weight, cfg.seed, **adamw)
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -89,11 +106,12 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
 class RunLog:
     """One record per logged step in log.jsonl and log.csv; TensorBoard too when asked for."""
 
-    def __init__(self, output_dir: str, tensorboard: bool = False):
+    def __init__(self, output_dir: str, tensorboard: bool = False, enabled: bool = True):
         self.jsonl = os.path.join(output_dir, "log.jsonl")
         self.csv = os.path.join(output_dir, "log.csv")
         self.writer = None
-        if tensorboard:
+        self.enabled = enabled  # distributed: rank 0 writes, the others only read
+        if tensorboard and enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
@@ -109,11 +127,15 @@ class RunLog:
 
     def truncate(self, step: int) -> None:
         """Forget records after `step`: a resumed run logs those steps again."""
+        if not self.enabled:
+            return
         kept = [r for r in self.records() if r["step"] <= step]
         write_text_atomic(self.jsonl, "".join(json.dumps(r) + "\n" for r in kept))
         self._write_csv(kept)
 
     def append(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.jsonl, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         new_file = not os.path.exists(self.csv) or os.path.getsize(self.csv) == 0
@@ -147,19 +169,25 @@ class Trainer:
     micro_batch: Callable[[int], Any]  # m -> the m-th micro-batch of the run
     device: torch.device
     extra_state: dict | None = None  # JSON data stored in every checkpoint (e.g. data reports)
+    reference_deltas: dict | None = None  # optimizer=onmerge: SFT - base weights, by parameter name
 
     def __post_init__(self):
-        self.optimizer = make_optimizer(self.model, self.cfg)
+        # Under torchrun the objectives run the wrapped model (DDP, FSDP2); the optimizer steps its
+        # parameters (FSDP2: this rank's shards), so it is made after wrapping.
+        self.world = dist.world()
+        self.wrapped = dist.wrap(self.model, self.device)
+        self.optimizer = make_optimizer(self.model, self.cfg, self.reference_deltas)
         self.autocast = autocast_dtype(self.cfg, self.device)
         self.step = 0
         self.tokens_seen = 0
-        self.log = RunLog(self.cfg.output_dir, self.cfg.tensorboard)
+        self.log = RunLog(self.cfg.output_dir, self.cfg.tensorboard, enabled=self.world.is_main)
 
     # ---- start / resume ------------------------------------------------------------------------
 
     def start(self) -> None:
         """Resume from the latest checkpoint when asked; refuse to write over another run otherwise."""
         found = ckpt.list_checkpoints(self.cfg.output_dir)
+        dist.barrier()  # every rank has looked before rank 0 writes anything
         if not self.cfg.resume:
             if found or self.log.records():
                 raise Qwen2Error(f"{self.cfg.output_dir} already holds a training run; resume it with --resume "
@@ -173,7 +201,8 @@ class Trainer:
         state = ckpt.load_checkpoint(path, self.model, self.optimizer)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.log.truncate(self.step)
-        print(f"resumed from {path} (step {self.step})", flush=True)
+        if self.world.is_main:
+            print(f"resumed from {path} (step {self.step})", flush=True)
 
     # ---- one optimizer step ----------------------------------------------------------------------
 
@@ -185,25 +214,34 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         micro = [self.micro_batch(self.step * cfg.grad_accum + a) for a in range(cfg.grad_accum)]
-        total = sum(self.objective.count(mb) for mb in micro)
-        tokens = sum(self.objective.tokens(mb) for mb in micro)
+        # Distributed: this rank's shard of each micro-batch; counts are summed over the ranks.
+        total, tokens = dist.all_sum([sum(self.objective.count(mb) for mb in micro),
+                                      sum(self.objective.tokens(mb) for mb in micro)], self.device)
+        total, tokens = int(total), int(tokens)
         if total == 0:
-            raise Qwen2Error(f"step {self.step + 1} has no target to learn (every label ignored); check the data")
+            if not getattr(self.objective, "may_be_empty", False):
+                raise Qwen2Error(f"step {self.step + 1} has no target to learn (every label ignored); check the data")
+            total = 1  # online DPO, every prompt tied: zero loss and gradient (AdamW's momentum still moves)
         model.train()
         start = time.perf_counter()
         loss_sum, metrics = 0.0, {}
-        for mb in micro:
+        for a, mb in enumerate(micro):
             autocast = (torch.autocast(self.device.type, dtype=self.autocast) if self.autocast is not None
                         else contextlib.nullcontext())
-            with autocast:
-                loss, mb_metrics = self.objective.loss(model, mb)
-            (loss / total).backward()
+            with dist.gradient_sync(self.wrapped, sync=a == len(micro) - 1):
+                with autocast:
+                    loss, mb_metrics = self.objective.loss(self.wrapped, mb)
+                # x world: DDP and FSDP2 average the ranks' gradients; the step's gradient is their sum
+                (loss * self.world.size / total).backward()
             loss_sum += float(loss.detach())
             for k, v in mb_metrics.items():
                 metrics[k] = metrics.get(k, 0.0) + v
+        names = sorted(metrics)
+        loss_sum, *sums = dist.all_sum([loss_sum] + [metrics[k] for k in names], self.device)
+        metrics = dict(zip(names, sums))
         params = [p for p in model.parameters() if p.requires_grad]
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = float(dist.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - start
@@ -219,7 +257,8 @@ class Trainer:
         """Train to max_steps (from wherever start() left off); return the log records of the run."""
         cfg = self.cfg
         kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "0") or 0)
-        bar = progress_bar(total=cfg.max_steps, initial=self.step, desc="training", unit="step")
+        bar = progress_bar(total=cfg.max_steps, initial=self.step, desc="training", unit="step",
+                           disable=not self.world.is_main)
         try:
             while self.step < cfg.max_steps:
                 record = self.train_step()
@@ -239,4 +278,4 @@ class Trainer:
         state = {"tokens_seen": self.tokens_seen, "micro_batches": self.step * self.cfg.grad_accum,
                  **(self.extra_state or {})}
         return ckpt.save_checkpoint(self.cfg.output_dir, self.step, self.model, self.optimizer, state,
-                                    self.cfg.keep_checkpoints)
+                                    self.cfg.keep_checkpoints, write=self.world.is_main)

@@ -13,6 +13,7 @@ import torch
 from ..errors import Qwen2Error
 from ..fileio import write_text_atomic
 from . import data as D
+from . import distributed
 from .config import TrainConfig, from_dict, load_config, require_paths, to_dict
 from .dpo import dpo_loss, sequence_log_probs
 from .forward import forward, lm_loss_sum
@@ -156,37 +157,58 @@ def _as_config(config, overrides: dict) -> TrainConfig:
     raise Qwen2Error(f"config must be a TrainConfig, a dict of options or a .toml/.yaml path, not {type(config).__name__}")
 
 
-def _run(task: str, config, overrides: dict) -> RunResult:
+def _run(task: str, config, overrides: dict, reward=None) -> RunResult:
     cfg = _as_config(config, overrides)
     require_paths(cfg)
-    device = resolve_device(cfg.device)
+    if task == "online-dpo" and cfg.distributed == "fsdp2":
+        raise Qwen2Error("online-dpo samples from the whole policy on every rank; use distributed=ddp")
+    world = distributed.setup(cfg.distributed, cfg.device)
+    try:
+        return _run_in_world(task, cfg, world, reward)
+    finally:
+        distributed.teardown()
+
+
+def _run_in_world(task: str, cfg: TrainConfig, world: distributed.World, reward) -> RunResult:
+    device = distributed.device_for(world, resolve_device(cfg.device))
     torch.manual_seed(cfg.seed)
     m = load_model(cfg, device)
     tokenizer = m.tokenizer
     report = D.DataReport(cfg.data, cfg.on_bad_record)
     os.makedirs(cfg.output_dir, exist_ok=True)
 
-    if task == "dpo":
+    if task == "online-dpo":
+        from . import online
+
+        examples = online.code_tasks(cfg.data, report)
+    elif task == "dpo":
         examples = D.preference_pairs(tokenizer, cfg.data, cfg.seq_len, report)
     elif task == "sft":
         examples = D.sft_rows(tokenizer, cfg.data, cfg.seq_len, report)
     else:
         examples = D.pretraining_rows(tokenizer, cfg.data, cfg.seq_len, cfg.pack_documents, report)
-    order = D.ExampleOrder(len(examples), cfg.batch_size, cfg.seed)
+    # The global micro-batch (batch_size rows per rank) is drawn as one; each rank takes its slice.
+    order = D.ExampleOrder(len(examples), cfg.batch_size * world.size, cfg.seed)
+    mine = slice(world.rank * cfg.batch_size, (world.rank + 1) * cfg.batch_size)
 
     reference = None
-    if task == "dpo" and examples[0].ref_chosen_logp is None and (cfg.reference_model or not cfg.lora):
+    precomputed = task == "dpo" and examples[0].ref_chosen_logp is not None
+    if task in ("dpo", "online-dpo") and not precomputed and (cfg.reference_model or not cfg.lora):
         # A frozen copy of the starting policy, taken before any checkpoint is restored into it.
         ref_source = load_model(dataclasses.replace(cfg, model=cfg.reference_model, from_scratch=False, model_config={}),
                                 device).model \
             if cfg.reference_model else copy.deepcopy(m.model)
         reference = ref_source.eval().requires_grad_(False)
 
+    reference_deltas = None
+    if cfg.optimizer == "onmerge":
+        reference_deltas = _reference_deltas(cfg, m.model, device)
+
     if cfg.lora:
         apply_lora(m.model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, seed=cfg.seed)
 
     def micro_batch(index: int):
-        chosen = [examples[i] for i in order.micro_batch(index)]
+        chosen = [examples[i] for i in order.micro_batch(index)[mine]]
         if task != "dpo":
             return D.collate(chosen, tokenizer.pad_token_id).to(device)
         rows = D.collate([p.chosen for p in chosen] + [p.rejected for p in chosen], tokenizer.pad_token_id)
@@ -196,18 +218,73 @@ def _run(task: str, config, overrides: dict) -> RunResult:
             ref = ref.to(device)
         return PreferenceBatch(rows.to(device), ref)
 
-    if task == "dpo":
+    if task == "online-dpo":
+        from . import online
+
+        if reward is None:
+            reward = _make_reward(cfg, device)
+        micro_batch = online.OnlineSampler(m.model, tokenizer, m.eos_ids, examples, order, mine, reward, cfg, device)
+        objective = online.OnlinePreference(cfg.beta, reference, cfg.activation_checkpointing)
+    elif task == "dpo":
         objective = DirectPreference(cfg.beta, reference, cfg.activation_checkpointing)
     else:
         objective = LanguageModelling(cfg.activation_checkpointing)
-    trainer = Trainer(cfg, m.model, objective, micro_batch, device, extra_state={"data": report.summary()})
+    trainer = Trainer(cfg, m.model, objective, micro_batch, device, extra_state={"data": report.summary()},
+                      reference_deltas=reference_deltas)
     trainer.start()
-    write_text_atomic(os.path.join(cfg.output_dir, "train_config.json"), json.dumps(to_dict(cfg), indent=2))
-    print(f"{task}: {report.records} examples from {cfg.data} ({report.skipped} skipped, {report.truncated} truncated), "
-          f"{trainable_parameters(m.model):,} trainable parameters", flush=True)
+    if world.is_main:
+        write_text_atomic(os.path.join(cfg.output_dir, "train_config.json"), json.dumps(to_dict(cfg), indent=2))
+        print(f"{task}: {report.records} examples from {cfg.data} ({report.skipped} skipped, {report.truncated} "
+              f"truncated), {trainable_parameters(m.model):,} trainable parameters"
+              + (f", {world.size} processes ({cfg.distributed})" if world.active else ""), flush=True)
     log = trainer.fit()
-    model_dir, adapter_dir = _export(cfg, m)
+    if world.mode == "fsdp2":
+        m.model = _gathered(cfg, m.model)  # every rank joins the gather; rank 0 exports
+    model_dir = adapter_dir = None
+    if world.is_main:
+        model_dir, adapter_dir = _export(cfg, m)
+    distributed.barrier()
     return RunResult(log, report.summary(), cfg.output_dir, model_dir, adapter_dir)
+
+
+def _gathered(cfg: TrainConfig, sharded: torch.nn.Module) -> torch.nn.Module:
+    """A plain (unsharded) copy of an FSDP2-trained model, LoRA layers included."""
+    from ..model import Transformer
+
+    full = distributed.full_state_dict(sharded)
+    model = Transformer(sharded.config)
+    if cfg.lora:
+        apply_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, seed=cfg.seed)
+    model.load_state_dict({k: v.cpu() for k, v in full.items()})
+    return model
+
+
+def _reference_deltas(cfg: TrainConfig, start: torch.nn.Module, device) -> dict[str, torch.Tensor]:
+    """The Online Merging Optimizer's tau_r = theta_SFT - theta_base: the starting model (the SFT
+    one) minus the pre-trained base it was tuned from."""
+    if not cfg.onmerge_base_model:
+        raise Qwen2Error("optimizer=onmerge needs onmerge_base_model: the pre-trained model the starting "
+                         "(SFT) model was fine-tuned from")
+    base = dict(load_model(dataclasses.replace(cfg, model=cfg.onmerge_base_model, from_scratch=False,
+                                               model_config={}), device).model.named_parameters())
+    deltas = {}
+    for name, p in start.named_parameters():
+        if name not in base or base[name].shape != p.shape:
+            raise Qwen2Error(f"onmerge_base_model {cfg.onmerge_base_model} does not match the model's {name}; "
+                             "it must be the same architecture (the model the SFT started from)")
+        deltas[name] = (p.detach() - base[name].detach()).clone()
+    return deltas
+
+
+def _make_reward(cfg: TrainConfig, device):
+    from . import online
+
+    if cfg.reward == "execution":
+        return online.ExecutionReward(cfg.sandbox_timeout)
+    if not cfg.reward_model:
+        raise Qwen2Error("reward=model needs reward_model: a Qwen2 checkpoint whose mean response log-prob scores replies")
+    scorer = load_model(dataclasses.replace(cfg, model=cfg.reward_model, from_scratch=False, model_config={}), device)
+    return online.LogProbReward(scorer.model.requires_grad_(False), scorer.tokenizer)
 
 
 def _export(cfg: TrainConfig, m) -> tuple[str | None, str | None]:
@@ -240,4 +317,10 @@ def dpo(config, **overrides) -> RunResult:
     return _run("dpo", config, overrides)
 
 
-TASK_FUNCTIONS = {"pretrain": pretrain, "sft": sft, "dpo": dpo}
+def online_dpo(config, reward=None, **overrides) -> RunResult:
+    """Online DPO on code-task JSONL (`prompt`, `tests`): sample, score with `reward(task, response)`
+    (default: from the config, execution feedback or a reward model), pair best and worst, DPO-step."""
+    return _run("online-dpo", config, overrides, reward)
+
+
+TASK_FUNCTIONS = {"pretrain": pretrain, "sft": sft, "dpo": dpo, "online-dpo": online_dpo}
