@@ -27,7 +27,7 @@ from ..eval.humaneval import extract_code
 from ..eval.sandbox import Limits, run_python
 from ..generate import SamplingParams, generate_text
 from . import data as D
-from .dpo import dpo_loss, sequence_log_probs
+from .dpo import DirectPreference, PreferenceBatch
 from .forward import forward, token_log_probs
 
 Reward = Callable[["CodeTask", str], float]
@@ -94,15 +94,9 @@ def sample_responses(model, tokenizer, task: CodeTask, k: int, params: SamplingP
 
 @dataclass
 class OnlineBatch:
-    pairs: "PreferenceRows"
+    pairs: PreferenceBatch  # weights: 1 for a real pair, 0 for the placeholder
     real: int  # pairs that count; a batch without one carries a placeholder pair of weight 0
     rewards: list[float]  # every sample's reward (for the log)
-
-
-@dataclass
-class PreferenceRows:
-    rows: D.Batch  # N chosen rows, then N rejected
-    weights: torch.Tensor  # (N,) 1 for a real pair, 0 for the placeholder
 
 
 def best_and_worst(rewards: list[float]) -> tuple[int, int] | None:
@@ -147,16 +141,13 @@ class OnlineSampler:
             row = D.render_chat(self.tokenizer, task.messages + [{"role": "assistant", "content": ""}], "last")
             chosen, rejected, weights = [row], [row], torch.zeros(1)
         rows = D.collate(chosen + rejected, self.tokenizer.pad_token_id).to(self.device)
-        return OnlineBatch(PreferenceRows(rows, weights.to(self.device)), real, all_rewards)
+        return OnlineBatch(PreferenceBatch(rows, None, weights.to(self.device)), real, all_rewards)
 
 
-class OnlinePreference:
+class OnlinePreference(DirectPreference):
     """DPO on the sampled pairs, against the frozen starting policy (or the base with LoRA off)."""
 
     may_be_empty = True  # a step where every prompt tied learns nothing rather than failing
-
-    def __init__(self, beta: float, reference, activation_checkpointing: bool):
-        self.beta, self.reference, self.activation_checkpointing = beta, reference, activation_checkpointing
 
     def count(self, batch: OnlineBatch) -> int:
         return batch.real
@@ -165,25 +156,7 @@ class OnlinePreference:
         return batch.pairs.rows.num_tokens
 
     def loss(self, model, batch: OnlineBatch):
-        from .lora import lora_disabled
-
-        rows = batch.pairs.rows
-        with torch.no_grad():
-            if self.reference is not None:
-                ref_logits = forward(self.reference, rows.input_ids, rows.doc_ids)
-            else:
-                with lora_disabled(model):
-                    ref_logits = forward(model, rows.input_ids, rows.doc_ids)
-            ref = sequence_log_probs(ref_logits, rows.labels)
-        policy = sequence_log_probs(forward(model, rows.input_ids, rows.doc_ids, self.activation_checkpointing),
-                                    rows.labels)
-        n = rows.input_ids.shape[0] // 2
-        out = dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], self.beta)
-        w = batch.pairs.weights
-        margins = out.margins * w
-        metrics = {"chosen_reward": float((out.chosen_rewards * w).sum()),
-                   "rejected_reward": float((out.rejected_rewards * w).sum()),
-                   "margin": float(margins.sum()), "accuracy": float(((out.margins > 0).float() * w).sum()),
-                   # x pairs: the loop divides metrics by the step's pairs; these are per-sample means
-                   "sample_reward": sum(batch.rewards) / max(len(batch.rewards), 1) * batch.real}
-        return (out.losses * w).sum(), metrics
+        loss, metrics = super().loss(model, batch.pairs)
+        # x pairs: the loop divides metrics by the step's pairs; this is a per-sample mean
+        metrics["sample_reward"] = sum(batch.rewards) / max(len(batch.rewards), 1) * batch.real
+        return loss, metrics

@@ -15,10 +15,10 @@ from ..fileio import write_text_atomic
 from . import data as D
 from . import distributed
 from .config import TrainConfig, from_dict, load_config, require_paths, to_dict
-from .dpo import dpo_loss, sequence_log_probs
+from .dpo import DirectPreference, PreferenceBatch
 from .forward import forward, lm_loss_sum
 from .loop import Trainer
-from .lora import apply_lora, lora_disabled, merge_lora, save_adapters, trainable_parameters
+from .lora import apply_lora, merge_lora, save_adapters, trainable_parameters
 
 
 @dataclass
@@ -47,49 +47,6 @@ class LanguageModelling:
     def loss(self, model, batch: D.Batch):
         logits = forward(model, batch.input_ids, batch.doc_ids, self.activation_checkpointing)
         return lm_loss_sum(logits, batch.labels), {}
-
-
-@dataclass
-class PreferenceBatch:
-    rows: D.Batch  # the N chosen rows, then the N rejected ones
-    ref_logps: torch.Tensor | None  # (2N,) precomputed reference log-probs, same order
-
-    @property
-    def pairs(self) -> int:
-        return self.rows.input_ids.shape[0] // 2
-
-
-class DirectPreference:
-    """Sigmoid DPO. The reference log-probs come from the batch (precomputed), a frozen reference
-    model, or with LoRA and no reference model, the policy itself with its adapters switched off."""
-
-    def __init__(self, beta: float, reference: torch.nn.Module | None, activation_checkpointing: bool):
-        self.beta, self.reference, self.activation_checkpointing = beta, reference, activation_checkpointing
-
-    def count(self, batch: PreferenceBatch) -> int:
-        return batch.pairs
-
-    def tokens(self, batch: PreferenceBatch) -> int:
-        return batch.rows.num_tokens
-
-    def reference_logps(self, model, batch: PreferenceBatch) -> torch.Tensor:
-        if batch.ref_logps is not None:
-            return batch.ref_logps
-        with torch.no_grad():
-            if self.reference is not None:
-                logits = forward(self.reference, batch.rows.input_ids, batch.rows.doc_ids)
-            else:
-                with lora_disabled(model):
-                    logits = forward(model, batch.rows.input_ids, batch.rows.doc_ids)
-            return sequence_log_probs(logits, batch.rows.labels)
-
-    def loss(self, model, batch: PreferenceBatch):
-        ref = self.reference_logps(model, batch)
-        logits = forward(model, batch.rows.input_ids, batch.rows.doc_ids, self.activation_checkpointing)
-        policy = sequence_log_probs(logits, batch.rows.labels)
-        n = batch.pairs
-        out = dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], self.beta)
-        return out.losses.sum(), out.metrics()
 
 
 # ---- model ------------------------------------------------------------------------------------
