@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from . import long_context
 from .config import Qwen2Config
-from .moe import SparseMoeBlock, load_balancing_loss
 
 
 class RMSNorm(nn.Module):
@@ -191,13 +190,13 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), no biases. The dense MLP, and each MoE expert at its width."""
 
-    def __init__(self, config: Qwen2Config):
+    def __init__(self, hidden_size: int, width: int):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -209,8 +208,12 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        # Qwen2-MoE: a sparse expert block in the layers the config makes sparse (qwen2/moe.py).
-        self.mlp = SparseMoeBlock(config) if config.is_moe_layer(layer) else FeedForward(config)
+        if config.is_moe_layer(layer):  # Qwen2-MoE: a sparse expert block (qwen2/moe.py builds on this module)
+            from .moe import SparseMoeBlock
+
+            self.mlp = SparseMoeBlock(config)
+        else:
+            self.mlp = FeedForward(config.hidden_size, config.intermediate_size)
 
     def forward(self, x, cos, sin, mask, cache, layer):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
@@ -342,6 +345,8 @@ class Transformer(nn.Module):
         """Qwen2-MoE's load-balancing loss for the last forward (its router logits; pass the same
         attention_mask), unweighted like transformers' `aux_loss`. Train on
         lm_loss + config.router_aux_loss_coef * aux_loss. 0 for a dense model. See qwen2/moe.py."""
+        from .moe import load_balancing_loss
+
         return load_balancing_loss(self, attention_mask)
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:

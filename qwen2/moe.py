@@ -15,29 +15,16 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .config import Qwen2Config
 from .errors import Qwen2Error
+from .model import FeedForward
 
 # At most this many tokens take the decode path (each token's k experts run on it directly) instead
 # of sorting the (token, expert) pairs by expert. The direct path reads an expert's weights once per
 # token that chose it, the sort once per expert: on the 57B-A14B layer / 4 (benchmarks/bench_moe.py)
 # the direct path was faster at 1 and 2 tokens, the sort from 4 on.
 FEW_TOKENS = 2
-
-
-class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)), no biases: one expert (model.FeedForward at its own width)."""
-
-    def __init__(self, hidden_size: int, width: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, width, bias=False)
-        self.up_proj = nn.Linear(hidden_size, width, bias=False)
-        self.down_proj = nn.Linear(width, hidden_size, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class SparseMoeBlock(nn.Module):
@@ -49,8 +36,8 @@ class SparseMoeBlock(nn.Module):
         C = config.hidden_size
         self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
         self.gate = nn.Linear(C, config.num_experts, bias=False)
-        self.experts = nn.ModuleList(SwiGLU(C, config.moe_intermediate_size) for _ in range(config.num_experts))
-        self.shared_expert = SwiGLU(C, config.shared_expert_intermediate_size)
+        self.experts = nn.ModuleList(FeedForward(C, config.moe_intermediate_size) for _ in range(config.num_experts))
+        self.shared_expert = FeedForward(C, config.shared_expert_intermediate_size)
         self.shared_expert_gate = nn.Linear(C, 1, bias=False)
         self.router_logits = None  # (N, E) of the last forward: what the load-balancing loss reads
 
