@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from . import long_context
 from .config import Qwen2Config
@@ -278,8 +279,7 @@ class Transformer(nn.Module):
         if self.sliding_layers:  # layers >= max_window_layers see only the last sliding_window slots
             window_mask = long_context.sliding_window_mask(mask, start, T, key_real.shape[1],
                                                            self.config.sliding_window, x.device)
-        for i, block in enumerate(self.model.layers):
-            x = block(x, cos, sin, window_mask if i in self.sliding_layers else mask, cache, i)
+        x = self.layers_forward(x, cos, sin, mask, window_mask, cache)
         if cache is not None:
             cache.length += T
             cache.positions += real.sum(-1)
@@ -301,9 +301,20 @@ class Transformer(nn.Module):
         window_mask = long_context.static_sliding_mask(mask, slot, self.config.sliding_window) \
             if self.sliding_layers else None
         kv = StaticKV(k, v, slot, (slot + 1).tolist() if exact_rows else None)
-        for i, block in enumerate(self.model.layers):
-            x = block(x, cos, sin, window_mask if i in self.sliding_layers else mask, kv, i)
+        x = self.layers_forward(x, cos, sin, mask, window_mask, kv)
         return self.lm_head(self.model.norm(x))  # (B, 1, V)
+
+    def layers_forward(self, x, cos, sin, mask, window_mask, cache, checkpointing: bool = False) -> torch.Tensor:
+        """x (B, T, C) through every block: sliding-window layers (>= max_window_layers) take
+        `window_mask`, the others `mask`. With `checkpointing` (training), each block keeps only its
+        input and recomputes its inside during backward."""
+        for i, block in enumerate(self.model.layers):
+            layer_mask = window_mask if i in self.sliding_layers else mask
+            if checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, layer_mask, cache, i, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, layer_mask, cache, i)
+        return x  # (B, T, C)
 
     def _dual_chunk_inputs(self, positions, real, key_real, span: int, dtype):
         """DCA's key rotation (cos, sin at p mod L: keys are cached rotated so) and the context its

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from .. import long_context
 from ..errors import Qwen2Error
@@ -64,13 +63,7 @@ def forward(model, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
         window_mask = long_context.sliding_window_mask(mask, 0, T, T, model.config.sliding_window, input_ids.device)
     x = model.model.embed_tokens(input_ids)  # (B, T, C)
     cos, sin = model.rope(document_positions(doc_ids), x.dtype, span=T)  # span: as Transformer.forward, for dynamic YaRN
-    for i, block in enumerate(model.model.layers):
-        layer_mask = window_mask if i in model.sliding_layers else mask
-        if activation_checkpointing and torch.is_grad_enabled():
-            # Keep only each block's input; recompute its inside during backward.
-            x = checkpoint(block, x, cos, sin, layer_mask, None, i, use_reentrant=False)
-        else:
-            x = block(x, cos, sin, layer_mask, None, i)
+    x = model.layers_forward(x, cos, sin, mask, window_mask, None, activation_checkpointing)
     return model.lm_head(model.model.norm(x))  # (B, T, V)
 
 
