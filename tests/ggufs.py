@@ -61,6 +61,18 @@ def state_dict_of(model: Transformer) -> dict[str, torch.Tensor]:
     return sd
 
 
+def save_random_model_dir(path: str | os.PathLike, tokenizer, config: Qwen2Config | None = None) -> str:
+    """An HF directory holding a random model (default: `tiny_config`, tied, at the tokenizer's vocabulary)
+    with `tokenizer` and its generation_config: what `qwen2.load`, the CLI and training take."""
+    from qwen2.checkpoint.hf import save_hf_dir
+    from qwen2.checkpoint.registry import generation_config_for
+
+    if config is None:
+        config = tiny_config(vocab_size=len(tokenizer), tie_word_embeddings=True)
+    save_hf_dir(str(path), config, state_dict_of(random_model(config)), tokenizer, generation_config_for(tokenizer))
+    return str(path)
+
+
 # ---- tokenizer metadata ---------------------------------------------------------------------------
 
 def _bytes_to_unicode() -> list[str]:

@@ -21,7 +21,8 @@ from qwen2.cli import main
 from qwen2.errors import Qwen2Error
 from qwen2.tokenizer import Tokenizer
 
-from ggufs import random_model, real_tokenizer_metadata, small_tokenizer_metadata, state_dict_of, tiny_config, write_gguf
+from ggufs import (random_model, real_tokenizer_metadata, save_random_model_dir, small_tokenizer_metadata, state_dict_of,
+                   tiny_config, write_gguf)
 
 
 @pytest.fixture(autouse=True)
@@ -201,13 +202,9 @@ def test_weights_not_installed(monkeypatch, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, real_gguf) -> str:
     """A tiny random model with the real tokenizer and a 64-token context."""
-    from qwen2.checkpoint.registry import generation_config_for
-
     tokenizer = Tokenizer.from_gguf_metadata(real_tokenizer_metadata(real_gguf))
     config = tiny_config(vocab_size=151936, max_position_embeddings=64, tie_word_embeddings=True)
-    path = str(tmp_path_factory.mktemp("tiny") / "tiny-64")
-    save_hf_dir(path, config, state_dict_of(random_model(config)), tokenizer, generation_config_for(tokenizer))
-    return path
+    return save_random_model_dir(tmp_path_factory.mktemp("tiny") / "tiny-64", tokenizer, config)
 
 
 @pytest.fixture(scope="module")

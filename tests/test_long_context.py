@@ -392,16 +392,12 @@ def test_extend_config_options_and_context():
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, real_gguf) -> str:
     """A tiny random model directory with the real tokenizer and a 32-token context."""
-    from ggufs import random_model, real_tokenizer_metadata
-    from qwen2.checkpoint.hf import save_hf_dir
-    from qwen2.checkpoint.registry import generation_config_for
+    from ggufs import real_tokenizer_metadata, save_random_model_dir
     from qwen2.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_gguf_metadata(real_tokenizer_metadata(real_gguf))
     config = Qwen2Config(**{**TINY, "vocab_size": 151936, "max_position_embeddings": 32})
-    path = str(tmp_path_factory.mktemp("long") / "tiny-32")
-    save_hf_dir(path, config, random_model(config).state_dict(), tokenizer, generation_config_for(tokenizer))
-    return path
+    return save_random_model_dir(tmp_path_factory.mktemp("long") / "tiny-32", tokenizer, config)
 
 
 PROMPT = "def add(a, b):\n    return a + b\n" * 3  # 36 tokens: more than the 32-token context

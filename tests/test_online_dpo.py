@@ -16,8 +16,6 @@ import torch
 
 import qwen2
 import qwen2.train
-from qwen2.checkpoint.hf import save_hf_dir
-from qwen2.checkpoint.registry import generation_config_for
 from qwen2.tokenizer import Tokenizer
 from qwen2.train import data as D
 from qwen2.train.dpo import sequence_log_probs
@@ -25,7 +23,7 @@ from qwen2.train.forward import forward
 from qwen2.train.online import CodeTask, ExecutionReward, LogProbReward, best_and_worst
 from qwen2.train.onmerge import OnlineMergingAdamW, dare, ondare, onties, top_k
 
-from ggufs import random_model, small_tokenizer_metadata, state_dict_of, tiny_config
+from ggufs import save_random_model_dir, small_tokenizer_metadata
 
 
 # ---- update rules ---------------------------------------------------------------------------------
@@ -114,9 +112,7 @@ def sft_model(tmp_path_factory):
     """A tiny random base model, and the same SFT'd to reply "x=1" or "x=2" to "set x"."""
     root = tmp_path_factory.mktemp("online")
     tokenizer = Tokenizer.from_gguf_metadata(small_tokenizer_metadata())
-    config = tiny_config(vocab_size=len(tokenizer), tie_word_embeddings=True)
-    base = str(root / "base")
-    save_hf_dir(base, config, state_dict_of(random_model(config)), tokenizer, generation_config_for(tokenizer))
+    base = save_random_model_dir(root / "base", tokenizer)
     chats = [{"messages": [{"role": "user", "content": "set x"}, {"role": "assistant", "content": f"x={v}"}]}
              for v in (1, 2)]
     (root / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))

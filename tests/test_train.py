@@ -21,8 +21,6 @@ import torch
 
 import qwen2
 import qwen2.train
-from qwen2.checkpoint.hf import save_hf_dir
-from qwen2.checkpoint.registry import generation_config_for
 from qwen2.cli import main
 from qwen2.errors import Qwen2Error
 from qwen2.tokenizer import Tokenizer
@@ -34,7 +32,7 @@ from qwen2.train.lora import apply_lora, load_adapters, lora_layers, merge_lora,
 from qwen2.train.loop import Trainer, lr_at
 from qwen2.train.run import LanguageModelling
 
-from ggufs import random_model, small_tokenizer_metadata, state_dict_of, tiny_config
+from ggufs import random_model, save_random_model_dir, small_tokenizer_metadata, tiny_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -57,10 +55,7 @@ def real_tokenizer():
 def small_dir(tmp_path_factory) -> str:
     """A tiny random model with a 264-token byte-level tokenizer (ChatML specials, default template)."""
     tokenizer = Tokenizer.from_gguf_metadata(small_tokenizer_metadata())
-    config = tiny_config(vocab_size=len(tokenizer), tie_word_embeddings=True)
-    path = str(tmp_path_factory.mktemp("small") / "model")
-    save_hf_dir(path, config, state_dict_of(random_model(config)), tokenizer, generation_config_for(tokenizer))
-    return path
+    return save_random_model_dir(tmp_path_factory.mktemp("small") / "model", tokenizer)
 
 
 def write_lines(path, lines) -> str:

@@ -12,21 +12,13 @@ import pytest
 import torch
 
 import qwen2
-from qwen2.checkpoint.hf import save_hf_dir
-from qwen2.checkpoint.registry import generation_config_for
 from qwen2.cli import main
 from qwen2.tokenizer import Tokenizer
 
-from ggufs import random_model, small_tokenizer_metadata, state_dict_of, tiny_config
+from ggufs import save_random_model_dir, small_tokenizer_metadata
+from test_train import CHATS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CHATS = [
-    {"messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "the cat"},
-                  {"role": "assistant", "content": "the hat"}, {"role": "user", "content": "in a tin"},
-                  {"role": "assistant", "content": "a thin tin"}]},
-    {"messages": [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "the end"}]},
-    {"messages": [{"role": "user", "content": "in the"}, {"role": "assistant", "content": "heat"}]},
-]
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +27,7 @@ def setup(tmp_path_factory):
     per step 2 micro-batches of a global batch of 2 rows (1 process x 2 rows, or 2 x 1)."""
     root = tmp_path_factory.mktemp("dist")
     tokenizer = Tokenizer.from_gguf_metadata(small_tokenizer_metadata())
-    config = tiny_config(vocab_size=len(tokenizer), tie_word_embeddings=True)
-    save_hf_dir(str(root / "model"), config, state_dict_of(random_model(config)), tokenizer,
-                generation_config_for(tokenizer))
+    save_random_model_dir(root / "model", tokenizer)
     (root / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in CHATS))
     (root / "train.toml").write_text(f'model = "{root / "model"}"\ndata = "{root / "chat.jsonl"}"\ngrad_accum = 2\n'
                                      "max_steps = 4\nlr = 1e-2\nmin_lr = 1e-3\nseq_len = 128\nsave_every = 2\n")
