@@ -785,6 +785,14 @@ def write_json(path: str, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
+def write_results(out: str, data: dict, markdown: str) -> None:
+    """A benchmark's results: `out` (JSON) and the same name with .md beside it, then say so."""
+    md = os.path.splitext(out)[0] + ".md"
+    write_json(out, data)
+    write_atomic(md, markdown)
+    print(f"\nwrote {os.path.relpath(out)} and {os.path.relpath(md)}", file=sys.stderr)
+
+
 def spawn(name: str, job: dict, scratch: str, env: dict, timeout: float) -> dict:
     """Run one worker in a fresh Python process and return its result."""
     job_file, result_file = os.path.join(scratch, f"{name}.job.json"), os.path.join(scratch, f"{name}.result.json")
@@ -1134,9 +1142,7 @@ def main(argv=None) -> int:
             "engines": results}
     text = report(data)
     print(text)
-    write_json(out, data)
-    write_atomic(os.path.splitext(out)[0] + ".md", "```\n" + data["settings"]["command"] + "\n```\n\n" + text + "\n")
-    print(f"\nwrote {os.path.relpath(out)} and {os.path.relpath(os.path.splitext(out)[0] + '.md')}", file=sys.stderr)
+    write_results(out, data, "```\n" + data["settings"]["command"] + "\n```\n\n" + text + "\n")
     return 0
 
 

@@ -20,7 +20,6 @@ Results go to benchmarks/results/moe.json and .md (atomically).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,10 +28,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_inference import cpu_busy_s, machine_facts, set_torch_threads, wait_for_quiet  # noqa: E402
+from bench_inference import cpu_busy_s, machine_facts, set_torch_threads, wait_for_quiet, write_results  # noqa: E402
 
 from qwen2.config import named_config  # noqa: E402
-from qwen2.fileio import write_text_atomic  # noqa: E402
 from qwen2.moe import SparseMoeBlock  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,13 +151,10 @@ def main(argv=None) -> int:
                                                       "moe_intermediate_size", "shared_expert_intermediate_size",
                                                       "norm_topk_prob")},
             "machine": facts, "rows": rows}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    write_text_atomic(args.out, json.dumps(data, indent=1) + "\n")
     header = (f"MoE layer throughput, Qwen2-57B-A14B layer / {args.scale} ({shape}), fp32, {args.threads} thread{'s' * (args.threads != 1)}, "
               f"median of the repeats; {facts['cpu']}, torch {facts['torch']}, transformers {facts['transformers']}, "
               f"{facts['date']}.\n\n")
-    write_text_atomic(os.path.splitext(args.out)[0] + ".md", header + md + "\n")
-    print(f"\nwrote {args.out} and its .md", flush=True)
+    write_results(args.out, data, header + md + "\n")
     return 0
 
 

@@ -18,16 +18,14 @@ Results go to benchmarks/results/speculative.json and .md (atomically).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_inference import cpu_busy_s, machine_facts, set_torch_threads, wait_for_quiet  # noqa: E402
+from bench_inference import cpu_busy_s, machine_facts, set_torch_threads, wait_for_quiet, write_results  # noqa: E402
 
-from qwen2.fileio import write_text_atomic  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL, LARGE = "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"
@@ -165,13 +163,10 @@ def main(argv=None) -> int:
     facts = machine_facts(args.threads)
     data = {"prompt": EDIT_REQUEST, "new_tokens": args.new_tokens, "repeats": args.repeats, "machine": facts,
             "rows": rows}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    write_text_atomic(args.out, json.dumps(data, indent=1) + "\n")
     header = (f"Speculative decoding, greedy, code-editing prompt (chat template), {args.new_tokens} new tokens, "
               f"fp32, {args.threads} threads, median of {args.repeats}; {facts['cpu']}, torch {facts['torch']}, "
               f"{facts['date']}.\n\n")
-    write_text_atomic(os.path.splitext(args.out)[0] + ".md", header + md + "\n")
-    print(f"\nwrote {args.out} and its .md", flush=True)
+    write_results(args.out, data, header + md + "\n")
     return 0 if all(r.get("identical", True) for r in rows) else 1
 
 
