@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -50,20 +48,6 @@ LANGUAGES = ["Python", "JavaScript", "Go", "Rust"]
 def prompts(count: int) -> list[list[dict]]:
     return [[{"role": "user", "content": f"Write a short {LANGUAGES[i % len(LANGUAGES)]} function to "
                                          f"{TOPICS[i % len(TOPICS)]}. Code only."}] for i in range(count)]
-
-
-def serve_in_thread(app):
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    return server, thread, f"http://127.0.0.1:{port}"
 
 
 def one_request(http, url: str, messages: list[dict], max_tokens: int) -> dict:
@@ -126,7 +110,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import qwen2
-    from qwen2.serve.app import create_app
+    from qwen2.serve.app import create_app, serve_in_background
 
     set_torch_threads(args.threads)
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -135,9 +119,8 @@ def main() -> None:
     quantize = None if args.quantize == "none" else args.quantize
     m = qwen2.load(args.model, quantize=quantize, progress=False)
     app = create_app(m, max_batch=args.max_batch, max_model_len=args.max_model_len, max_queue=4 * max(levels))
-    server, thread, url = serve_in_thread(app)
     conversations = prompts(args.requests)
-    try:
+    with serve_in_background(app) as url:
         run_level(url, conversations[:2], 2, 4)  # warm-up: kernels built, allocator warm
         rows, reference = [], None
         for c in levels:
@@ -164,9 +147,6 @@ def main() -> None:
                   "requests_per_level": args.requests, "max_batch": args.max_batch,
                   "max_model_len": args.max_model_len, "mean_decode_batch": round(engine.decode_rows / max(engine.decode_steps, 1), 2),
                   "machine": machine_facts(args.threads), "levels": rows}
-    finally:
-        server.should_exit = True
-        thread.join(30)
     os.makedirs(RESULTS, exist_ok=True)
     write_text_atomic(os.path.join(RESULTS, args.out + ".json"), json.dumps(result, indent=2) + "\n")
     lines = [f"`qwen2 serve`, {args.model} ({args.quantize}), {args.requests} different chat prompts per level, "

@@ -15,10 +15,12 @@ or writes a file named by a request: the only file served is the packaged chat p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hmac
 import json
 import os
+import socket
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -392,3 +394,32 @@ class Job:
         finally:  # finished, failed, or the client went away (the task is cancelled): free the slots
             self.cancel()
             self.done()
+
+
+@contextlib.contextmanager
+def serve_in_background(app, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 20.0):
+    """Serve `app` with uvicorn in a thread of this process (tests, benchmarks, notebooks): yields
+    the base URL once the server accepts connections and shuts it down on exit. port 0 = a free one."""
+    import threading
+
+    import uvicorn
+
+    if port == 0:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + start_timeout
+    while not server.started:
+        if not thread.is_alive() or time.time() > deadline:
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=start_timeout)
+        if thread.is_alive():
+            raise RuntimeError("the server did not shut down")
