@@ -5,7 +5,6 @@ must give each request exactly what it gets decoded alone."""
 import contextlib
 import gc
 import json
-import socket
 import threading
 import time
 
@@ -14,13 +13,12 @@ import openai
 import psutil
 import pytest
 import torch
-import uvicorn
 
 from ggufs import random_model, tiny_config
 from qwen2 import cli
 from qwen2.api import Qwen2
 from qwen2.generate import SamplingParams
-from qwen2.serve.app import create_app
+from qwen2.serve.app import create_app, serve_in_background
 from qwen2.serve.engine import Delta, Engine, Finish, QueueFull, Request
 from qwen2.serve.protocol import ChatMessage
 from qwen2.serve.tools import ToolCallGate, parse_tool_calls, template_messages
@@ -46,22 +44,8 @@ def tiny(tokenizer):
 def live_server(qwen, **options):
     """create_app(qwen, **options) served by uvicorn on 127.0.0.1 at a free port, in a thread."""
     app = create_app(qwen, **options)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started:
-        assert thread.is_alive() and time.time() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}", app
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
-        assert not thread.is_alive(), "the server did not shut down"
+    with serve_in_background(app) as url:
+        yield url, app
 
 
 @pytest.fixture(scope="module")
@@ -240,23 +224,24 @@ def test_static_decode_with_a_slot_per_row_equals_each_row_alone(tiny):
     assert bool(k[:, 1, :, 3:].abs().sum() == 0)  # and nowhere else
 
 
+def recorded_request(tiny, prompt: str, max_new_tokens: int, texts: dict, finished: dict) -> Request:
+    """A greedy engine Request whose text goes to texts[prompt] and its Finish to finished[prompt]."""
+    def emit(events):
+        for e in events:
+            if isinstance(e, Delta):
+                texts[prompt] = texts.get(prompt, "") + e.text
+            elif isinstance(e, Finish):
+                finished[prompt] = e
+    return Request(tiny.tokenizer.encode(prompt), SamplingParams(max_new_tokens=max_new_tokens), emit)
+
+
 def test_engine_rows_of_different_lengths_join_mid_generation(tiny):
     """The scheduler alone, stepped by hand: a request admitted while another is halfway equals
     generate() on its own, through row moves when an earlier row retires."""
     engine = Engine(tiny.model, tiny.tokenizer, tiny.eos_ids, max_batch=3, max_model_len=CONTEXT)
     texts, finished = {}, {}
-
-    def request(prompt, n):
-        def emit(events):
-            for e in events:
-                if isinstance(e, Delta):
-                    texts[prompt] = texts.get(prompt, "") + e.text
-                elif isinstance(e, Finish):
-                    finished[prompt] = e
-        return Request(tiny.tokenizer.encode(prompt), SamplingParams(max_new_tokens=n), emit)
-
     jobs = {PROMPTS[0]: 30, PROMPTS[1]: 8, PROMPTS[2]: 20, PROMPTS[3]: 25}
-    queue = [request(p, n) for p, n in jobs.items()]
+    queue = [recorded_request(tiny, p, n, texts, finished) for p, n in jobs.items()]
     with torch.inference_mode():
         engine._step([queue[0]])
         for _ in range(5):
@@ -269,6 +254,23 @@ def test_engine_rows_of_different_lengths_join_mid_generation(tiny):
             engine._step([])
     assert texts == {p: tiny.generate(p, max_new_tokens=n) for p, n in jobs.items()}
     assert all(finished[p].completion_tokens == n for p, n in jobs.items())
+
+
+def test_engine_request_done_at_its_first_token_leaves_before_the_decode_step(tiny):
+    """A request finished by its prefill alone (max_tokens 1; or an end token first) joins a running
+    batch: it must leave before the step decodes the others, having no token to feed (the fuzzer
+    found this as a 503)."""
+    engine = Engine(tiny.model, tiny.tokenizer, tiny.eos_ids, max_batch=2, max_model_len=CONTEXT)
+    texts, finished = {}, {}
+    jobs = {PROMPTS[0]: 6, PROMPTS[1]: 1}
+    running, one_token = [recorded_request(tiny, p, n, texts, finished) for p, n in jobs.items()]
+    with torch.inference_mode():
+        engine._step([running])
+        engine._step([one_token])
+        while engine.rows:
+            engine._step([])
+    assert texts == {p: tiny.generate(p, max_new_tokens=n) for p, n in jobs.items()}
+    assert finished[PROMPTS[1]].completion_tokens == 1 and finished[PROMPTS[0]].completion_tokens == 6
 
 
 # ---- tool calls -----------------------------------------------------------------------------------

@@ -251,8 +251,10 @@ class Engine:
         for request in admitted:
             self._admit(request, events)
             self._emit(events)  # its first token goes out now, not after the other prefills
-        self._retire([i for i, s in enumerate(self.rows) if s.request.cancelled])
-        if any(s.pending is not None for s in self.rows):
+        # Cancelled rows, and rows an admission just finished (max_tokens 1, an end token first), have no
+        # token to feed: they leave before the decode step.
+        self._retire([i for i, s in enumerate(self.rows) if s.request.cancelled or s.pending is None])
+        if self.rows:
             logits = self._decode()  # (n, V)
             for row, seq in enumerate(self.rows):
                 self._advance(seq, logits[row:row + 1], events)
