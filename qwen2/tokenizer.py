@@ -204,17 +204,18 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`. Added tokens written in the text (`<|im_start|>`) become their single
         id. Qwen2 adds no BOS or EOS."""
-        if not isinstance(text, str):
-            raise Qwen2Error(f"encode takes a str, not {type(text).__name__}")
-        return self._backend.encode(text, add_special_tokens=False).ids
+        return self._encoding(text).ids
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """`encode(text)` and, for each token, the [start, end) character span of `text` it came
         from (training uses them to find which tokens belong to which chat turn)."""
+        encoding = self._encoding(text)
+        return encoding.ids, [tuple(o) for o in encoding.offsets]
+
+    def _encoding(self, text: str):
         if not isinstance(text, str):
             raise Qwen2Error(f"encode takes a str, not {type(text).__name__}")
-        encoding = self._backend.encode(text, add_special_tokens=False)
-        return encoding.ids, [tuple(o) for o in encoding.offsets]
+        return self._backend.encode(text, add_special_tokens=False)
 
     def decode(self, ids: Iterable[int] | int, skip_special_tokens: bool = False) -> str:
         """Text of `ids`; bytes that do not form valid UTF-8 come out as U+FFFD."""
