@@ -32,6 +32,19 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iter
         raise
 
 
+def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 text file's contents; an unreadable or non-UTF-8 file is a one-line Qwen2Error."""
+    from .errors import Qwen2Error
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise Qwen2Error(f"{path} is not UTF-8 text ({e})") from None
+    except OSError as e:
+        raise Qwen2Error(f"cannot read {path}: {e.strerror or e}") from None
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_file(path, "w", encoding="utf-8") as f:
         f.write(text)

@@ -42,16 +42,11 @@ def cmd_humaneval(args) -> None:
 
 
 def cmd_perplexity(args) -> None:
+    from ..fileio import read_text
     from .perplexity import perplexity
     from ..cli import _load
 
-    try:
-        with open(args.file, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise Qwen2Error(f"cannot read {args.file}: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise Qwen2Error(f"{args.file} is not UTF-8 text") from None
+    text = read_text(args.file)
     m = _load(args)
     r = perplexity(m.model, m.tokenizer.encode(text), context=args.context, stride=args.stride, progress=True)
     print(f"perplexity {r.perplexity:.4f} over {r.scored} scored tokens of {r.tokens} "

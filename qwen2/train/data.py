@@ -12,7 +12,6 @@ dropped silently: the counts go to the log and the run's summary.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -20,6 +19,7 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import Qwen2Error
+from ..fileio import read_text
 
 IGNORE_INDEX = -100  # labels with this value take no loss (transformers' convention)
 END_OF_DOCUMENT = "<|endoftext|>"  # separates pre-training documents, as in Qwen2's own data
@@ -68,19 +68,9 @@ class DataReport:
         return {"file": self.path, "records": self.records, "skipped": self.skipped, "truncated": self.truncated}
 
 
-def _read_text(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except UnicodeDecodeError as e:
-        raise Qwen2Error(f"{path} is not UTF-8 text ({e})") from None
-    except OSError as e:
-        raise Qwen2Error(f"cannot read {path}: {e.strerror or e}") from None
-
-
 def jsonl_records(path: str, report: DataReport) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line; bad JSON or a non-object goes to `report`."""
-    for number, line in enumerate(_read_text(path).splitlines(), 1):
+    for number, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -109,7 +99,7 @@ def read_documents(path: str, report: DataReport) -> list[str]:
             docs.append(text)
             report.records += 1
         return docs
-    docs = [d for d in _read_text(path).split(END_OF_DOCUMENT) if d.strip()]
+    docs = [d for d in read_text(path).split(END_OF_DOCUMENT) if d.strip()]
     report.records += len(docs)
     return docs
 
