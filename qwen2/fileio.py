@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from typing import IO, Iterator
 
@@ -48,3 +49,44 @@ def read_text(path: str | os.PathLike) -> str:
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_file(path, "w", encoding="utf-8") as f:
         f.write(text)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary sibling directory `.NAME.partial-XXXX` to fill; on success it replaces `path`
+    (a directory already there is removed only once the new one is in place, and put back if that
+    fails), on any error it is removed: a reader never sees half a directory."""
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
+    try:
+        yield tmp
+        _make_readable(tmp)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _make_readable(tmp: str) -> None:
+    """mkdtemp makes a private 0700 directory; give the finished one ordinary permissions."""
+    os.chmod(tmp, umask_mode(directory=True))
+    for name in os.listdir(tmp):
+        file = os.path.join(tmp, name)
+        if os.path.isfile(file):
+            os.chmod(file, umask_mode())
+
+
+def _replace_dir(src: str, dst: str) -> None:
+    if os.path.isdir(dst):
+        old = dst + ".old-" + os.path.basename(src)
+        os.rename(dst, old)
+        try:
+            os.rename(src, dst)
+        except BaseException:
+            os.rename(old, dst)  # put the previous directory back: a failed write changes nothing
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(src, dst)

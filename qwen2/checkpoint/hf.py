@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import torch
 
 from ..config import Qwen2Config
 from ..errors import Qwen2Error
-from ..fileio import umask_mode
+from ..fileio import atomic_dir
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -115,66 +113,34 @@ def save_hf_dir(path: str, config: Qwen2Config, state_dict: dict[str, torch.Tens
         raise Qwen2Error("no tensors to save: the state dict is empty")
     from . import check_state_dict
     check_state_dict(config, state_dict)  # never write a directory that would not load
-    parent = os.path.dirname(path)
     try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
-    except OSError as e:
+        with atomic_dir(path) as tmp:
+            dtype = next(iter(state_dict.values())).dtype
+            hf_config = config.to_hf_dict() | {"torch_dtype": str(dtype).removeprefix("torch.")}
+            _write_json(os.path.join(tmp, "config.json"), hf_config)
+            # A tied output layer is the embedding itself; like HF, store it once.
+            tensors = {k: v.contiguous() for k, v in state_dict.items()
+                       if not (config.tie_word_embeddings and k == "lm_head.weight")}
+            shards = _shards(tensors, max_shard_bytes)
+            if len(shards) == 1:
+                save_file(shards[0], os.path.join(tmp, SAFETENSORS_SINGLE), metadata={"format": "pt"})
+            else:
+                weight_map = {}
+                for i, shard in enumerate(shards, 1):
+                    name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                    save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+                    weight_map.update(dict.fromkeys(shard, name))
+                total = sum(t.numel() * t.element_size() for t in tensors.values())
+                _write_json(os.path.join(tmp, SAFETENSORS_INDEX),
+                            {"metadata": {"total_size": total}, "weight_map": weight_map})
+            if generation_config:
+                _write_json(os.path.join(tmp, "generation_config.json"), generation_config)
+            if tokenizer is not None:
+                tokenizer.save(tmp)
+            for name, content in (extra_files or {}).items():
+                _write_json(os.path.join(tmp, name), content)
+    except OSError as e:  # disk full, permission denied, ...: one line, nothing left behind
         raise Qwen2Error(f"cannot write {path}: {e.strerror or e}") from None
-    try:
-        dtype = next(iter(state_dict.values())).dtype
-        hf_config = config.to_hf_dict() | {"torch_dtype": str(dtype).removeprefix("torch.")}
-        _write_json(os.path.join(tmp, "config.json"), hf_config)
-        # A tied output layer is the embedding itself; like HF, store it once.
-        tensors = {k: v.contiguous() for k, v in state_dict.items()
-                   if not (config.tie_word_embeddings and k == "lm_head.weight")}
-        shards = _shards(tensors, max_shard_bytes)
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(tmp, SAFETENSORS_SINGLE), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, 1):
-                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(shard, name))
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            _write_json(os.path.join(tmp, SAFETENSORS_INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
-        if generation_config:
-            _write_json(os.path.join(tmp, "generation_config.json"), generation_config)
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-        for name, content in (extra_files or {}).items():
-            _write_json(os.path.join(tmp, name), content)
-        _make_readable(tmp)
-        _replace_dir(tmp, path)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):  # disk full, permission denied, ...: one line, nothing left behind
-            raise Qwen2Error(f"cannot write {path}: {e.strerror or e}") from None
-        raise
-
-
-def _make_readable(tmp: str) -> None:
-    """mkdtemp makes a private 0700 directory; give the finished one ordinary permissions."""
-    os.chmod(tmp, umask_mode(directory=True))
-    for name in os.listdir(tmp):
-        file = os.path.join(tmp, name)
-        if os.path.isfile(file):
-            os.chmod(file, umask_mode())
-
-
-def _replace_dir(src: str, dst: str) -> None:
-    if os.path.isdir(dst):
-        old = dst + ".old-" + os.path.basename(src)
-        os.rename(dst, old)
-        try:
-            os.rename(src, dst)
-        except BaseException:
-            os.rename(old, dst)  # put the previous directory back: a failed write changes nothing
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(src, dst)
 
 
 def _write_json(file: str, obj) -> None:

@@ -16,12 +16,11 @@ import os
 import random
 import re
 import shutil
-import tempfile
 
 import torch
 
 from ..errors import Qwen2Error
-from ..fileio import umask_mode
+from ..fileio import atomic_dir
 from .distributed import barrier, full_tensor, shard_like
 
 CHECKPOINTS = "checkpoints"
@@ -97,10 +96,7 @@ def save_checkpoint(output_dir: str, step: int, model: torch.nn.Module, optimize
     if not write:
         barrier()
         return final
-    root = os.path.dirname(final)
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.partial-", dir=root)
-    try:
+    with atomic_dir(final) as tmp:  # a re-run of a step after resuming from an older checkpoint replaces it
         save_file(weights, os.path.join(tmp, "model.safetensors"))
         save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
         save_file(rng_tensors(), os.path.join(tmp, "rng.safetensors"))
@@ -109,13 +105,6 @@ def save_checkpoint(output_dir: str, step: int, model: torch.nn.Module, optimize
             json.dump(full_state, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, umask_mode(directory=True))
-        if os.path.isdir(final):  # a re-run of the same step after resuming from an older checkpoint
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for _, old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     barrier()  # no rank runs ahead of a checkpoint it may be asked to resume from
