@@ -135,33 +135,34 @@ def cmd_chat(args) -> None:
         messages.append({"role": "assistant", "content": reply})
 
 
-def cmd_convert(args) -> None:
+def _write_hf_dir(source: str, output: str, dtype: str, force: bool, transform=None) -> None:
+    """Load `source`, transform its (config, state_dict) if asked, cast to `dtype`, write an HF directory."""
     from .api import parse_dtype
     from .checkpoint import load_checkpoint
     from .checkpoint.hf import check_output_dir, save_hf_dir
 
-    check_output_dir(args.output, overwrite=args.force)  # before minutes of loading, not after
-    config, state_dict, tokenizer, generation_config = load_checkpoint(args.input)
-    dtype = parse_dtype(args.dtype)
+    check_output_dir(output, overwrite=force)  # before minutes of loading, not after
+    dtype = parse_dtype(dtype)
+    config, state_dict, tokenizer, generation_config = load_checkpoint(source)
+    if transform is not None:
+        config, state_dict = transform(config, state_dict)
     state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
-    save_hf_dir(args.output, config, state_dict, tokenizer, generation_config, overwrite=args.force)
-    print(f"wrote {args.output}")
+    save_hf_dir(output, config, state_dict, tokenizer, generation_config, overwrite=force)
+    print(f"wrote {output}")
+
+
+def cmd_convert(args) -> None:
+    _write_hf_dir(args.input, args.output, args.dtype, args.force)
 
 
 def cmd_upcycle(args) -> None:
-    from .api import parse_dtype
-    from .checkpoint import load_checkpoint
-    from .checkpoint.hf import check_output_dir, save_hf_dir
     from .moe import upcycle
 
-    check_output_dir(args.output, overwrite=args.force)
-    dtype = parse_dtype(args.dtype)
-    config, state_dict, tokenizer, generation_config = load_checkpoint(args.source)
-    config, state_dict = upcycle(config, state_dict, args.num_experts, args.top_k, args.expert_size,
-                                 args.shared_expert_size, args.reinit_fraction, args.seed, progress=True)
-    state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
-    save_hf_dir(args.output, config, state_dict, tokenizer, generation_config, overwrite=args.force)
-    print(f"wrote {args.output}")
+    def to_moe(config, state_dict):
+        return upcycle(config, state_dict, args.num_experts, args.top_k, args.expert_size, args.shared_expert_size,
+                       args.reinit_fraction, args.seed, progress=True)
+
+    _write_hf_dir(args.source, args.output, args.dtype, args.force, to_moe)
 
 
 def _disk_size(path: str) -> int:
