@@ -32,17 +32,57 @@ from qwen2.fileio import write_text_atomic  # noqa: E402
 PUBLISHED = {"qwen2.5-coder-0.5b-instruct": 61.6, "qwen2.5-coder-1.5b-instruct": 70.7}
 
 
-def llama_cpp_generator(gguf: str, tokenizer, threads: int, n_ctx: int):
+def llama_cpp_generator(gguf: str, tokenizer, eos_ids, threads: int, batch: int):
+    """llama.cpp on the GGUF as a humaneval Generator, greedy, with continuous batching like ours: up to
+    `batch` sequences (one llama.cpp sequence id each, in a context of their own) decode together, and a
+    finished sequence's id is cleared and refilled with the next prompt (prefilled in the same
+    llama_decode call as the others' next tokens). Prompts are our token ids; replies are turned into
+    text, ended at an end token or the stop string, by the same `TextStream` our engine uses."""
     import llama_cpp
+    from bench_inference import LlamaCppEngine
+    from qwen2.generate import TextStream
 
-    llm = llama_cpp.Llama(model_path=gguf, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm = llama_cpp.Llama(model_path=gguf, n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+    engine = LlamaCppEngine(llm)
 
-    def generate(prompt: str, settings: humaneval.Settings, index: int) -> list[str]:
-        ids = tokenizer.encode(prompt)  # the very ids our engine gets
-        out = llm.create_completion(ids, max_tokens=settings.max_new_tokens, temperature=0.0, top_k=1, top_p=1.0,
-                                    min_p=0.0, repeat_penalty=1.0)
-        llm.reset()
-        return [out["choices"][0]["text"]]
+    def generate(jobs, settings: humaneval.Settings):
+        if settings.samples != 1 or settings.temperature != 0:
+            raise SystemExit("the llama.cpp rows are greedy, one sample per problem")
+        prompts = {index: tokenizer.encode(prompt) for index, prompt in jobs}
+        per_seq = max(map(len, prompts.values())) + settings.max_new_tokens
+        ctx = engine.batch_context(batch, per_seq, batch * per_seq)
+        memory = llama_cpp.llama_get_memory(ctx.ctx)
+        lot = llama_cpp.llama_batch_init(batch * per_seq, 0, 1)
+        waiting = [index for index, _ in jobs]
+        live = {}  # sequence id -> [problem index, TextStream, reply so far, tokens so far, next token]
+        try:
+            while waiting or live:
+                entries, owners = [], []
+                for seq in range(batch):  # refill free sequence ids with whole prompts
+                    if seq not in live and waiting:
+                        index = waiting.pop(0)
+                        llama_cpp.llama_memory_seq_rm(memory, seq, -1, -1)
+                        ids = prompts[index]
+                        entries += [(t, pos, seq, pos == len(ids) - 1) for pos, t in enumerate(ids)]
+                        live[seq] = [index, TextStream(tokenizer, eos_ids, [settings.stop]), "", 0, None]
+                        owners.append(seq)
+                    elif seq in live and live[seq][4] is not None:
+                        index, _, _, n, token = live[seq]
+                        entries.append((token, len(prompts[index]) + n - 1, seq, True))
+                        owners.append(seq)
+                for seq, token in zip(owners, engine.decode(ctx, lot, entries)):
+                    row = live[seq]
+                    row[2] += row[1].push(token)
+                    row[3] += 1
+                    if not row[1].done and row[3] >= settings.max_new_tokens:
+                        row[2] += row[1].close()
+                    row[4] = token
+                    if row[1].done:
+                        del live[seq]
+                        yield row[0], [row[2]]
+        finally:
+            llama_cpp.llama_batch_free(lot)
+            ctx.close()
 
     return generate
 
@@ -55,6 +95,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=512)
     ap.add_argument("--timeout", type=float, default=10.0, help="seconds per sample's tests")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8, help="sequences each engine decodes together (continuous batching)")
     ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     args = ap.parse_args()
 
@@ -72,10 +113,10 @@ def main() -> None:
         out = os.path.join(args.out_dir, f"humaneval-{args.model}-{engine}.jsonl")
         settings = humaneval.Settings(model=f"{args.model}/{engine}", max_new_tokens=args.max_new_tokens)
         if engine == "qwen2":
-            generate = humaneval.model_generator(m)
+            generate = humaneval.model_generator(m, batch=args.batch)
         elif engine == "llama.cpp":
             try:
-                generate = llama_cpp_generator(gguf, m.tokenizer, args.threads, n_ctx=2048)
+                generate = llama_cpp_generator(gguf, m.tokenizer, m.eos_ids, args.threads, args.batch)
             except ImportError:
                 rows.append({"engine": engine, "note": "llama_cpp not installed"})
                 continue

@@ -127,7 +127,7 @@ def test_humaneval_run_continues_past_hostile_samples_and_records_them(tmp_path,
         body = hostile.get(index, p["canonical_solution"])
         return [f"{body}\n```\nThat is all."]
 
-    summary = humaneval.run(generate, problems, tmp_path / "r.jsonl", humaneval.Settings(), limits=FAST,
+    summary = humaneval.run(humaneval.one_by_one(generate), problems, tmp_path / "r.jsonl", humaneval.Settings(), limits=FAST,
                             tokenizer=small_tokenizer, progress=False)
     records = [json.loads(line) for line in open(tmp_path / "r.jsonl")]
     assert [r["passed"] for r in records] == [False, False, False, False, True, True]
@@ -244,24 +244,24 @@ def test_a_killed_humaneval_run_resumes_from_its_results_file(tmp_path, small_to
         return [problems[index]["canonical_solution"] + "```"]
 
     settings = humaneval.Settings(model="fake")
-    humaneval.run(generate, problems[:2], out, settings, limits=FAST, tokenizer=small_tokenizer, progress=False)
+    humaneval.run(humaneval.one_by_one(generate), problems[:2], out, settings, limits=FAST, tokenizer=small_tokenizer, progress=False)
     assert asked == [0, 1]
     with open(out, "a") as f:
         f.write('{"task_id": "HumanEval/2", "sample": 0, "compl')  # killed while writing problem 2
     asked.clear()
-    summary = humaneval.run(generate, problems, out, settings, limits=FAST, tokenizer=small_tokenizer, progress=False)
+    summary = humaneval.run(humaneval.one_by_one(generate), problems, out, settings, limits=FAST, tokenizer=small_tokenizer, progress=False)
     assert asked == [2, 3]  # only the rest ran
     records = [json.loads(line) for line in open(out)]
     assert [r["task_id"] for r in records] == [p["task_id"] for p in problems]
     assert summary["problems"] == 4 and summary["pass@1"] == 1.0
 
     with pytest.raises(Qwen2Error, match="other settings"):
-        humaneval.run(generate, problems, out, humaneval.Settings(model="fake", max_new_tokens=9),
+        humaneval.run(humaneval.one_by_one(generate), problems, out, humaneval.Settings(model="fake", max_new_tokens=9),
                       tokenizer=small_tokenizer, progress=False)
     with pytest.raises(Qwen2Error, match="needs sampling"):
         humaneval.Settings(samples=5)
     with pytest.raises(Qwen2Error, match="--samples >= 10"):
-        humaneval.run(generate, problems, tmp_path / "k.jsonl", humaneval.Settings(samples=2, temperature=0.8),
+        humaneval.run(humaneval.one_by_one(generate), problems, tmp_path / "k.jsonl", humaneval.Settings(samples=2, temperature=0.8),
                       ks=[1, 10], tokenizer=small_tokenizer, progress=False)
 
 

@@ -34,7 +34,7 @@ def cmd_humaneval(args) -> None:
     problems = humaneval.load_problems(limit=args.limit)
     limits = Limits(timeout=args.timeout)
     m = _load(args)
-    summary = humaneval.run(humaneval.model_generator(m), problems, args.out, settings, ks=ks, limits=limits,
+    summary = humaneval.run(humaneval.model_generator(m, batch=args.batch), problems, args.out, settings, ks=ks, limits=limits,
                             tokenizer=m.tokenizer)
     rates = ", ".join(f"{k} {summary[k]:.3f}" for k in summary if k.startswith("pass@"))
     print(f"{summary['problems']} problems, {summary['passed']}/{summary['samples']} samples passed: {rates}")
@@ -97,6 +97,7 @@ def add_eval_parser(sub, add_model_args) -> None:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--batch", type=int, default=8, help="sequences decoded together (continuous batching; default 8)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per sample's tests (default 10)")
     p.set_defaults(func=cmd_humaneval)
 

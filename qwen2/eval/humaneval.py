@@ -21,11 +21,13 @@ killed run started again with the same file and settings skips the problems alre
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
+import queue
 import re
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from ..errors import Qwen2Error
 from ..fileio import write_text_atomic
@@ -190,6 +192,9 @@ class Settings:
     top_p: float = 0.95
     max_new_tokens: int = 512
     seed: int = 0
+    # Replies end at the code block's closing fence, as in EvalPlus's chat protocol: what a model
+    # writes after its code (explanations, usage examples) is never checked, so it is not generated.
+    stop: str = "\n```"
 
     def __post_init__(self):
         if not isinstance(self.samples, int) or self.samples < 1:
@@ -198,17 +203,69 @@ class Settings:
             raise Qwen2Error("--samples > 1 needs sampling: give --temperature > 0 (e.g. 0.8)")
 
 
-# generate(prompt, settings, problem_index) -> `settings.samples` raw replies (the text after the prompt)
-Generator = Callable[[str, Settings, int], list[str]]
+# generate(jobs, settings) -> (problem_index, `settings.samples` raw replies) for every job
+# (problem_index, prompt), in the order they finish; a reply is the text after the prompt.
+Generator = Callable[[list[tuple[int, str]], Settings], Iterator[tuple[int, list[str]]]]
 
 
-def model_generator(m) -> Generator:
-    """Our model as a Generator: greedy for one sample, else a batch of samples seeded per problem."""
-    def generate(prompt: str, settings: Settings, index: int) -> list[str]:
-        options = dict(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature)
-        if settings.temperature > 0:
-            options.update(top_p=settings.top_p, seed=settings.seed + index)
-        return m.generate([prompt] * settings.samples, **options)
+def one_by_one(generate_one: Callable[[str, Settings, int], list[str]]) -> Generator:
+    """A Generator from a function that answers one prompt at a time: generate_one(prompt, settings, index)."""
+    def generate(jobs, settings):
+        for index, prompt in jobs:
+            yield index, generate_one(prompt, settings, index)
+
+    return generate
+
+
+def model_generator(m, batch: int = 8) -> Generator:
+    """Our model as a Generator, through the server's continuous-batching engine: up to `batch`
+    sequences decode together and a finished one's row is refilled at once. Each row attends over
+    its own keys as if alone, so greedy replies are the ones the model gives each prompt by itself.
+    Choice i of a sampled problem uses seed `settings.seed + index + i`."""
+    from ..serve.engine import Delta, Engine, Failure, Finish, Request
+
+    def generate(jobs, settings):
+        if not jobs:
+            return
+        lengths = [len(m.tokenizer.encode(prompt)) for _, prompt in jobs]
+        engine = Engine(m.model, m.tokenizer, m.eos_ids, max_batch=max(batch, settings.samples),
+                        max_model_len=min(max(lengths) + settings.max_new_tokens, m.config.max_position_embeddings))
+        finished: queue.Queue = queue.Queue()
+
+        def submit(index: int, prompt: str) -> None:
+            texts, left = [""] * settings.samples, [settings.samples]
+
+            def emit(events):
+                for event in events:
+                    if isinstance(event, Failure):
+                        finished.put(Qwen2Error(f"generation failed: {event.message}"))
+                    elif isinstance(event, Delta):
+                        texts[event.index] += event.text
+                    elif isinstance(event, Finish):
+                        left[0] -= 1
+                        if left[0] == 0:
+                            finished.put((index, texts))
+
+            params = m.sampling(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                                stop=[settings.stop], **({"top_p": settings.top_p, "seed": settings.seed + index}
+                                                          if settings.temperature > 0 else {}))
+            engine.submit(Request(m.tokenizer.encode(prompt), params, emit, n=settings.samples))
+
+        waiting = collections.deque(jobs)
+        engine.start()
+        try:
+            in_flight = 0
+            while waiting or in_flight:
+                while waiting and in_flight < 2 * engine.max_batch:  # the engine's queue stays short
+                    submit(*waiting.popleft())
+                    in_flight += 1
+                done = finished.get()
+                if isinstance(done, Exception):
+                    raise done
+                in_flight -= 1
+                yield done
+        finally:
+            engine.close()
 
     return generate
 
@@ -261,8 +318,9 @@ def run(generate: Generator, problems: Sequence[dict], out_path: str | os.PathLi
     with open(out_path, "a", encoding="utf-8") as out, \
             progress_bar(total=len(problems), initial=len(problems) - len(todo), desc="humaneval",
                          unit="problem", disable=not progress) as bar:
-        for index, problem in todo:
-            replies = generate(build_prompt(tokenizer, problem), settings, index)
+        jobs = [(index, build_prompt(tokenizer, problem)) for index, problem in todo]
+        for index, replies in generate(jobs, settings):
+            problem = problems[index]
             lines = []
             for sample, reply in enumerate(replies):
                 code = extract_code(CODE_FENCE + reply, problem["entry_point"])
