@@ -274,6 +274,29 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert [lr_at(s, linear) for s in range(5)] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
 
 
+def test_tensorboard_events_hold_the_logged_records(tmp_path):
+    """tensorboard=true: every numeric field of every logged record is a scalar at its step in the
+    event file, read back with TensorBoard's own reader; log.jsonl and log.csv are written too."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from qwen2.train.loop import RunLog
+
+    records = [{"step": s, "loss": 3.0 / s, "lr": 1e-4 * s, "grad_norm": 0.5 + s, "tokens": 64 * s, "note": "x"}
+               for s in (1, 2, 5)]
+    log = RunLog(str(tmp_path), tensorboard=True)
+    for record in records:
+        log.append(record)
+    log.writer.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["train/grad_norm", "train/loss", "train/lr", "train/tokens"]
+    for key in ("loss", "lr", "grad_norm", "tokens"):
+        got = [(e.step, e.value) for e in events.Scalars(f"train/{key}")]
+        assert got == [(r["step"], pytest.approx(r[key], rel=1e-6)) for r in records], key
+    assert log.records() == records
+    assert open(tmp_path / "log.csv").read().splitlines()[0] == "step,loss,lr,grad_norm,tokens,note"
+
+
 # ---- runs: resume after SIGKILL, SFT + LoRA, DPO ----------------------------------------------------
 
 def run_cli(args, env_extra=None):
