@@ -1,7 +1,7 @@
 """Load test of `qwen2 serve`, next to llama.cpp's server: N concurrent streaming clients on loopback.
 
-    python benchmarks/bench_serve.py                       # int4 0.5B: ours, then llama.cpp's; c = 1,4,8,16,32
-    python benchmarks/bench_serve.py --quantize none --servers qwen2 --requests 16 --concurrency 1,8
+    python benchmarks/bench_serve.py                       # 0.5B, fp32 as `qwen2 serve` loads it, then llama.cpp; c = 1,4,8,16,32
+    python benchmarks/bench_serve.py --quantize int4 --servers qwen2 --out serve-int4
 
 Each server is the real one, started as its own process on 127.0.0.1 (`qwen2 serve`, --max-batch
 slots, continuous batching; then `python -m llama_cpp.server` on the same GGUF with the same threads,
@@ -183,7 +183,8 @@ def measure_server(name: str, url: str, model: str, conversations, levels, max_t
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
-    ap.add_argument("--quantize", default="int4", help="our server's weights: int4 (default), int8, int4-pure or none")
+    ap.add_argument("--quantize", default="none",
+                    help="our server's weights: none (fp32, `qwen2 serve`'s default), int4, int8 or int4-pure")
     ap.add_argument("--servers", default="qwen2,llama.cpp", help="which servers to load, one after the other")
     ap.add_argument("--requests", type=int, default=32, help="prompts per concurrency level (all different)")
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -214,7 +215,7 @@ def main() -> None:
               "machine": machine_facts(args.threads), "levels": rows, "skipped": skipped}
     os.makedirs(RESULTS, exist_ok=True)
     write_text_atomic(os.path.join(RESULTS, args.out + ".json"), json.dumps(result, indent=2) + "\n")
-    weights = {"qwen2": f"{args.quantize} (from the GGUF)", "llama.cpp": "the GGUF's own Q4_K_M blocks"}
+    weights = {"qwen2": "fp32, dequantised from the GGUF" if args.quantize == "none" else f"{args.quantize} from the GGUF", "llama.cpp": "the GGUF's own Q4_K_M blocks"}
     lines = [f"`python benchmarks/bench_serve.py {' '.join(sys.argv[1:])}`".replace(" `", "`"), "",
              f"{args.model}, {args.requests} different chat prompts per level (each client sends its next when "
              f"one ends), streaming, greedy, max_tokens {args.max_tokens}, loopback; each server in its own "
