@@ -97,6 +97,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8, help="sequences each engine decodes together (continuous batching)")
     ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    ap.add_argument("--rescore", action="store_true",
+                    help="first re-extract and re-check the stored replies (after a change to extraction)")
     args = ap.parse_args()
 
     import qwen2
@@ -122,6 +124,9 @@ def main() -> None:
                 continue
         else:
             raise SystemExit(f"unknown engine {engine!r}; use qwen2, llama.cpp")
+        if args.rescore and os.path.exists(out):
+            changed = humaneval.rescore(out, problems, Limits(timeout=args.timeout))
+            print(f"{engine}: rescored {out}: {changed} results changed", file=sys.stderr)
         start = time.time()
         summary = humaneval.run(generate, problems, out, settings, limits=Limits(timeout=args.timeout),
                                 tokenizer=m.tokenizer)

@@ -209,6 +209,45 @@ def test_extract_code_on_tricky_answers(name):
     assert humaneval.extract_code(answer, "add") == expected
 
 
+SANITIZE_CASES = {
+    # what the 0.5B model does at the token limit: the function, then example calls repeated until cut
+    "cut-example-calls": ("import math\n\ndef add(a, b):\n    return a + b\n\n# Test cases\nprint(add(1, 2))\n"
+                          "print(add([1, 2, 3,", "import math\n\ndef add(a, b):\n    return a + b"),
+    "main-block-and-asserts": ("def add(a, b):\n    return a + b\n\nassert add(1, 2) == 4\n"
+                               "if __name__ == '__main__':\n    print(add(1, 2))", "def add(a, b):\n    return a + b"),
+    "helper-constant-decorator": ("import functools\nSCALE = 1\nresult = add(2, 3)\n\n@functools.cache\n"
+                                  "def add(a, b):\n    return helper(a) + b * SCALE\n\ndef helper(x):\n    return x\n"
+                                  "print(result)",
+                                  "import functools\n\nSCALE = 1\n\n@functools.cache\ndef add(a, b):\n"
+                                  "    return helper(a) + b * SCALE\n\ndef helper(x):\n    return x"),
+    "bare-body-unchanged": ("import math\nreturn math.floor(a) + b", "import math\nreturn math.floor(a) + b"),
+    "no-entry-point-unchanged": ("def other():\n    pass\nprint(1)", "def other():\n    pass\nprint(1)"),
+    "never-parses-unchanged": ("def add(a, b:\n    return a + b", "def add(a, b:\n    return a + b"),
+}
+
+
+@pytest.mark.parametrize("name", SANITIZE_CASES)
+def test_sanitize_keeps_the_definitions_and_drops_what_runs_around_them(name):
+    code, expected = SANITIZE_CASES[name]
+    assert humaneval.sanitize(code, "add") == expected
+
+
+def test_rescore_rechecks_stored_replies(tmp_path):
+    """A results file written before sanitising: its cut reply failed with a SyntaxError; rescoring
+    from the stored reply passes it, without generating again."""
+    problem = humaneval.load_problems(task_ids=["HumanEval/2"])[0]
+    reply = ("def truncate_number(number: float) -> float:\n    return number % 1.0\n\n"
+             "print(truncate_number(3.5))\nprint(truncate_number([1.0, 2.0,")
+    out = tmp_path / "r.jsonl"
+    old = {"task_id": problem["task_id"], "sample": 0, "completion": "\n" + reply + "\n", "passed": False,
+           "result": "failed: SyntaxError", "reply": reply, "settings": {}}
+    out.write_text(json.dumps(old) + "\n")
+    assert humaneval.rescore(out, [problem], FAST, progress=False) == 1
+    record = json.loads(out.read_text())
+    assert record["passed"] and record["result"] == "passed" and "print(" not in record["completion"]
+    assert humaneval.rescore(out, [problem], FAST, progress=False) == 0
+
+
 def test_extracted_code_becomes_a_completion_that_passes():
     problem = humaneval.load_problems(task_ids=["HumanEval/2"])[0]  # truncate_number: return number % 1.0
     forms = {

