@@ -91,7 +91,7 @@ def worker(engine: str, job: dict) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     timed = times[job["warmup"]:]
     step_s = statistics.median(timed)
     return {"engine": engine, "step_s": step_s, "step_s_all": timed, "tokens_per_s": ids.numel() / step_s,

@@ -48,6 +48,8 @@ def llama_cpp_generator(gguf: str, tokenizer, eos_ids, threads: int, batch: int)
     def generate(jobs, settings: humaneval.Settings):
         if settings.samples != 1 or settings.temperature != 0:
             raise SystemExit("the llama.cpp rows are greedy, one sample per problem")
+        if not jobs:
+            return
         prompts = {index: tokenizer.encode(prompt) for index, prompt in jobs}
         per_seq = max(map(len, prompts.values())) + settings.max_new_tokens
         ctx = engine.batch_context(batch, per_seq, batch * per_seq)
@@ -144,13 +146,16 @@ def main() -> None:
         common = sorted(set(a) & set(b))
         agreement = {"problems": len(common),
                      "same_result": sum(a[t]["passed"] == b[t]["passed"] for t in common),
-                     "same_completion": sum(a[t]["completion"] == b[t]["completion"] for t in common)}
+                     "same_completion": sum(a[t]["completion"] == b[t]["completion"] for t in common),
+                     "same_reply": sum(a[t]["reply"] == b[t]["reply"] for t in common)}
 
     n = len(problems)
     lines = [f"# HumanEval pass@1: {args.model}", "",
              f"{n} problem{'s' if n != 1 else ''}{' (--limit: not the full benchmark)' if n < 164 else ''}, "
              f"greedy, at most {args.max_new_tokens} new tokens, the Qwen2.5-Coder instruct protocol "
-             "(`qwen2/eval/humaneval.py`), the same prompt token ids for both engines, code checked in the sandbox.", "",
+             "(`qwen2/eval/humaneval.py`: EvalPlus's instruct prompt, the reply ended at its closing code fence, "
+             "the code sanitised as EvalPlus does), the same prompt token ids for both engines, "
+             f"{args.batch} sequences decoded together by each (continuous batching), code checked in the sandbox.", "",
              "| engine | weights | pass@1 % | passed | published (bf16) % |", "|---|---|---:|---:|---:|"]
     for r in rows:
         weights = "GGUF dequantised to fp32" if r["engine"] == "qwen2" else "GGUF Q4_K_M blocks as they are"
@@ -161,7 +166,8 @@ def main() -> None:
             lines.append(f"| {r['engine']} | {weights} | {r.get('note', '')} | | |")
     if agreement:
         lines += ["", f"Same pass/fail on {agreement['same_result']}/{agreement['problems']} problems; identical "
-                      f"extracted code on {agreement['same_completion']}/{agreement['problems']}."]
+                      f"replies on {agreement['same_reply']}/{agreement['problems']}, identical checked code on "
+                      f"{agreement['same_completion']}/{agreement['problems']}."]
     lines += ["", "The published numbers are for the bf16 instruct models; these weights are the registry's "
               "GGUF (Q4_K_M, 4-bit), and the prompt is EvalPlus's instruct prompt, so a gap from the "
               "published number is expected; the two engines run the same weights and should agree within 2 points."]
