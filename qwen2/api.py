@@ -155,8 +155,9 @@ def load(source: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtype = t
     weight-only quantised ones at load time (CPU; activations stay in `dtype`). The lm_head is
     quantised to int8 in the int4 modes and kept fp32 in int8 mode (the accuracy mode);
     quantize_lm_head=True/False overrides that. From a GGUF (a registry model's too), tensors whose
-    blocks our layouts hold exactly are taken as they are instead of requantised: Q4_K as int4 (int4
-    modes, group size 32), Q8_0 and Q5_0 as int8 (the layers that are int8). See `qwen2.quantize`.
+    blocks our layouts hold exactly are taken as they are instead of requantised: in the int4 modes
+    (group size 32) Q4_K, and Q6_K for the layers that are int8, as their own super-blocks
+    (`qwen2.kquant`), Q8_0 and Q5_0 as int8 (the layers that are int8). See `qwen2.quantize`.
 
     compile=True runs decode steps through `torch.compile` (see `qwen2.compile`): the first step of
     each batch size compiles (tens of seconds), and a failed compilation falls back to eager.

@@ -32,6 +32,8 @@ def _register_fake_kernels() -> None:
         lambda x, q, scale, mins, group_size, digits: x.new_empty(x.shape[0], q.shape[0]))
     torch.library.register_fake("qwen2_kernels::int8_linear")(
         lambda x, q, scale, group_size, digits: x.new_empty(x.shape[0], q.shape[0]))
+    for op in ("q4k_linear", "q6k_linear"):  # GGUF super-blocks kept as they are (qwen2/kquant.py)
+        torch.library.register_fake(f"qwen2_kernels::{op}")(lambda x, w, digits: x.new_empty(x.shape[0], w.shape[0]))
     _register_fake_kernels.done = True
 
 

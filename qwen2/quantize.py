@@ -403,13 +403,17 @@ def quantize_model(model, mode: str, group_size: int = DEFAULT_GROUP_SIZE, lm_he
 
 
 def describe(model) -> str:
-    """'int4 (group 32; v_proj, down_proj int8; exact from the GGUF: 12 Q4_K, 12 Q8_0), lm_head int8' or 'none'."""
+    """'int4 (group 32; v_proj, down_proj int8; exact from the GGUF: 197 Q4_K as q4_k, 29 Q6_K as q6_k),
+    lm_head q6_k' or 'none': GGUF block types taken exactly, each with the layout that holds it (q4_k
+    and q6_k: the GGUF's super-blocks kept as they are, `qwen2.kquant`)."""
     q = getattr(model, "quantization", None)
     if not q:
         return "none"
+    layouts = q.get("gguf_layouts", {})
     more = ([f"group {q['group_size']}"] if q.get("group_size") else []) + \
         ([", ".join(q["int8"]) + " int8"] if q.get("int8") else []) + \
-        (["exact from the GGUF: " + ", ".join(f"{n} {t}" for t, n in sorted(q["gguf_exact"].items()))]
+        (["exact from the GGUF: " + ", ".join(f"{n} {t}" + (f" as {layouts[t]}" if t in layouts else "")
+                                              for t, n in sorted(q["gguf_exact"].items()))]
          if q.get("gguf_exact") else [])
     text = q["mode"] + (f" ({'; '.join(more)})" if more else "")
     return text + (f", lm_head {q['lm_head']}" if q.get("lm_head") else ", lm_head fp32")

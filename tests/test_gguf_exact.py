@@ -1,4 +1,5 @@
-"""Quantised layers taken exactly from a GGUF's own blocks: Q4_K as int4 groups of 32, Q8_0 and
+"""Quantised layers taken exactly from a GGUF's own blocks: Q4_K as int4 groups of 32 (or, as
+loading now does, as its super-blocks kept byte for byte: tests/test_q4k_kernels.py), Q8_0 and
 Q5_0 as int8 groups of 32, bit-exact against gguf-py's dequantisation, and swapped in by
 `qwen2.load(quantize=...)` (issue 3: "the GGUF's own 4-bit blocks, converted losslessly")."""
 import numpy as np
@@ -11,6 +12,7 @@ import qwen2
 from ggufs import random_model, small_tokenizer_metadata, state_dict_of, tiny_config, write_gguf
 from qwen2 import quantize as Q
 from qwen2.checkpoint.gguf import block_tensors, open_gguf, q4k_to_int4, q4k_to_packed_int4, q5_0_to_int8, q8_0_to_int8
+from qwen2.kquant import Q4KLinear, Q6KLinear
 
 
 def random_q4k_rows(rng: np.random.Generator, N: int, K: int, d_range: float | None = None) -> np.ndarray:
@@ -123,8 +125,7 @@ def test_load_converts_q4k_linears_exactly(q4k_gguf, mode):
     assert model.quantization["gguf_exact"]["Q4_K"] == len(lossless) == 14  # 13 block linears + the lm_head
     for name, layer in lossless.items():
         reference = fp32.model.get_submodule(name)
-        assert isinstance(layer, Q.Int4Linear) and layer.group_size == 32, name
-        assert layer.scales.dtype == layer.mins.dtype == torch.float32, name
+        assert isinstance(layer, Q4KLinear), name  # its super-blocks as they are (tests/test_q4k_kernels.py)
         assert torch.equal(layer.dequantize(), reference.weight), name
         assert (layer.bias is None) == (reference.bias is None), name
         if layer.bias is not None:
@@ -170,10 +171,10 @@ def test_hf_directory_source_is_requantised(q4k_gguf, tmp_path):
 def test_real_q4k_down_projections_are_exact(real_model):
     int4 = qwen2.load(quantize="int4", progress=False).model
     Q.set_backend(int4, "reference")
-    lossless = {name: m for name, m in Q.quantized_linears(int4).items()
-                if m.scales.dtype == torch.float32 and isinstance(m, Q.Int4Linear)}
-    assert int4.quantization["gguf_exact"]["Q4_K"] == len(lossless) == 12
-    assert all(name.endswith("mlp.down_proj") and isinstance(m, Q.Int4Linear) for name, m in lossless.items())
+    lossless = {name: m for name, m in Q.quantized_linears(int4).items() if isinstance(m, (Q4KLinear, Q6KLinear))}
+    # the 24 down_proj: 12 Q4_K and 12 Q6_K, both kept as their super-blocks (tests/test_q4k_kernels.py)
+    assert int4.quantization["gguf_exact"]["Q4_K"] == int4.quantization["gguf_exact"]["Q6_K"] == 12
+    assert len(lossless) == 24 and all(name.endswith("mlp.down_proj") for name in lossless)
     fp32 = real_model.model
     for name, layer in lossless.items():
         assert torch.equal(layer.dequantize(), fp32.get_submodule(name).weight), name
@@ -192,8 +193,8 @@ def test_real_q4k_down_projections_are_exact(real_model):
         for name, layer in originals.items():
             parent, _, attr = name.rpartition(".")
             setattr(fp32.get_submodule(parent), attr, layer)
-    print(f"\n0.5B, {len(ids)} tokens, reference path: max |logit - fp32| = {only_lossless:.3g} with only the 12 "
-          f"lossless Q4_K layers quantised, {full:.3g} with the whole int4 model")
+    print(f"\n0.5B, {len(ids)} tokens, reference path: max |logit - fp32| = {only_lossless:.3g} with only the "
+          f"{len(lossless)} lossless Q4_K/Q6_K layers quantised, {full:.3g} with the whole int4 model")
     assert only_lossless < 1e-2
     assert all(isinstance(fp32.get_submodule(name), nn.Linear) for name in originals)
 

@@ -397,14 +397,21 @@ def q5_0_to_int8(rows):
     return torch.from_numpy(q.reshape(rows.shape[0], -1)), torch.from_numpy(d.reshape(rows.shape[0], -1))
 
 
-def _exact_converters():
-    """GGUF block type -> (the QuantLinear class it becomes, function (tensor, bias) -> exact layer)."""
+def _exact_converters(int4_mode: bool):
+    """GGUF block type -> (the quantised layer classes of the model it may replace, function (tensor,
+    bias) -> exact layer). In the int4 modes (group 32) Q4_K replaces int4 and int8 layers alike, and
+    Q6_K the int8 ones (v_proj, down_proj, the lm_head), both as their super-blocks kept byte for byte
+    (`qwen2.kquant`: 4.5 and 6.5625 bits per weight, against 6 for Q4_K copied into int4 groups of 32
+    with fp32 scales and 8.5 for Q6_K requantised to int8). Q8_0 and Q5_0 are int8 groups of 32 exactly."""
     from gguf import GGMLQuantizationType as T
 
+    from ..kquant import Q4KLinear, Q6KLinear
     from ..quantize import Int4Linear, Int8Linear
 
-    return {T.Q4_K: (Int4Linear, q4k_int4_linear), T.Q8_0: (Int8Linear, lambda t, b: _int8_linear(t, b, q8_0_to_int8)),
-            T.Q5_0: (Int8Linear, lambda t, b: _int8_linear(t, b, q5_0_to_int8))}
+    return {T.Q4_K: ((Int4Linear, Int8Linear) if int4_mode else (), Q4KLinear.from_gguf),
+            T.Q6_K: ((Int8Linear,) if int4_mode else (), Q6KLinear.from_gguf),
+            T.Q8_0: ((Int8Linear,), lambda t, b: _int8_linear(t, b, q8_0_to_int8)),
+            T.Q5_0: ((Int8Linear,), lambda t, b: _int8_linear(t, b, q5_0_to_int8))}
 
 
 def block_tensors(reader, types) -> dict[str, GGUFTensor]:
@@ -414,7 +421,9 @@ def block_tensors(reader, types) -> dict[str, GGUFTensor]:
 
 def q4k_int4_linear(tensor: GGUFTensor, bias=None):
     """A `qwen2.quantize.Int4Linear` (group 32, fp32 scales and mins) computing exactly the weight
-    of a Q4_K tensor, converted in row chunks so that temporaries stay small (an lm_head too)."""
+    of a Q4_K tensor, converted in row chunks so that temporaries stay small (an lm_head too).
+    Loading now keeps Q4_K's super-blocks instead (`qwen2.kquant.Q4KLinear`, 4.5 bits per weight
+    against these 6); this layout stays for comparison (benchmarks/bench_kquant_kernels.py)."""
     import torch
 
     from ..quantize import Int4Linear, fill_in_row_chunks
@@ -447,24 +456,24 @@ def _int8_linear(tensor: GGUFTensor, bias, to_int8):
 def convert_exact_linears(model, path, progress: bool = True) -> dict[str, int]:
     """Replace quantised linears of `model` (the block projections, and the lm_head when it is
     quantised) by the exact equivalent of their GGUF tensor where its blocks map losslessly onto our
-    layouts: Q4_K onto int4 groups of 32 (any quantised layer of an int4-mode model: an exact int4
-    beats requantising to int8), Q8_0 and Q5_0 onto int8 groups of 32 (layers that are int8 anyway).
-    Returns {"Q4_K": n, "Q8_0": n, "Q5_0": n} for the layers converted. Why: requantising the
-    dequantised blocks adds a second rounding error to weights that are already integers times a
-    per-32 scale. The GGUF must be the one the weights came from."""
+    layouts: in the int4 modes (group 32) Q4_K super-blocks as they are for any quantised layer (an
+    exact 4.5-bit layer beats requantising to int4 or int8) and Q6_K ones for the int8 layers; Q8_0 and
+    Q5_0 onto int8 groups of 32 (layers that are int8 anyway). See `_exact_converters`.
+    Returns {"Q4_K": n, "Q6_K": n, "Q8_0": n, "Q5_0": n} for the layers converted, and names the
+    lm_head's new layout in `model.quantization`. Why: requantising the dequantised blocks adds a
+    second rounding error to weights that are already integers times a per-block scale (and costs
+    more bits). The GGUF must be the one the weights came from."""
     from ..progress import progress_bar
-    from ..quantize import Int4Linear, Int8Linear
 
     reader = open_gguf(path)
-    converters = _exact_converters()
+    int4_mode = model.quantization["mode"].startswith("int4") and model.quantization.get("group_size") == _Q4K_GROUP
+    converters = _exact_converters(int4_mode)
     tensors = block_tensors(reader, converters)
     if model.config.tie_word_embeddings and "model.embed_tokens.weight" in tensors:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]  # a tied head is the embedding
-    int4_mode = model.quantization["mode"].startswith("int4") and model.quantization.get("group_size") == _Q4K_GROUP
-    allowed = {Int4Linear: (Int4Linear, Int8Linear) if int4_mode else (), Int8Linear: (Int8Linear,)}  # replaceable layers
     targets = [(name, module, tensors[f"{name}.weight"]) for name, module in model.named_modules()
                if f"{name}.weight" in tensors
-               and isinstance(module, allowed[converters[tensors[f"{name}.weight"].tensor_type][0]])]
+               and isinstance(module, converters[tensors[f"{name}.weight"].tensor_type][0])]
     counts: dict[str, int] = {}
     for name, module, tensor in progress_bar(targets, desc="taking exact GGUF blocks", unit="tensor",
                                              disable=not progress):
@@ -476,6 +485,9 @@ def convert_exact_linears(model, path, progress: bool = True) -> dict[str, int]:
         exact = converters[tensor.tensor_type][1](tensor, module.bias)
         exact.dense_dtype, exact.activation_digits = module.dense_dtype, module.activation_digits
         setattr(parent, attr, exact)
+        if name == "lm_head":
+            model.quantization["lm_head"] = exact.mode  # e.g. the 1.5B's Q6_K head: "q6_k", not int8
         reader.release(tensor)
         counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
+        model.quantization.setdefault("gguf_layouts", {})[tensor.tensor_type.name] = exact.mode  # for describe()
     return counts

@@ -15,6 +15,8 @@
 //   int8  q  uint8 (N, K): the int8 value + 128.                 w[n, k] = (q - 128) * scale[n, g]
 // scale and min are fp32 or bf16 (N, K / group_size); group_size is a multiple of 32 dividing K, and
 // K a multiple of 64 (blocks are taken two at a time).
+//   q4_k, q6_k  uint8 (N, K / 256 * 144 or 210): a GGUF's Q4_K / Q6_K rows as the file stores them,
+//            super-blocks of 256 weights with their own scales inside (the section at the end).
 //
 // With d_b = 256 (q_b · xq_b) + q_b · xr_b, or q_b · xq_b with one digit (int32, exact), b = k / 32
 // and xs' = xs / 256 (two digits) or xs (one):
@@ -30,6 +32,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -91,6 +94,15 @@ struct QuantizedX {
   std::vector<int32_t> group;   // block -> weight group
 };
 
+// The 32 int8 values of four vectors of 8 int32 lanes (inputs 0-7, 8-15, 16-23, 24-31), in input order.
+inline __m256i pack_int8(__m256i a, __m256i b, __m256i c, __m256i d) {
+  // the packs work within 128-bit halves: (a0-3 b0-3 c0-3 d0-3 | a4-7 b4-7 c4-7 d4-7) as 32-bit groups
+  const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+  return _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// Vectorised: decode calls this ~200 times per token, on one thread while the other waits, and a
+// scalar loop (a chain of dependent adds for the sum) cost ~2 % of the 1.5B model's decode.
 const QuantizedX& quantize_x(const float* x, int64_t M, int64_t K, int64_t group_size, bool two_digits) {
   static thread_local QuantizedX r;
   const int64_t B = K / kBlock;
@@ -98,22 +110,40 @@ const QuantizedX& quantize_x(const float* x, int64_t M, int64_t K, int64_t group
   r.r.resize(M * K);
   r.scale.resize(M * B);
   r.sum.resize(M * B);
-  r.offset.assign(M * B * 8, 0);
+  r.offset.resize(M * B * 8);
   r.group.resize(B);
   for (int64_t b = 0; b < B; ++b) r.group[b] = static_cast<int32_t>(b * kBlock / group_size);
+  const __m256 sign = _mm256_set1_ps(-0.f), lim = _mm256_set1_ps(127.f), k256 = _mm256_set1_ps(256.f);
+  const __m256i ones = _mm256_set1_epi8(1);
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;  // ties to even, as nearbyint
   for (int64_t i = 0; i < M * B; ++i) {
     const float* xb = x + i * kBlock;
-    float amax = 0.f, sum = 0.f;
-    for (int k = 0; k < kBlock; ++k) amax = std::max(amax, std::fabs(xb[k])), sum += xb[k];
-    const float inv = amax > 0.f ? 127.f / amax : 0.f;
-    for (int k = 0; k < kBlock; ++k) {
-      const float t = xb[k] * inv;
-      const float q = std::nearbyint(t);
-      const int rest = two_digits ? static_cast<int>(std::min(127.f, std::max(-127.f, std::nearbyint((t - q) * 256.f)))) : 0;
-      r.q[i * kBlock + k] = static_cast<int8_t>(q);
-      r.r[i * kBlock + k] = static_cast<int8_t>(rest);
-      r.offset[i * 8 + k / 4] -= 128 * (two_digits ? 256 * static_cast<int>(q) + rest : static_cast<int>(q));
+    __m256 v[4];
+    for (int j = 0; j < 4; ++j) v[j] = _mm256_loadu_ps(xb + 8 * j);
+    const __m256 amax8 = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                                       _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax8), _mm256_extractf128_ps(amax8, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    const float sum = hsum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
+    const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    __m256i q[4], rest[4];
+    for (int j = 0; j < 4; ++j) {
+      const __m256 t = _mm256_mul_ps(v[j], inv);
+      const __m256 qf = _mm256_round_ps(t, kRound);
+      q[j] = _mm256_cvtps_epi32(qf);
+      rest[j] = two_digits ? _mm256_cvtps_epi32(_mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), lim), _mm256_min_ps(
+                                 lim, _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(t, qf), k256), kRound))))
+                           : _mm256_setzero_si256();
     }
+    const __m256i xq = pack_int8(q[0], q[1], q[2], q[3]), xr = pack_int8(rest[0], rest[1], rest[2], rest[3]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(r.q.data() + i * kBlock), xq);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(r.r.data() + i * kBlock), xr);
+    // lane j: -128 times the sum over inputs 4j..4j+3 of 256 xq + xr (or xq), the layout of dot4
+    const __m256i q4 = dot4(_mm256_setzero_si256(), ones, xq);
+    const __m256i digits = two_digits ? _mm256_add_epi32(_mm256_slli_epi32(q4, 8), dot4(_mm256_setzero_si256(), ones, xr)) : q4;
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(r.offset.data() + i * 8),
+                        _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(digits, 7)));
     r.scale[i] = two_digits ? amax / 127.f / 256.f : amax / 127.f;
     r.sum[i] = sum;
   }
@@ -250,14 +280,321 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   return quant_linear<false>(x, q, scale, nullptr, group_size, digits);
 }
 
+
+// --------------------------------------------------------------------------------------------------
+// GGUF k-quant super-blocks (Q4_K, Q6_K), kept byte for byte as the GGUF file stores them
+// --------------------------------------------------------------------------------------------------
+//
+// Both formats cut a row into super-blocks of 256 inputs (K a multiple of 256): a weight row is
+// K / 256 blocks of 144 (Q4_K) or 210 (Q6_K) bytes, and the tensor is uint8 (N, K / 256 * bytes),
+// the GGUF's own rows.
+//
+// Q4_K, 144 bytes per 256 weights (4.5 bits each):
+//   [0, 2)     fp16 d        the super-scale of the sub-block scales
+//   [2, 4)     fp16 dmin     the super-scale of the sub-block mins
+//   [4, 16)    eight 6-bit scales sc_j and eight 6-bit mins m_j, one per sub-block j of 32 weights,
+//              read as three little-endian words u0 u1 u2: sc_0..3 are the low 6 bits of u0's bytes,
+//              m_0..3 those of u1's; sc_4..7 are the low nibbles of u2's bytes under u0's top 2 bits,
+//              m_4..7 the high nibbles of u2's bytes under u1's top 2 bits.
+//   [16, 144)  four runs of 32 bytes: byte i of run r holds weight i of sub-block 2r in its low
+//              nibble and weight i of sub-block 2r + 1 in its high nibble.
+//   w[32 j + i] = d * sc_j * q - dmin * m_j,  q in [0, 15]
+// One 32-byte load and two masks give two whole sub-blocks in input order, and a sub-block is
+// exactly one activation block of 32: one scale, one min, like the int4 layout.
+//
+// Q6_K, 210 bytes per 256 weights (6.5625 bits each):
+//   [0, 128)    ql: the low 4 bits of the 6-bit quants   [128, 192)  qh: their top 2 bits
+//   [192, 208)  sixteen int8 scales, one per 16 weights  [208, 210)  fp16 d
+//   Half h of the block (128 weights) uses ql[64h, 64h + 64) and qh[32h, 32h + 32); its 32-weight
+//   block k (activation block b = 4h + k of the super-block) is, for i = 0..31,
+//     low 4 bits: k = 0 ql[64h + i] & 15,  k = 1 ql[64h + 32 + i] & 15,  k = 2, 3 the same bytes >> 4
+//     top 2 bits: bits 2k and 2k + 1 of qh[32h + i]
+//   w[32 b + i] = d * sc[2b + i / 16] * (q - 32),  q in [0, 63]
+// Three 32-byte loads give four whole blocks of 32 in input order. The twist is the scale per 16
+// weights: lanes 0-3 of a block's integer dot product sum inputs 0-15 and lanes 4-7 inputs 16-31
+// (the lane layout of dot4), so the lanes are scaled by (s, s, s, s, s', s', s', s') in fp32.
+//
+// Activations are rounded exactly as for the int4/int8 layouts: per block of 32, one or two int8
+// digits (quantize_x). Why 32 and not llama.cpp's 256 (its Q8_K): a block of 32 is a Q4_K sub-block,
+// so the accuracy measured for the int4 engine carries over unchanged (with one absmax per 256
+// inputs, an outlier channel of Qwen2's activations would set the step of 255 others, not 31),
+// and the price, one fp32 conversion and FMA per 32 weights, is arithmetic that a memory-bound
+// decode has to spare. With D_b the exact integer dot product of block b (as block_dot):
+//   Q4_K: y = sum_b (d sc_b xs'_b) D_b  -  sum_b dmin m_b (fp32 sum of x over b)
+//   Q6_K: y = sum_b d xs'_b (sc_2b D_b[lanes 0-3] + sc_2b+1 D_b[lanes 4-7]),  D_b of q - 32
+// where Q6_K's -32 is taken off in int32 like the int8 layout's -128 (its per-lane offset / 4).
+
+constexpr int kSuper = 256;     // weights per k-quant super-block
+constexpr int kQ4KBytes = 144;
+constexpr int kQ6KBytes = 210;
+
+inline float half_to_float(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, sizeof bits);  // k-quant blocks are not 2-byte aligned (210 bytes each)
+#if defined(__F16C__)
+  return _cvtsh_ss(bits);
+#else
+  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+#endif
+}
+
+inline void prefetch(const uint8_t* p, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(p + off), _MM_HINT_T0);
+}
+
+// A Q4_K block's eight sub-block scales d * sc_j and mins dmin * m_j as fp32 lanes j. The 6-bit
+// fields are unpacked four at a time in 32-bit words (see the layout above); the 16-bit shifts'
+// bits that spill into a neighbouring byte are masked off.
+inline void q4k_scales(const uint8_t* block, __m256& scale, __m256& min) {
+  uint32_t u[3];
+  std::memcpy(u, block + 4, sizeof u);
+  const uint32_t low6 = 0x3F3F3F3F, low4 = 0x0F0F0F0F, top2 = 0x30303030;
+  const uint64_t sc = (u[0] & low6) | uint64_t((u[2] & low4) | ((u[0] >> 2) & top2)) << 32;
+  const uint64_t m = (u[1] & low6) | uint64_t(((u[2] >> 4) & low4) | ((u[1] >> 2) & top2)) << 32;
+  const auto lanes = [](uint64_t bytes) {  // 8 bytes -> 8 fp32 lanes, byte j in lane j
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(bytes))));
+  };
+  scale = _mm256_mul_ps(_mm256_set1_ps(half_to_float(block)), lanes(sc));
+  min = _mm256_mul_ps(_mm256_set1_ps(half_to_float(block + 2)), lanes(m));
+}
+
+// Q6_K's integer dot product of block i: q in [0, 63] is unsigned, as vpdpbusd wants (and
+// vpmaddubsw: 2 * 63 * 127 fits its int16); starting from a quarter of the int8 layout's offset
+// (-128 times the digits of x, per lane) takes the 32 off exactly. Every lane stays below 2^24.
+template <bool kTwo>
+inline __m256i q6k_block_dot(const QuantizedX& x, int64_t i, __m256i w) {
+  const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + i * kBlock));
+  const __m256i start = _mm256_srai_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.offset.data() + i * 8)), 2);
+  if (!kTwo) return dot4(start, w, xq);
+  const __m256i xr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.r.data() + i * kBlock));
+  return _mm256_add_epi32(_mm256_slli_epi32(dot4(_mm256_setzero_si256(), w, xq), 8), dot4(start, w, xr));
+}
+
+// Output rows [n0, n1) of a Q4_K weight for M (<= kMaxRows) rows of x.
+template <int M, bool kTwo>
+void q4k_rows(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* w, float* y, int64_t ldy,
+              int64_t n0, int64_t n1) {
+  const int64_t S = K / kSuper, B = K / kBlock, row_bytes = S * kQ4KBytes;
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    prefetch(row + kPrefetchRows * row_bytes, row_bytes);  // as in rows(): a few rows ahead
+    __m256 acc0[M], acc1[M], mins[M];  // even and odd sub-blocks; the min term apart
+    for (int m = 0; m < M; ++m) acc0[m] = acc1[m] = mins[m] = _mm256_setzero_ps();
+    for (int64_t s = 0; s < S; ++s) {
+      const uint8_t* block = row + s * kQ4KBytes;
+      __m256 scale, min;
+      q4k_scales(block, scale, min);
+      alignas(32) float step[M][8];  // d sc_j xs'_j: the fp32 value of one unit of D_j, per row of x
+      for (int m = 0; m < M; ++m) {
+        const int64_t i = (xrow + m) * B + s * 8;  // the super-block's first activation block
+        _mm256_store_ps(step[m], _mm256_mul_ps(scale, _mm256_loadu_ps(x.scale.data() + i)));
+        mins[m] = _mm256_fmadd_ps(min, _mm256_loadu_ps(x.sum.data() + i), mins[m]);
+      }
+      for (int r = 0; r < 4; ++r) {
+        const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 16 + 32 * r));
+        const __m256i w0 = _mm256_and_si256(bytes, low);                         // sub-block 2r
+        const __m256i w1 = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);   // sub-block 2r + 1
+        for (int m = 0; m < M; ++m) {
+          const int64_t i = (xrow + m) * B + s * 8 + 2 * r;
+          const __m256i d0 = block_dot<true, kTwo>(x, i, w0), d1 = block_dot<true, kTwo>(x, i + 1, w1);
+          acc0[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(step[m][2 * r]), acc0[m]);
+          acc1[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(step[m][2 * r + 1]), acc1[m]);
+        }
+      }
+    }
+    for (int m = 0; m < M; ++m) y[(xrow + m) * ldy + n] = hsum(_mm256_add_ps(acc0[m], acc1[m])) - hsum(mins[m]);
+  }
+}
+
+// Output rows [n0, n1) of a Q6_K weight for M (<= kMaxRows) rows of x.
+template <int M, bool kTwo>
+void q6k_rows(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* w, float* y, int64_t ldy,
+              int64_t n0, int64_t n1) {
+  const int64_t S = K / kSuper, B = K / kBlock, row_bytes = S * kQ6KBytes;
+  const __m256i low = _mm256_set1_epi8(0x0F), top = _mm256_set1_epi8(0x30);
+  // lane pattern (2k, 2k, 2k, 2k, 2k + 1 x 4) for block k of a half: its two scales, one per 16 inputs
+  __m256i pair[4];
+  for (int k = 0; k < 4; ++k) pair[k] = _mm256_setr_epi32(2 * k, 2 * k, 2 * k, 2 * k, 2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    prefetch(row + kPrefetchRows * row_bytes, row_bytes);
+    __m256 acc0[M], acc1[M];
+    for (int m = 0; m < M; ++m) acc0[m] = acc1[m] = _mm256_setzero_ps();
+    for (int64_t s = 0; s < S; ++s) {
+      const uint8_t* block = row + s * kQ6KBytes;
+      // the 16 scales times d, as fp32: half h's eight in halves[h]
+      const __m256 d = _mm256_set1_ps(half_to_float(block + 208));
+      const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 192));
+      const __m256 halves[2] = {_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc))),
+                                _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8))))};
+      for (int h = 0; h < 2; ++h) {
+        const __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 64 * h));
+        const __m256i qb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 64 * h + 32));
+        const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 128 + 32 * h));
+        // q = low 4 bits | top 2 bits << 4; the 16-bit shifts' spill into the next byte is masked off
+        const __m256i q[4] = {
+            _mm256_or_si256(_mm256_and_si256(qa, low), _mm256_and_si256(_mm256_slli_epi16(qh, 4), top)),
+            _mm256_or_si256(_mm256_and_si256(qb, low), _mm256_and_si256(_mm256_slli_epi16(qh, 2), top)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qa, 4), low), _mm256_and_si256(qh, top)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qb, 4), low),
+                            _mm256_and_si256(_mm256_srli_epi16(qh, 2), top))};
+        for (int k = 0; k < 4; k += 2) {  // blocks 4h + k (even: acc0) and 4h + k + 1 (odd: acc1)
+          // d sc_2b x 4, d sc_2b+1 x 4 for each of the two blocks
+          const __m256 s0 = _mm256_permutevar8x32_ps(halves[h], pair[k]);
+          const __m256 s1 = _mm256_permutevar8x32_ps(halves[h], pair[k + 1]);
+          for (int m = 0; m < M; ++m) {
+            const int64_t i = (xrow + m) * B + s * 8 + 4 * h + k;
+            const __m256 d0 = _mm256_cvtepi32_ps(q6k_block_dot<kTwo>(x, i, q[k]));
+            const __m256 d1 = _mm256_cvtepi32_ps(q6k_block_dot<kTwo>(x, i + 1, q[k + 1]));
+            acc0[m] = _mm256_fmadd_ps(d0, _mm256_mul_ps(s0, _mm256_set1_ps(x.scale[i])), acc0[m]);
+            acc1[m] = _mm256_fmadd_ps(d1, _mm256_mul_ps(s1, _mm256_set1_ps(x.scale[i + 1])), acc1[m]);
+          }
+        }
+      }
+    }
+    for (int m = 0; m < M; ++m) y[(xrow + m) * ldy + n] = hsum(_mm256_add_ps(acc0[m], acc1[m]));
+  }
+}
+
+template <bool kQ6, int M, bool kTwo>
+inline void kquant_rows(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* w, float* y, int64_t ldy,
+                        int64_t n0, int64_t n1) {
+  if constexpr (kQ6) q6k_rows<M, kTwo>(x, xrow, K, w, y, ldy, n0, n1);
+  else q4k_rows<M, kTwo>(x, xrow, K, w, y, ldy, n0, n1);
+}
+
+template <bool kQ6, bool kTwo>
+void run_kquant(const QuantizedX& xq, int64_t M, int64_t K, int64_t N, const uint8_t* w, float* yp) {
+  const int64_t row_bytes = K / kSuper * (kQ6 ? kQ6KBytes : kQ4KBytes);
+  const int64_t grain = std::max<int64_t>(16, (64 << 10) / row_bytes);  // as in run()
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+      switch (std::min<int64_t>(kMaxRows, M - m0)) {
+        case 1: kquant_rows<kQ6, 1, kTwo>(xq, m0, K, w, yp, N, n0, n1); break;
+        case 2: kquant_rows<kQ6, 2, kTwo>(xq, m0, K, w, yp, N, n0, n1); break;
+        case 3: kquant_rows<kQ6, 3, kTwo>(xq, m0, K, w, yp, N, n0, n1); break;
+        default: kquant_rows<kQ6, 4, kTwo>(xq, m0, K, w, yp, N, n0, n1); break;
+      }
+    }
+  });
+}
+
+template <bool kQ6>
+at::Tensor kquant_linear(const at::Tensor& x, const at::Tensor& w, int64_t digits) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous fp32 (M, K)");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(K % kSuper == 0, "K must be a multiple of 256 (whole super-blocks), not ", K);
+  const int64_t row_bytes = K / kSuper * (kQ6 ? kQ6KBytes : kQ4KBytes);
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.dim() == 2 && w.size(1) == row_bytes,
+              "weight must be contiguous uint8 (N, ", row_bytes, "): the GGUF's ", kQ6 ? "Q6_K" : "Q4_K", " rows");
+  TORCH_CHECK(digits == 1 || digits == 2, "digits must be 1 or 2");
+  const QuantizedX& xq = quantize_x(x.data_ptr<float>(), M, K, kSuper, digits == 2);
+  auto y = at::empty({M, N}, x.options());
+  if (digits == 2) run_kquant<kQ6, true>(xq, M, K, N, w.data_ptr<uint8_t>(), y.data_ptr<float>());
+  else run_kquant<kQ6, false>(xq, M, K, N, w.data_ptr<uint8_t>(), y.data_ptr<float>());
+  return y;
+}
+
+at::Tensor q4k_linear(const at::Tensor& x, const at::Tensor& w, int64_t digits) { return kquant_linear<false>(x, w, digits); }
+
+at::Tensor q6k_linear(const at::Tensor& x, const at::Tensor& w, int64_t digits) { return kquant_linear<true>(x, w, digits); }
+
+
+// Dequantisation, for the prefill path (dequantise in row chunks, then one GEMM): the same block
+// decoding as the kernels, written out as fp32 (N, K). Bit for bit gguf-py's values: every product
+// d * sc * q is exact in fp32 (at most 11 + 7 + 5 significant bits), so the only rounding is Q4_K's
+// subtraction of the min, which a fused multiply-subtract rounds exactly as gguf-py does.
+
+// 32 quants (uint8 lanes, in input order) times a per-lane scale pair, minus a min: 32 fp32 out.
+// Lanes 0-15 take (scale0, min0), lanes 16-31 (scale1, min1).
+inline void dequant32(__m256i q, __m256 scale0, __m256 scale1, __m256 min0, __m256 min1, float* out) {
+  const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+  const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+  for (int p = 0; p < 4; ++p) {
+    const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[p]));
+    _mm256_storeu_ps(out + 8 * p, _mm256_fmsub_ps(v, p < 2 ? scale0 : scale1, p < 2 ? min0 : min1));
+  }
+}
+
+void q4k_block_to_float(const uint8_t* block, float* out) {
+  __m256 scale, min;
+  q4k_scales(block, scale, min);
+  alignas(32) float s[8], m[8];
+  _mm256_store_ps(s, scale);
+  _mm256_store_ps(m, min);
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  for (int r = 0; r < 4; ++r) {
+    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 16 + 32 * r));
+    for (int j = 2 * r; j < 2 * r + 2; ++j) {  // sub-block 2r in the low nibbles, 2r + 1 in the high
+      const __m256i q = _mm256_and_si256(j == 2 * r ? bytes : _mm256_srli_epi16(bytes, 4), low);
+      const __m256 sj = _mm256_set1_ps(s[j]), mj = _mm256_set1_ps(m[j]);
+      dequant32(q, sj, sj, mj, mj, out + 32 * j);
+    }
+  }
+}
+
+void q6k_block_to_float(const uint8_t* block, float* out) {
+  const float d = half_to_float(block + 208);
+  const int8_t* sc = reinterpret_cast<const int8_t*>(block + 192);
+  const __m256i low = _mm256_set1_epi8(0x0F), top = _mm256_set1_epi8(0x30);
+  const __m256 m32 = _mm256_set1_ps(32.f);  // q - 32 as (q * scale) - 32 * scale: both exact
+  for (int h = 0; h < 2; ++h) {
+    const __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 64 * h));
+    const __m256i qb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 64 * h + 32));
+    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 128 + 32 * h));
+    const __m256i q[4] = {  // as in q6k_rows
+        _mm256_or_si256(_mm256_and_si256(qa, low), _mm256_and_si256(_mm256_slli_epi16(qh, 4), top)),
+        _mm256_or_si256(_mm256_and_si256(qb, low), _mm256_and_si256(_mm256_slli_epi16(qh, 2), top)),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qa, 4), low), _mm256_and_si256(qh, top)),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qb, 4), low),
+                        _mm256_and_si256(_mm256_srli_epi16(qh, 2), top))};
+    for (int k = 0; k < 4; ++k) {
+      const int b = 4 * h + k;
+      const __m256 s0 = _mm256_set1_ps(d * sc[2 * b]), s1 = _mm256_set1_ps(d * sc[2 * b + 1]);
+      dequant32(q[k], s0, s1, _mm256_mul_ps(s0, m32), _mm256_mul_ps(s1, m32), out + 32 * b);
+    }
+  }
+}
+
+template <bool kQ6>
+at::Tensor kquant_dequantize(const at::Tensor& w) {
+  const int64_t bytes = kQ6 ? kQ6KBytes : kQ4KBytes;
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.dim() == 2 && w.size(1) % bytes == 0,
+              "weight must be contiguous uint8 (N, K / 256 * ", bytes, "): the GGUF's ", kQ6 ? "Q6_K" : "Q4_K", " rows");
+  const int64_t N = w.size(0), S = w.size(1) / bytes, K = S * kSuper;
+  auto out = at::empty({N, K}, w.options().dtype(at::kFloat));
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N * S, 64, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {  // block b of the (N, S) blocks: row b / S, weights 256 (b % S) on
+      if constexpr (kQ6) q6k_block_to_float(wp + b * bytes, op + b * kSuper);
+      else q4k_block_to_float(wp + b * bytes, op + b * kSuper);
+    }
+  });
+  return out;
+}
+
+at::Tensor q4k_dequantize(const at::Tensor& w) { return kquant_dequantize<false>(w); }
+
+at::Tensor q6k_dequantize(const at::Tensor& w) { return kquant_dequantize<true>(w); }
+
 }  // namespace
 
 TORCH_LIBRARY(qwen2_kernels, m) {
   m.def("int4_linear(Tensor x, Tensor q, Tensor scale, Tensor min, int group_size, int digits) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor q, Tensor scale, int group_size, int digits) -> Tensor");
+  m.def("q4k_linear(Tensor x, Tensor w, int digits) -> Tensor");
+  m.def("q6k_linear(Tensor x, Tensor w, int digits) -> Tensor");
+  m.def("q4k_dequantize(Tensor w) -> Tensor");
+  m.def("q6k_dequantize(Tensor w) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qwen2_kernels, CPU, m) {
   m.impl("int4_linear", &int4_linear);
   m.impl("int8_linear", &int8_linear);
+  m.impl("q4k_linear", &q4k_linear);
+  m.impl("q6k_linear", &q6k_linear);
+  m.impl("q4k_dequantize", &q4k_dequantize);
+  m.impl("q6k_dequantize", &q6k_dequantize);
 }
