@@ -54,14 +54,18 @@ def test_compiled_decode_equals_eager_on_a_padded_batch():
 
 def test_compiled_decode_with_native_quantised_linears():
     model = Q.quantize_model(_tiny(1), "int4", group_size=32, lm_head=False)
-    ids, mask = torch.randint(0, 301, (1, 5)), torch.ones(1, 5, dtype=torch.long)
+    # Two activation digits (~16-bit) in every layer: fused fp32 arithmetic differs from eager in the
+    # last bits, and with one int8 digit such a difference can flip a whole rounding step, which this
+    # random 2-layer model amplifies over the steps (measured up to 1.2 % of the largest logit).
+    for layer in Q.quantized_linears(model).values():
+        layer.activation_digits = 2
+    ids = torch.randint(0, 301, (1, 5), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(1, 5, dtype=torch.long)
     eager = _decode_logits(model, ids, mask)
     compiled = C.compile_decode(model)
     got = _decode_logits(model, ids, mask)
     assert compiled.error is None, compiled.error
-    # fused fp32 arithmetic differs in the last bits, and the kernel's int8 rounding of activations
-    # can turn such a difference into one quantisation step: close, not equal
-    assert float((got - eager).abs().max()) <= 1e-2 * float(eager.abs().max())
+    assert float((got - eager).abs().max()) <= 1e-3 * float(eager.abs().max())
     assert torch.equal(got.argmax(-1), eager.argmax(-1))
 
 
