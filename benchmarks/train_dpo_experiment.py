@@ -38,13 +38,11 @@ skipped when they are there; a training run killed midway resumes from its last 
 from __future__ import annotations
 
 import argparse
-import collections
 import gc
 import json
 import math
 import os
 import platform
-import queue
 import re
 import resource
 import shutil
@@ -168,40 +166,14 @@ def engine_generate(m, jobs: list[tuple[list[int], SamplingParams]], max_batch: 
     its longest reply ends; sampled replies here run from 40 to 384 tokens). Each row attends over
     its own keys as if alone: a greedy reply equals the prompt's alone, and a seeded one does not
     depend on what decodes beside it, so reruns and resumed runs draw the same replies."""
-    from qwen2.serve.engine import Delta, Engine, Failure, Finish, Request
+    from qwen2.serve.engine import Engine, complete_all
 
     if not jobs:
         return
     longest = max(len(ids) + params.max_new_tokens for ids, params in jobs)
     engine = Engine(m.model, m.tokenizer, m.eos_ids, max_batch=max_batch, max_model_len=longest)
-    texts, finished = [""] * len(jobs), queue.Queue()
-
-    def emitter(j: int):
-        def emit(events):  # called from the engine's thread
-            for event in events:
-                if isinstance(event, Failure):
-                    finished.put(Qwen2Error(f"generation failed: {event.message}"))
-                elif isinstance(event, Delta):
-                    texts[j] += event.text
-                elif isinstance(event, Finish):
-                    finished.put(j)
-        return emit
-
-    waiting, in_flight = collections.deque(range(len(jobs))), 0
-    engine.start()
-    try:
-        while waiting or in_flight:
-            while waiting and in_flight < 2 * max_batch:  # the engine's queue stays short
-                j = waiting.popleft()
-                engine.submit(Request(jobs[j][0], jobs[j][1], emitter(j)))
-                in_flight += 1
-            done = finished.get()
-            if isinstance(done, Exception):
-                raise done
-            in_flight -= 1
-            yield done, texts[done]
-    finally:
-        engine.close()
+    for j, (text,) in complete_all(engine, [(ids, params, 1) for ids, params in jobs]):
+        yield j, text
 
 
 def greedy_replies(m, tasks: list[dict], max_new_tokens: int, batch: int) -> list[str]:

@@ -22,10 +22,8 @@ killed run started again with the same file and settings skips the problems alre
 from __future__ import annotations
 
 import ast
-import collections
 import json
 import os
-import queue
 import re
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Iterator, Sequence
@@ -262,50 +260,20 @@ def model_generator(m, batch: int = 8) -> Generator:
     sequences decode together and a finished one's row is refilled at once. Each row attends over
     its own keys as if alone, so greedy replies are the ones the model gives each prompt by itself.
     Choice i of a sampled problem uses seed `settings.seed + index + i`."""
-    from ..serve.engine import Delta, Engine, Failure, Finish, Request
+    from ..serve.engine import Engine, complete_all
 
     def generate(jobs, settings):
         if not jobs:
             return
-        lengths = [len(m.tokenizer.encode(prompt)) for _, prompt in jobs]
+        requests = [(m.tokenizer.encode(prompt), m.sampling(
+            max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, stop=[settings.stop],
+            **({"top_p": settings.top_p, "seed": settings.seed + index} if settings.temperature > 0 else {})),
+            settings.samples) for index, prompt in jobs]
+        longest = max(len(ids) for ids, _, _ in requests) + settings.max_new_tokens
         engine = Engine(m.model, m.tokenizer, m.eos_ids, max_batch=max(batch, settings.samples),
-                        max_model_len=min(max(lengths) + settings.max_new_tokens, m.config.max_position_embeddings))
-        finished: queue.Queue = queue.Queue()
-
-        def submit(index: int, prompt: str) -> None:
-            texts, left = [""] * settings.samples, [settings.samples]
-
-            def emit(events):
-                for event in events:
-                    if isinstance(event, Failure):
-                        finished.put(Qwen2Error(f"generation failed: {event.message}"))
-                    elif isinstance(event, Delta):
-                        texts[event.index] += event.text
-                    elif isinstance(event, Finish):
-                        left[0] -= 1
-                        if left[0] == 0:
-                            finished.put((index, texts))
-
-            params = m.sampling(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                                stop=[settings.stop], **({"top_p": settings.top_p, "seed": settings.seed + index}
-                                                          if settings.temperature > 0 else {}))
-            engine.submit(Request(m.tokenizer.encode(prompt), params, emit, n=settings.samples))
-
-        waiting = collections.deque(jobs)
-        engine.start()
-        try:
-            in_flight = 0
-            while waiting or in_flight:
-                while waiting and in_flight < 2 * engine.max_batch:  # the engine's queue stays short
-                    submit(*waiting.popleft())
-                    in_flight += 1
-                done = finished.get()
-                if isinstance(done, Exception):
-                    raise done
-                in_flight -= 1
-                yield done
-        finally:
-            engine.close()
+                        max_model_len=min(longest, m.config.max_position_embeddings))
+        for j, texts in complete_all(engine, requests):
+            yield jobs[j][0], texts
 
     return generate
 

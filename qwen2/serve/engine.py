@@ -21,6 +21,7 @@ with that seed), and `TextStream` for end tokens, stop strings and whole UTF-8 c
 from __future__ import annotations
 
 import collections
+import queue
 import sys
 import threading
 import time
@@ -333,3 +334,44 @@ class Engine:
                 self.v[:, row, :, :n].copy_(self.v[:, last, :, :n])
                 self.rows[row] = self.rows[last]
             self.rows.pop()
+
+
+def complete_all(engine: Engine, requests: Sequence[tuple[list[int], SamplingParams, int]]):
+    """Run every (prompt ids, sampling, n choices) request to its end through `engine`, the batch
+    jobs' way of using it (HumanEval, the training experiments): yield (request index, the text of
+    each choice) as each request finishes, in whatever order they finish. Starts the engine and
+    closes it when done (or when the caller stops iterating). At most 2 x max_batch requests are
+    submitted at a time, so the engine's bounded queue never fills and rows are refilled at once."""
+    finished: queue.Queue = queue.Queue()
+
+    def submit(index: int, prompt: list[int], params: SamplingParams, n: int) -> None:
+        texts, left = [""] * n, [n]
+
+        def emit(events):  # called from the scheduler thread
+            for event in events:
+                if isinstance(event, Failure):
+                    finished.put(Qwen2Error(f"generation failed: {event.message}"))
+                elif isinstance(event, Delta):
+                    texts[event.index] += event.text
+                elif isinstance(event, Finish):
+                    left[0] -= 1
+                    if left[0] == 0:
+                        finished.put((index, texts))
+
+        engine.submit(Request(prompt, params, emit, n=n))
+
+    waiting, in_flight = collections.deque(enumerate(requests)), 0
+    engine.start()
+    try:
+        while waiting or in_flight:
+            while waiting and in_flight < 2 * engine.max_batch:
+                index, (prompt, params, n) = waiting.popleft()
+                submit(index, prompt, params, n)
+                in_flight += 1
+            done = finished.get()
+            if isinstance(done, Exception):
+                raise done
+            in_flight -= 1
+            yield done
+    finally:
+        engine.close()
