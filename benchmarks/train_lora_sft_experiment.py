@@ -54,7 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from qwen2.errors import Qwen2Error  # noqa: E402
 from qwen2.fileio import write_text_atomic  # noqa: E402
-from train_pretrain_experiment import check_same_run, read_log, save_png, smooth, write_results  # noqa: E402
+from train_pretrain_experiment import apply_preset, check_same_run, read_log, save_png, smooth, write_results  # noqa: E402
 
 RESULTS = os.path.join(REPO_ROOT, "benchmarks", "results", "train_lora_sft")
 LOW, HIGH = 10, 99  # operands: two-digit numbers
@@ -331,12 +331,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     args = ap.parse_args(argv)
-    for key, value in (SMOKE if args.smoke else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    name = "train-lora-sft-smoke" if args.smoke else "train-lora-sft"
-    args.out = args.out or os.path.join(REPO_ROOT, "runs", name)
-    args.results = args.results or (os.path.join(args.out, "results", "train_lora_sft") if args.smoke else RESULTS)
+    apply_preset(args, FULL, SMOKE, "train-lora-sft", RESULTS)
     if min(args.train, args.held_out, args.steps, args.max_new_tokens, args.eval_batch) < 1:
         raise Qwen2Error("--train, --held-out, --steps, --max-new-tokens and --eval-batch must be at least 1")
     return args
@@ -356,8 +351,8 @@ def main(argv=None) -> int:
         gc.collect()
         after = evaluate(args, "after", held_out, adapter_dir)
         summary = summarise(args, options, before, after)
-        write_results(summary, args.results, args.smoke, markdown=markdown, plot=plot)
-        print("\n" + markdown(summary, args.smoke) + f"\nwrote {args.results}.md, .json, .png", flush=True)
+        text = write_results(summary, args.results, args.smoke, markdown=markdown, plot=plot)
+        print("\n" + text + f"\nwrote {args.results}.md, .json, .png", flush=True)
         return 0
     except Qwen2Error as e:
         print(f"error: {e}", file=sys.stderr)

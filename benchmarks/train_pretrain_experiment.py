@@ -375,12 +375,26 @@ def save_png(fig, path: str) -> None:
     plt.close(fig)
 
 
-def write_results(summary: dict, stem: str, smoke: bool, markdown=markdown, plot=plot) -> None:
-    """stem.json, stem.md (`markdown(summary, smoke)`) and stem.png (`plot(summary, path)`), atomically."""
+def write_results(summary: dict, stem: str, smoke: bool, markdown=markdown, plot=plot) -> str:
+    """stem.json, stem.md (`markdown(summary, smoke)`) and stem.png (`plot(summary, path)`), atomically;
+    returns the markdown, for the console."""
     os.makedirs(os.path.dirname(stem), exist_ok=True)
+    text = markdown(summary, smoke)
     write_text_atomic(stem + ".json", json.dumps(summary, indent=1) + "\n")
-    write_text_atomic(stem + ".md", markdown(summary, smoke))
+    write_text_atomic(stem + ".md", text)
     plot(summary, stem + ".png")
+    return text
+
+
+def apply_preset(args, full: dict, smoke: dict, run_name: str, results: str) -> None:
+    """Options left unset take the full run's (or with --smoke the smoke run's) values; the run
+    directory defaults to runs/<run_name>[-smoke], and a smoke run's results stay inside it."""
+    for key, value in (smoke if args.smoke else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.out = args.out or os.path.join(REPO_ROOT, "runs", run_name + ("-smoke" if args.smoke else ""))
+    args.results = args.results or (os.path.join(args.out, "results", os.path.basename(results)) if args.smoke
+                                    else results)
 
 
 # ---- main -----------------------------------------------------------------------------------------
@@ -404,12 +418,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     args = ap.parse_args(argv)
-    for key, value in (SMOKE if args.smoke else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    name = "train-pretrain-smoke" if args.smoke else "train-pretrain"
-    args.out = args.out or os.path.join(REPO_ROOT, "runs", name)
-    args.results = args.results or (os.path.join(args.out, "results", "train_pretrain") if args.smoke else RESULTS)
+    apply_preset(args, FULL, SMOKE, "train-pretrain", RESULTS)
     if args.steps < 1 or args.eval_every < 1 or args.eval_tokens < 64:
         raise Qwen2Error("--steps and --eval-every must be at least 1, --eval-tokens at least 64")
     return args
@@ -426,8 +435,8 @@ def main(argv=None) -> int:
         train(args, options)
         evals = evaluate(args, options, held_ids)
         summary = summarise(args, arch, options, held_ids, evals)
-        write_results(summary, args.results, args.smoke)
-        print("\n" + markdown(summary, args.smoke) + f"\nwrote {args.results}.md, .json, .png", flush=True)
+        text = write_results(summary, args.results, args.smoke)
+        print("\n" + text + f"\nwrote {args.results}.md, .json, .png", flush=True)
         return 0
     except Qwen2Error as e:
         print(f"error: {e}", file=sys.stderr)
