@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -67,6 +68,12 @@ inline float dot(const float* a, const float* b, int64_t n) {
   float out = hsum(acc);
   for (; i < n; ++i) out += a[i] * b[i];
   return out;
+}
+
+// Every 64th byte of [p, p + bytes) into L1: weight rows a few rows ahead of the one being read (a
+// thread works on one row at a time, too little for the hardware prefetcher).
+inline void prefetch(const uint8_t* p, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(p + off), _MM_HINT_T0);
 }
 
 // The 32 int4 weights of one block as 32 bytes in input order.
@@ -197,12 +204,9 @@ void rows(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* q, const 
     const S* sn = scale + n * G;
     float sf[G], mf[G];  // this row's scales (and mins) as fp32
     for (int64_t g = 0; g < G; ++g) sf[g] = to_float(sn[g]), mf[g] = kInt4 ? to_float(min[n * G + g]) : 0.f;
-    // a few rows ahead: a thread works on one row at a time, too little for the hardware prefetcher
-    for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(qn + kPrefetchRows * row_bytes + off), _MM_HINT_T0);
-    for (int64_t off = 0; off < G * int64_t(sizeof(S)); off += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(sn + kPrefetchRows * G) + off, _MM_HINT_T0);
-      if (kInt4) _mm_prefetch(reinterpret_cast<const char*>(min + (n + kPrefetchRows) * G) + off, _MM_HINT_T0);
-    }
+    prefetch(qn + kPrefetchRows * row_bytes, row_bytes);
+    prefetch(reinterpret_cast<const uint8_t*>(sn + kPrefetchRows * G), G * int64_t(sizeof(S)));
+    if (kInt4) prefetch(reinterpret_cast<const uint8_t*>(min + (n + kPrefetchRows) * G), G * int64_t(sizeof(S)));
     __m256 acc0[M], acc1[M];  // two accumulators, even and odd blocks, so FMAs do not wait on each other
     for (int m = 0; m < M; ++m) acc0[m] = acc1[m] = _mm256_setzero_ps();
     for (int64_t b = 0; b < B; b += 2) {
@@ -222,23 +226,32 @@ void rows(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* q, const 
   }
 }
 
+// The output rows split over the threads, at least ~64 KB of weights each (below that, waking the
+// second thread costs more than it saves), and the rows of x taken kMaxRows at a time:
+// rows_of(std::integral_constant<int, m>(), m0, n0, n1) for the m = min(kMaxRows, M - m0) rows from m0.
+template <typename F>
+void over_rows(int64_t M, int64_t N, int64_t row_bytes, F rows_of) {
+  const int64_t grain = std::max<int64_t>(16, (64 << 10) / row_bytes);
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+      switch (std::min<int64_t>(kMaxRows, M - m0)) {
+        case 1: rows_of(std::integral_constant<int, 1>(), m0, n0, n1); break;
+        case 2: rows_of(std::integral_constant<int, 2>(), m0, n0, n1); break;
+        case 3: rows_of(std::integral_constant<int, 3>(), m0, n0, n1); break;
+        default: rows_of(std::integral_constant<int, 4>(), m0, n0, n1); break;
+      }
+    }
+  });
+}
+
 template <bool kInt4, bool kTwo, typename S>
 void run(const QuantizedX& xq, int64_t M, int64_t K, int64_t N, const at::Tensor& q, const at::Tensor& scale,
          const at::Tensor* min, int64_t group_size, float* yp) {
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const S* sp = scale.data_ptr<S>();
   const S* mp = kInt4 ? min->data_ptr<S>() : nullptr;
-  // at least ~64 KB of weights per thread: below that, waking the second thread costs more than it saves
-  const int64_t grain = std::max<int64_t>(16, (64 << 10) / q.size(1));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-      switch (std::min<int64_t>(kMaxRows, M - m0)) {
-        case 1: rows<1, kInt4, kTwo, S>(xq, m0, K, qp, sp, mp, group_size, yp, N, n0, n1); break;
-        case 2: rows<2, kInt4, kTwo, S>(xq, m0, K, qp, sp, mp, group_size, yp, N, n0, n1); break;
-        case 3: rows<3, kInt4, kTwo, S>(xq, m0, K, qp, sp, mp, group_size, yp, N, n0, n1); break;
-        default: rows<4, kInt4, kTwo, S>(xq, m0, K, qp, sp, mp, group_size, yp, N, n0, n1); break;
-      }
-    }
+  over_rows(M, N, q.size(1), [&](auto m, int64_t m0, int64_t n0, int64_t n1) {
+    rows<decltype(m)::value, kInt4, kTwo, S>(xq, m0, K, qp, sp, mp, group_size, yp, N, n0, n1);
   });
 }
 
@@ -338,10 +351,6 @@ inline float half_to_float(const uint8_t* p) {
 #endif
 }
 
-inline void prefetch(const uint8_t* p, int64_t bytes) {
-  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(p + off), _MM_HINT_T0);
-}
-
 // A Q4_K block's eight sub-block scales d * sc_j and mins dmin * m_j as fp32 lanes j. The 6-bit
 // fields are unpacked four at a time in 32-bit words (see the layout above); the 16-bit shifts'
 // bits that spill into a neighbouring byte are masked off.
@@ -378,7 +387,7 @@ void q4k_rows(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* w, fl
   const __m256i low = _mm256_set1_epi8(0x0F);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * row_bytes;
-    prefetch(row + kPrefetchRows * row_bytes, row_bytes);  // as in rows(): a few rows ahead
+    prefetch(row + kPrefetchRows * row_bytes, row_bytes);
     __m256 acc0[M], acc1[M], mins[M];  // even and odd sub-blocks; the min term apart
     for (int m = 0; m < M; ++m) acc0[m] = acc1[m] = mins[m] = _mm256_setzero_ps();
     for (int64_t s = 0; s < S; ++s) {
@@ -407,12 +416,24 @@ void q4k_rows(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* w, fl
   }
 }
 
+// Half h of a Q6_K block as the quants of its four blocks of 32, q in [0, 63], each in input order:
+// q = low 4 bits | top 2 bits << 4 (the 16-bit shifts' spill into the next byte is masked off).
+inline void q6k_quants(const uint8_t* block, int h, __m256i q[4]) {
+  const __m256i low = _mm256_set1_epi8(0x0F), top = _mm256_set1_epi8(0x30);
+  const __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 64 * h));
+  const __m256i qb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 64 * h + 32));
+  const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 128 + 32 * h));
+  q[0] = _mm256_or_si256(_mm256_and_si256(qa, low), _mm256_and_si256(_mm256_slli_epi16(qh, 4), top));
+  q[1] = _mm256_or_si256(_mm256_and_si256(qb, low), _mm256_and_si256(_mm256_slli_epi16(qh, 2), top));
+  q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qa, 4), low), _mm256_and_si256(qh, top));
+  q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qb, 4), low), _mm256_and_si256(_mm256_srli_epi16(qh, 2), top));
+}
+
 // Output rows [n0, n1) of a Q6_K weight for M (<= kMaxRows) rows of x.
 template <int M, bool kTwo>
 void q6k_rows(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* w, float* y, int64_t ldy,
               int64_t n0, int64_t n1) {
   const int64_t S = K / kSuper, B = K / kBlock, row_bytes = S * kQ6KBytes;
-  const __m256i low = _mm256_set1_epi8(0x0F), top = _mm256_set1_epi8(0x30);
   // lane pattern (2k, 2k, 2k, 2k, 2k + 1 x 4) for block k of a half: its two scales, one per 16 inputs
   __m256i pair[4];
   for (int k = 0; k < 4; ++k) pair[k] = _mm256_setr_epi32(2 * k, 2 * k, 2 * k, 2 * k, 2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1);
@@ -429,16 +450,8 @@ void q6k_rows(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* w, fl
       const __m256 halves[2] = {_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc))),
                                 _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8))))};
       for (int h = 0; h < 2; ++h) {
-        const __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 64 * h));
-        const __m256i qb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 64 * h + 32));
-        const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 128 + 32 * h));
-        // q = low 4 bits | top 2 bits << 4; the 16-bit shifts' spill into the next byte is masked off
-        const __m256i q[4] = {
-            _mm256_or_si256(_mm256_and_si256(qa, low), _mm256_and_si256(_mm256_slli_epi16(qh, 4), top)),
-            _mm256_or_si256(_mm256_and_si256(qb, low), _mm256_and_si256(_mm256_slli_epi16(qh, 2), top)),
-            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qa, 4), low), _mm256_and_si256(qh, top)),
-            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qb, 4), low),
-                            _mm256_and_si256(_mm256_srli_epi16(qh, 2), top))};
+        __m256i q[4];
+        q6k_quants(block, h, q);
         for (int k = 0; k < 4; k += 2) {  // blocks 4h + k (even: acc0) and 4h + k + 1 (odd: acc1)
           // d sc_2b x 4, d sc_2b+1 x 4 for each of the two blocks
           const __m256 s0 = _mm256_permutevar8x32_ps(halves[h], pair[k]);
@@ -457,26 +470,12 @@ void q6k_rows(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* w, fl
   }
 }
 
-template <bool kQ6, int M, bool kTwo>
-inline void kquant_rows(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* w, float* y, int64_t ldy,
-                        int64_t n0, int64_t n1) {
-  if constexpr (kQ6) q6k_rows<M, kTwo>(x, xrow, K, w, y, ldy, n0, n1);
-  else q4k_rows<M, kTwo>(x, xrow, K, w, y, ldy, n0, n1);
-}
-
 template <bool kQ6, bool kTwo>
 void run_kquant(const QuantizedX& xq, int64_t M, int64_t K, int64_t N, const uint8_t* w, float* yp) {
   const int64_t row_bytes = K / kSuper * (kQ6 ? kQ6KBytes : kQ4KBytes);
-  const int64_t grain = std::max<int64_t>(16, (64 << 10) / row_bytes);  // as in run()
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-      switch (std::min<int64_t>(kMaxRows, M - m0)) {
-        case 1: kquant_rows<kQ6, 1, kTwo>(xq, m0, K, w, yp, N, n0, n1); break;
-        case 2: kquant_rows<kQ6, 2, kTwo>(xq, m0, K, w, yp, N, n0, n1); break;
-        case 3: kquant_rows<kQ6, 3, kTwo>(xq, m0, K, w, yp, N, n0, n1); break;
-        default: kquant_rows<kQ6, 4, kTwo>(xq, m0, K, w, yp, N, n0, n1); break;
-      }
-    }
+  over_rows(M, N, row_bytes, [&](auto m, int64_t m0, int64_t n0, int64_t n1) {
+    if constexpr (kQ6) q6k_rows<decltype(m)::value, kTwo>(xq, m0, K, w, yp, N, n0, n1);
+    else q4k_rows<decltype(m)::value, kTwo>(xq, m0, K, w, yp, N, n0, n1);
   });
 }
 
@@ -537,18 +536,10 @@ void q4k_block_to_float(const uint8_t* block, float* out) {
 void q6k_block_to_float(const uint8_t* block, float* out) {
   const float d = half_to_float(block + 208);
   const int8_t* sc = reinterpret_cast<const int8_t*>(block + 192);
-  const __m256i low = _mm256_set1_epi8(0x0F), top = _mm256_set1_epi8(0x30);
   const __m256 m32 = _mm256_set1_ps(32.f);  // q - 32 as (q * scale) - 32 * scale: both exact
   for (int h = 0; h < 2; ++h) {
-    const __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 64 * h));
-    const __m256i qb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 64 * h + 32));
-    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 128 + 32 * h));
-    const __m256i q[4] = {  // as in q6k_rows
-        _mm256_or_si256(_mm256_and_si256(qa, low), _mm256_and_si256(_mm256_slli_epi16(qh, 4), top)),
-        _mm256_or_si256(_mm256_and_si256(qb, low), _mm256_and_si256(_mm256_slli_epi16(qh, 2), top)),
-        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qa, 4), low), _mm256_and_si256(qh, top)),
-        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qb, 4), low),
-                        _mm256_and_si256(_mm256_srli_epi16(qh, 2), top))};
+    __m256i q[4];
+    q6k_quants(block, h, q);
     for (int k = 0; k < 4; ++k) {
       const int b = 4 * h + k;
       const __m256 s0 = _mm256_set1_ps(d * sc[2 * b]), s1 = _mm256_set1_ps(d * sc[2 * b + 1]);
