@@ -351,8 +351,7 @@ def main(argv=None) -> int:
         gc.collect()
         after = evaluate(args, "after", held_out, adapter_dir)
         summary = summarise(args, options, before, after)
-        text = write_results(summary, args.results, args.smoke, markdown=markdown, plot=plot)
-        print("\n" + text + f"\nwrote {args.results}.md, .json, .png", flush=True)
+        write_results(summary, args.results, args.smoke, markdown=markdown, plot=plot)
         return 0
     except Qwen2Error as e:
         print(f"error: {e}", file=sys.stderr)

@@ -375,15 +375,15 @@ def save_png(fig, path: str) -> None:
     plt.close(fig)
 
 
-def write_results(summary: dict, stem: str, smoke: bool, markdown=markdown, plot=plot) -> str:
+def write_results(summary: dict, stem: str, smoke: bool, markdown=markdown, plot=plot) -> None:
     """stem.json, stem.md (`markdown(summary, smoke)`) and stem.png (`plot(summary, path)`), atomically;
-    returns the markdown, for the console."""
+    the markdown is printed too."""
     os.makedirs(os.path.dirname(stem), exist_ok=True)
     text = markdown(summary, smoke)
     write_text_atomic(stem + ".json", json.dumps(summary, indent=1) + "\n")
     write_text_atomic(stem + ".md", text)
     plot(summary, stem + ".png")
-    return text
+    print("\n" + text + f"\nwrote {stem}.md, .json, .png", flush=True)
 
 
 def apply_preset(args, full: dict, smoke: dict, run_name: str, results: str) -> None:
@@ -435,8 +435,7 @@ def main(argv=None) -> int:
         train(args, options)
         evals = evaluate(args, options, held_ids)
         summary = summarise(args, arch, options, held_ids, evals)
-        text = write_results(summary, args.results, args.smoke)
-        print("\n" + text + f"\nwrote {args.results}.md, .json, .png", flush=True)
+        write_results(summary, args.results, args.smoke)
         return 0
     except Qwen2Error as e:
         print(f"error: {e}", file=sys.stderr)
