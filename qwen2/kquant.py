@@ -77,7 +77,7 @@ class KQuantLinear(QuantLinear):
     block_bytes = 0
     bits_per_weight = 0.0
     gguf_type = ""
-    op = ""  # the kernels' name for it: qwen2_kernels::<op>_linear and <op>_dequantize
+    linear_op = dequantize_op = ""  # its qwen2_kernels ops (names fixed here: decode calls ~200 per token)
 
     def __init__(self, rows: torch.Tensor, bias: torch.Tensor | None = None):
         if rows.dtype != torch.uint8 or rows.dim() != 2 or rows.shape[1] % self.block_bytes:
@@ -112,10 +112,10 @@ class KQuantLinear(QuantLinear):
         return w if dtype == torch.float32 else w.to(dtype)
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
-        return getattr(self._ops, f"{self.op}_linear")(x, self.weight, self.activation_digits)
+        return getattr(self._ops, self.linear_op)(x, self.weight, self.activation_digits)
 
     def _native_dequantize(self, rows: torch.Tensor) -> torch.Tensor:
-        return getattr(self._ops, f"{self.op}_dequantize")(rows)
+        return getattr(self._ops, self.dequantize_op)(rows)
 
     def describe(self) -> str:
         return f"{self.mode}, GGUF {self.gguf_type} super-blocks as they are ({self.bits_per_weight:g} bits per weight)"
@@ -125,7 +125,7 @@ class Q4KLinear(KQuantLinear):
     """Q4_K: per 256 weights fp16 d and dmin, 6-bit scales and mins per 32, 4-bit quants."""
 
     mode = "q4_k"
-    op = "q4k"
+    linear_op, dequantize_op = "q4k_linear", "q4k_dequantize"
     gguf_type = "Q4_K"
     block_bytes = Q4K_BYTES
     bits_per_weight = Q4K_BYTES * 8 / SUPER_BLOCK
@@ -139,7 +139,7 @@ class Q6KLinear(KQuantLinear):
     """Q6_K: per 256 weights an fp16 d, int8 scales per 16, 6-bit quants (4 + 2 bits)."""
 
     mode = "q6_k"
-    op = "q6k"
+    linear_op, dequantize_op = "q6k_linear", "q6k_dequantize"
     gguf_type = "Q6_K"
     block_bytes = Q6K_BYTES
     bits_per_weight = Q6K_BYTES * 8 / SUPER_BLOCK
