@@ -433,7 +433,9 @@ def test_api_key(tiny, monkeypatch):
 
 class SlowEngine(Engine):
     def _choose(self, seq, logits):
-        time.sleep(0.02)  # the running request holds its slot for seconds, not milliseconds
+        # the running request holds its slot for ~30 s (120 tokens), not milliseconds: long enough for
+        # the queued request to arrive even on a loaded machine; closing its stream cancels it early
+        time.sleep(0.25)
         return super()._choose(seq, logits)
 
 
@@ -448,7 +450,7 @@ def test_full_queue_answers_429_with_retry_after(tiny):
             queued = threading.Thread(target=client.completions.create,
                                       kwargs=dict(model="tiny", prompt="b", max_tokens=2))
             queued.start()
-            deadline = time.time() + 10
+            deadline = time.time() + 25
             while engine.queue_depth < 1:
                 assert time.time() < deadline
                 time.sleep(0.005)
