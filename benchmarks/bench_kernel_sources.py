@@ -10,7 +10,8 @@ shared machine falls on all of them. Outputs must equal the first source's bit f
 change that is only about speed must not change a number). Per kind of layer: ms per decode step
 and GB/s (its weight bytes, scales included / time). Then whole decode steps, everything else
 included: `decode_steps` after a 512-token prompt, the model's layers switched from build to build,
---decode-steps steps per round; per source the median step of each round, and the best round.
+--decode-steps steps per round, --rounds / 2 rounds; per source the median step of each round, and
+the best round.
 
     python benchmarks/bench_kernel_sources.py git:HEAD~1 qwen2/kernels/quant_linear.cpp
     python benchmarks/bench_kernel_sources.py --model qwen2.5-coder-0.5b-instruct git:HEAD~1 qwen2/kernels/quant_linear.cpp
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="qwen2.5-coder-1.5b-instruct")
     p.add_argument("--quantize", default="int4")
     p.add_argument("--rounds", type=int, default=8, help="decode steps' worth of calls per source (the first untimed)")
-    p.add_argument("--decode-steps", type=int, default=64, help="whole decode steps per source and round (0: none)")
+    p.add_argument("--decode-steps", type=int, default=64, help="whole decode steps per source and round, over rounds / 2 rounds (0: none)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="JSON results (a .md table is written beside it)")
     args = p.parse_args(argv)

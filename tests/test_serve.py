@@ -450,7 +450,7 @@ def test_full_queue_answers_429_with_retry_after(tiny):
             queued = threading.Thread(target=client.completions.create,
                                       kwargs=dict(model="tiny", prompt="b", max_tokens=2))
             queued.start()
-            deadline = time.time() + 25
+            deadline = time.time() + 10
             while engine.queue_depth < 1:
                 assert time.time() < deadline
                 time.sleep(0.005)
