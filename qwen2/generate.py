@@ -17,6 +17,8 @@ from .errors import Qwen2Error
 from .long_context import context_length
 from .model import Transformer
 
+MIN_TEMPERATURE = 1e-5  # sampling below it is sampling at it (see sampling_distribution)
+
 
 @dataclass
 class SamplingParams:
@@ -86,7 +88,9 @@ def apply_repetition_penalty(logits: torch.Tensor, params: SamplingParams, seen:
 def sampling_distribution(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None) -> torch.Tensor:
     """The probabilities sampling draws from, (B, V). Order as in HF: repetition penalty,
     temperature, top-k, top-p, min-p."""
-    logits = apply_repetition_penalty(logits.float(), params, seen) / params.temperature
+    # A temperature this small is already argmax (ties aside); a smaller one (an API accepts 1e-300)
+    # would scale finite logits to inf and the softmax to NaN, so it is taken as this one, as vLLM does.
+    logits = apply_repetition_penalty(logits.float(), params, seen) / max(params.temperature, MIN_TEMPERATURE)
     if params.top_k:
         kth = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)

@@ -61,6 +61,15 @@ def test_sampling_follows_the_distribution():
     assert torch.allclose(freq[:3], torch.tensor([0.5, 0.3, 0.15]) / 0.95, atol=0.03)
 
 
+
+@pytest.mark.parametrize("temperature", [1e-5, 1e-168, 5e-324])
+def test_a_vanishing_temperature_samples_the_argmax(temperature):
+    # logits / 1e-168 overflow to inf and the softmax to NaN without the floor (an API fuzzer found it)
+    logits = torch.tensor([[1.0, 3.0, 2.9, -1.0], [0.5, -2.0, 0.25, 0.0]])
+    probs = sampling_distribution(logits, SamplingParams(temperature=temperature))
+    assert torch.equal(probs, torch.tensor([[0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]))
+    assert next_token(logits, SamplingParams(temperature=temperature), generator=torch.Generator().manual_seed(0)).tolist() == [1, 0]
+
 @pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1),
                                  dict(min_p=1.0), dict(repetition_penalty=0), dict(max_new_tokens=0),
                                  dict(temperature=float("nan")), dict(stop=[""])])
