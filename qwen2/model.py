@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from . import long_context
+from . import kernels, long_context
 from .config import Qwen2Config
 
 
@@ -96,9 +96,16 @@ class KVCache:
         # speculative verification sets it, so that quantised models, whose activation rounding turns
         # last-bit differences into visible ones, verify with the very numbers plain decoding uses.
         self.exact_rows = False
+        self._first_slots: tuple[int, torch.Tensor | None] = (-1, None)  # (length, its slots tensor)
 
     def __len__(self) -> int:
         return self.length
+
+    def first_slots(self) -> torch.Tensor:
+        """(B,) `length` for every row: where the next forward's first token goes (made once per length)."""
+        if self._first_slots[0] != self.length:
+            self._first_slots = (self.length, torch.full((self.valid.shape[0],), self.length, dtype=torch.long))
+        return self._first_slots[1]
 
     def rewind(self, n_slots: int) -> None:
         """Forget the last `n_slots` slots, as if they had never been fed (speculative decoding
@@ -128,6 +135,28 @@ class StaticKV(NamedTuple):
     row_lengths: list[int] | None = None
 
 
+def native_decode_ops(q: torch.Tensor, mask, cache) -> object | None:
+    """`torch.ops.qwen2_kernels` when the native decode attention (qwen2/kernels/decode_attention.cpp)
+    takes this call, else None. It does the decode step's RoPE, cache write and attention for queries
+    that each attend like a one-token step: T == 1, or speculative verification's `exact_rows`. Eager,
+    inference only (no autograd), fp32 on the CPU, head_dim a multiple of 16, not Dual Chunk Attention."""
+    if cache is None or isinstance(mask, long_context.DualChunkContext):
+        return None
+    if q.shape[1] > 1 and not (isinstance(cache, KVCache) and cache.exact_rows):
+        return None  # prefill: compute-bound, SDPA's flash kernel does it better
+    if (q.device.type != "cpu" or q.dtype != torch.float32 or cache.k.dtype != torch.float32 or q.shape[-1] % 16
+            or q.requires_grad or torch.compiler.is_compiling()):
+        return None
+    return kernels.ops()
+
+
+def cache_slots(cache, batch_size: int) -> torch.Tensor:
+    """(B,) the cache slot of each row's first new token."""
+    if isinstance(cache, StaticKV):
+        return cache.slot.expand(batch_size)
+    return cache.first_slots()
+
+
 class Attention(nn.Module):
     def __init__(self, config: Qwen2Config):
         super().__init__()
@@ -142,9 +171,21 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: KVCache | StaticKV | None, layer: int):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, nh, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, nkv, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, nkv, hs)
+        ops = native_decode_ops(q, mask, cache)
+        if ops is not None:  # decode: RoPE, cache write and attention in one native call
+            key_mask = None if mask is None else mask.expand(B, 1, T, mask.shape[-1])[:, 0]  # (B, T, S)
+            y = ops.decode_attention(q, k, v, cos.expand(B, T, -1), sin.expand(B, T, -1), cache.k[layer],
+                                     cache.v[layer], cache_slots(cache, B), key_mask, self.head_dim ** -0.5)
+        else:
+            y = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cos, sin, mask, cache, layer)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))  # y (B, nh, T, hs)
+
+    def _attend(self, q, k, v, cos, sin, mask, cache, layer: int) -> torch.Tensor:
+        """RoPE, the cache write and attention in PyTorch ops: q (B, nh, T, hs), k, v (B, nkv, T, hs)."""
+        B, T = q.shape[0], q.shape[2]
         q_unrotated = q  # DCA rotates queries its own three ways
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if isinstance(cache, StaticKV):
@@ -174,7 +215,7 @@ class Attention(nn.Module):
             # GQA: SDPA broadcasts each kv head over its nh/nkv query heads, nothing is copied.
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                                enable_gqa=self.n_head != self.n_kv_head)  # (B, nh, T, hs)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        return y
 
     def _rows_as_steps(self, q, k, v, mask, start: int) -> torch.Tensor:
         """Attention of each of the T new queries as its own one-token step: query t sees slots

@@ -1,4 +1,5 @@
-"""Native CPU kernels (`quant_linear.cpp`), compiled on first use and cached.
+"""Native CPU kernels (`quant_linear.cpp`: quantised linears; `decode_attention.cpp`: the decode
+step's attention), compiled on first use and cached.
 
 Why at first use and not at `pip install`: an install-time build runs in pip's isolated build
 environment, which would download its own torch to compile against and tie the binary to it. Here the
@@ -21,6 +22,7 @@ import threading
 import torch
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quant_linear.cpp")
+SOURCES = [SOURCE, os.path.join(os.path.dirname(SOURCE), "decode_attention.cpp")]
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]  # OpenMP: at::parallel_for splits work only when compiled with it
 LDFLAGS = ["-fopenmp"]
 
@@ -39,8 +41,9 @@ def _cpu_flags() -> str:
 def _build_dir() -> str:
     from ..checkpoint.registry import cache_dir
     key = hashlib.sha256()
-    for part in (open(SOURCE, "rb").read(), torch.__version__.encode(), " ".join(CFLAGS).encode(),
-                 _cpu_flags().encode(), sys.version.encode()):
+    sources = [open(source, "rb").read() for source in SOURCES]
+    for part in (*sources, torch.__version__.encode(), " ".join(CFLAGS).encode(), _cpu_flags().encode(),
+                 sys.version.encode()):
         key.update(part)
     return os.path.join(cache_dir(), "kernels", key.hexdigest()[:16])
 
@@ -59,7 +62,7 @@ def _build():
     reason = _unavailable_reason()
     if reason:
         return None, reason
-    if hasattr(torch.ops, "qwen2_kernels") and hasattr(torch.ops.qwen2_kernels, "int4_linear"):
+    if hasattr(torch.ops, "qwen2_kernels") and hasattr(torch.ops.qwen2_kernels, "decode_attention"):
         return torch.ops.qwen2_kernels, None  # already loaded in this process
     from torch.utils.cpp_extension import load
     build_dir = _build_dir()
@@ -68,11 +71,12 @@ def _build():
     if not built:
         print("qwen2: compiling the CPU kernels for this machine (once, ~10 s)...", file=sys.stderr, flush=True)
     try:
-        load(name="qwen2_kernels", sources=[SOURCE], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+        load(name="qwen2_kernels", sources=SOURCES, extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
              build_directory=build_dir, is_python_module=False, verbose=False)
     except Exception as error:  # noqa: BLE001 (no compiler, a failed build: fall back, say why)
         first = str(error).strip().splitlines()
-        return None, f"building {os.path.basename(SOURCE)} failed: {first[0] if first else type(error).__name__}"
+        names = ", ".join(map(os.path.basename, SOURCES))
+        return None, f"building {names} failed: {first[0] if first else type(error).__name__}"
     return torch.ops.qwen2_kernels, None
 
 

@@ -1,0 +1,159 @@
+#!/usr/bin/env python
+"""The native decode attention (`qwen2/kernels/decode_attention.cpp`: RoPE, the cache write and
+attention of a decode step in one call) against the PyTorch ops it replaces (`Attention._attend`:
+two RoPEs, two cache writes, SDPA), in one process, alternating, so a noisy moment of this shared
+machine falls on both.
+
+1. One layer's call, the model's head shapes, one new token after C cached ones (C = --contexts):
+   median µs of each path, and their outputs compared.
+2. Whole decode steps of the model (--quantize, default int4) after a 512-token prompt: the model
+   switched between the two paths round after round (`qwen2.model.native_decode_ops`), --steps
+   greedy steps per round, the cache rewound after each; the median step of each round, the best
+   round; and whether both paths pick the same greedy tokens.
+
+    python benchmarks/bench_decode_attention.py --out benchmarks/results/decode_attention.json
+    python benchmarks/bench_decode_attention.py --model qwen2.5-coder-1.5b-instruct --out benchmarks/results/decode_attention-1.5b.json
+
+Results: printed, and with --out a JSON plus a markdown table beside it (written atomically).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from bench_inference import machine_facts, set_torch_threads, wait_for_quiet, write_results  # noqa: E402
+
+import qwen2  # noqa: E402
+from qwen2 import kernels  # noqa: E402
+from qwen2 import model as M  # noqa: E402
+from qwen2.progress import progress_bar  # noqa: E402
+
+NATIVE, PYTORCH = "native", "pytorch"
+
+
+def use(path: str, real=M.native_decode_ops) -> None:
+    """Route the model's attention through `path` from the next forward on."""
+    M.native_decode_ops = real if path == NATIVE else (lambda q, mask, cache: None)
+
+
+def op_timings(model, contexts: list[int], repeats: int) -> list[dict]:
+    """Per context length: one layer's decode attention by each path, median µs, max |difference|."""
+    attention, config = model.model.layers[0].self_attn, model.config
+    nh, nkv, hs = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for context in progress_bar(contexts, desc="op", unit="context"):
+        cache = model.new_cache(1, context + 1)
+        cache.k.normal_(generator=gen), cache.v.normal_(generator=gen)
+        cache.length = context
+        q, k, v = (torch.randn(1, 1, n, hs, generator=gen) for n in (nh, nkv, nkv))
+        cos, sin = model.rope(torch.tensor([[context]]), torch.float32)
+        slots = cache.first_slots()
+        ops = kernels.ops()
+        paths = {NATIVE: lambda: ops.decode_attention(q, k, v, cos, sin, cache.k[0], cache.v[0], slots, None, hs ** -0.5),
+                 PYTORCH: lambda: attention._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                    cos, sin, None, cache, 0)}
+        times = {name: [] for name in paths}
+        with torch.inference_mode():
+            outputs = {name: f() for name, f in paths.items()}
+            for _ in range(repeats):
+                for name, f in paths.items():
+                    start = time.perf_counter()
+                    for _ in range(20):
+                        f()
+                    times[name].append((time.perf_counter() - start) / 20 * 1e6)
+        us = {name: statistics.median(t) for name, t in times.items()}
+        rows.append({"context": context, "us": us, "speedup": us[PYTORCH] / us[NATIVE],
+                     "max_abs_diff": (outputs[NATIVE] - outputs[PYTORCH]).abs().max().item()})
+    return rows
+
+
+def step_timings(loaded, rounds: int, steps: int) -> dict:
+    """Median decode step per round and path after a 512-token prompt (this repository's README)."""
+    model = loaded.model
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        prompt = torch.tensor([loaded.tokenizer.encode(f.read())[:512]])
+    medians = {NATIVE: [], PYTORCH: []}
+    tokens = {}
+    with torch.inference_mode():
+        cache = model.new_cache(1, prompt.shape[1] + steps + 1)
+        first = model(prompt, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+        for _ in progress_bar(range(rounds), desc="decode rounds", unit="round"):
+            for path in (NATIVE, PYTORCH):
+                use(path)
+                token, times, seen = first, [], []
+                for _ in range(steps):
+                    start = time.perf_counter()
+                    token = model(token, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+                    times.append((time.perf_counter() - start) * 1e3)
+                    seen.append(int(token))
+                cache.rewind(steps)
+                medians[path].append(statistics.median(times))
+                tokens[path] = seen
+    use(NATIVE)
+    best = {path: min(m) for path, m in medians.items()}
+    same = sum(a == b for a, b in zip(tokens[NATIVE], tokens[PYTORCH]))
+    return {"median_ms_per_round": medians, "best_ms": best, "speedup": best[PYTORCH] / best[NATIVE],
+            "same_greedy_tokens": f"{same}/{steps}"}
+
+
+def markdown(data: dict) -> str:
+    a = data["args"]
+    m = data["machine"]
+    out = [f"# Decode attention: native vs PyTorch ops, {a['model']} (quantize={a['quantize']}), "
+           f"{a['threads']} threads\n", f"`{data['command']}`\n",
+           f"{m['cpu']} ({m['logical_cpus']} logical CPUs), torch {data['torch']}, {m['date']}; CPU taken by "
+           f"other processes before the run: {data['cpu_taken_by_others_pct']:.0f} %\n",
+           "## One layer's call (RoPE, cache write, attention of one new token)\n",
+           "| cached tokens | native µs | PyTorch µs | speedup | max abs difference |",
+           "| ---: | ---: | ---: | ---: | ---: |"]
+    out += [f"| {r['context']} | {r['us'][NATIVE]:.1f} | {r['us'][PYTORCH]:.1f} | {r['speedup']:.2f}× | "
+            f"{r['max_abs_diff']:.1e} |" for r in data["op"]]
+    s = data["steps"]
+    out += ["", f"## Whole decode steps after a 512-token prompt ({a['steps']} steps per round, {a['rounds']} rounds)\n",
+            "| path | best round ms / step | every round |", "| --- | ---: | --- |"]
+    out += [f"| {p} | {s['best_ms'][p]:.2f} | {', '.join(f'{x:.1f}' for x in s['median_ms_per_round'][p])} |"
+            for p in (NATIVE, PYTORCH)]
+    out += ["", f"Speedup of a decode step: **{s['speedup']:.3f}×**; greedy tokens equal on {s['same_greedy_tokens']} steps."]
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    p.add_argument("--quantize", default="int4", help="int4, int8 or none")
+    p.add_argument("--contexts", default="128,512,2048,8192", help="cached tokens for the one-layer timings")
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--wait-quiet", type=float, default=0.0, help="wait up to this many seconds for an idle machine")
+    p.add_argument("--out", default=None, help="write JSON here and markdown beside it (.md)")
+    args = p.parse_args(argv)
+    set_torch_threads(args.threads)
+    if kernels.ops() is None:
+        raise SystemExit(f"the native kernels are unavailable here: {kernels.status()}")
+    loaded = qwen2.load(args.model, quantize=None if args.quantize == "none" else args.quantize)
+    others = wait_for_quiet(args.wait_quiet)  # with 0, one 2-second look
+    data = {"args": vars(args), "command": "python benchmarks/bench_decode_attention.py " + " ".join(argv or sys.argv[1:]),
+            "machine": machine_facts(args.threads), "torch": torch.__version__, "cpu_taken_by_others_pct": others,
+            "op": op_timings(loaded.model, [int(c) for c in args.contexts.split(",")], args.repeats),
+            "steps": step_timings(loaded, args.rounds, args.steps)}
+    text = markdown(data)
+    print(text)
+    if args.out:
+        write_results(args.out, data, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
