@@ -104,10 +104,10 @@ class KQuantLinear(QuantLinear):
             self._kernel_ok = self._ops is not None
         return self._kernel_ok
 
-    def _dequant_rows(self, a: int, b: int, dtype: torch.dtype) -> torch.Tensor:
+    def _dequant_rows(self, rows, dtype: torch.dtype) -> torch.Tensor:
         # exact in fp32 either way (the native decoder is ~5x faster: the prefill dequantises every
         # weight per forward); a bf16 prefill rounds once, at the end
-        rows = self.weight[a:b]
+        rows = self.weight[rows]
         w = self._native_dequantize(rows) if self.kernel_ok else self._dequantize(rows)
         return w if dtype == torch.float32 else w.to(dtype)
 

@@ -387,11 +387,11 @@ class Transformer(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device  # not the embedding's: a quantised model may read it from the head
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        return self.model.norm.weight.dtype
 
     def aux_loss(self, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Qwen2-MoE's load-balancing loss for the last forward (its router logits; pass the same

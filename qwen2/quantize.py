@@ -149,7 +149,8 @@ class QuantLinear(nn.Module):
         # decode speed); int8 mode, the accuracy mode, 2 everywhere.
         self.activation_digits = 2
 
-    # subclasses: _kernel(x_fp32) -> (M, N) fp32, _dequant_rows(start, stop, dtype) -> (rows, K)
+    # subclasses: _kernel(x_fp32) -> (M, N) fp32, _dequant_rows(rows, dtype) -> (n, K) for `rows` a
+    # slice or a 1-d index tensor of output rows
 
     @property
     def kernel_ok(self) -> bool:
@@ -161,7 +162,7 @@ class QuantLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The full (N, K) weight this layer computes with."""
-        return self._dequant_rows(0, self.out_features, dtype)
+        return self._dequant_rows(slice(0, self.out_features), dtype)
 
     def _chunks(self) -> Iterable[tuple[int, int]]:
         step = max(1, _CHUNK_ELEMENTS // self.in_features)
@@ -170,7 +171,7 @@ class QuantLinear(nn.Module):
 
     def _matmul_dequantized(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         xd = x.to(dtype)
-        parts = [F.linear(xd, self._dequant_rows(a, b, dtype)) for a, b in self._chunks()]
+        parts = [F.linear(xd, self._dequant_rows(slice(a, b), dtype)) for a, b in self._chunks()]
         y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         return y.to(x.dtype)
 
@@ -263,10 +264,10 @@ class Int8Linear(QuantLinear):
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         return self._ops.int8_linear(x, self.weight, self.scales, self.group_size, self.activation_digits)
 
-    def _dequant_rows(self, a: int, b: int, dtype: torch.dtype) -> torch.Tensor:
+    def _dequant_rows(self, rows, dtype: torch.dtype) -> torch.Tensor:
         G = self.in_features // self.group_size
-        q = self.weight[a:b].view(b - a, G, self.group_size).to(dtype) - 128
-        return (q * self.scales[a:b, :, None].to(dtype)).view(b - a, self.in_features)
+        q = self.weight[rows].view(-1, G, self.group_size).to(dtype) - 128
+        return (q * self.scales[rows][:, :, None].to(dtype)).view(-1, self.in_features)
 
 
 class Int4Linear(QuantLinear):
@@ -303,10 +304,34 @@ class Int4Linear(QuantLinear):
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         return self._ops.int4_linear(x, self.weight, self.scales, self.mins, self.group_size, self.activation_digits)
 
-    def _dequant_rows(self, a: int, b: int, dtype: torch.dtype) -> torch.Tensor:
+    def _dequant_rows(self, rows, dtype: torch.dtype) -> torch.Tensor:
         G = self.in_features // self.group_size
-        q = unpack_int4(self.weight[a:b]).view(b - a, G, self.group_size).to(dtype)
-        return (q * self.scales[a:b, :, None].to(dtype) + self.mins[a:b, :, None].to(dtype)).view(b - a, self.in_features)
+        q = unpack_int4(self.weight[rows]).view(-1, G, self.group_size).to(dtype)
+        scales, mins = self.scales[rows][:, :, None].to(dtype), self.mins[rows][:, :, None].to(dtype)
+        return (q * scales + mins).view(-1, self.in_features)
+
+
+class QuantEmbedding(nn.Module):
+    """The token embedding read from a quantised tied head's rows, as llama.cpp reads its token_embd:
+    each looked-up row dequantised, so the model keeps no fp32 table (for the 0.5B model, 544 MB
+    that decode would otherwise fault in from the memory-mapped checkpoint a row at a time, ~1 ms
+    per new token here). Used only where it is exact: when the head holds the GGUF's own token_embd
+    blocks, whose dequantisation equals the fp32 table's bit for bit (see
+    `qwen2.checkpoint.gguf.convert_exact_linears`)."""
+
+    def __init__(self, head: QuantLinear):
+        super().__init__()
+        # Not a submodule: the head stays `lm_head` alone in named_modules (its buffers are counted,
+        # saved and described once, under that name).
+        object.__setattr__(self, "head", head)
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.head._dequant_rows(input_ids.reshape(-1), torch.float32)  # (B*T, C)
+        return rows.view(*input_ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, rows of the lm_head ({self.head.mode})"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -350,7 +375,8 @@ def quantize_model(model, mode: str, group_size: int = DEFAULT_GROUP_SIZE, lm_he
     reading it in fp32 is a third of a decode step; but its errors go straight into the logits, where
     they flip near-tie greedy choices: int8 mode is the accuracy mode, so it keeps the head exact.
     When quantised it is int8, never int4 (errors ~16x smaller for ~60 MB more). A tied embedding
-    is left intact (the head gets a quantised copy).
+    is left intact (the head gets a quantised copy; loading from a GGUF then reads the embedding's
+    rows from the head's exact blocks: `QuantEmbedding`).
 
     `release`: the fp32 weights may live in a memory-mapped file (safetensors); drop their pages from
     this process once quantised, so resident memory does not keep the fp32 model (load() uses it).
@@ -375,9 +401,9 @@ def quantize_model(model, mode: str, group_size: int = DEFAULT_GROUP_SIZE, lm_he
             "down_proj (intermediate size)": config.intermediate_size})
     mapped = _file_mappings() if release else []
 
-    def convert(linear: nn.Linear, as_mode: str, keep: bool = False) -> QuantLinear:
+    def convert(linear: nn.Linear, as_mode: str) -> QuantLinear:
         # each chunk's fp32 pages go as soon as it is quantised: never more than a chunk of them resident
-        release_chunk = None if keep or not mapped else (lambda t: _release_pages(t, mapped))
+        release_chunk = None if not mapped else (lambda t: _release_pages(t, mapped))
         w = linear.weight.detach()
         if as_mode.startswith("int4"):
             return Int4Linear.from_float(w, linear.bias, group_size, on_chunk=release_chunk)
@@ -390,8 +416,10 @@ def quantize_model(model, mode: str, group_size: int = DEFAULT_GROUP_SIZE, lm_he
                 parent = getattr(block, parent_name)
                 setattr(parent, name, convert(getattr(parent, name), "int8" if path in keep_int8 else mode))
         if lm_head:
-            tied = model.lm_head.weight is model.model.embed_tokens.weight
-            model.lm_head = convert(model.lm_head, "int8", keep=tied)
+            # A tied embedding's pages go too, as they are read: they belong to a file mapping (the
+            # only pages released), so a later lookup faults its row back in from the checkpoint,
+            # and a GGUF's exact head soon replaces the table altogether (QuantEmbedding).
+            model.lm_head = convert(model.lm_head, "int8")
     for name, layer in quantized_linears(model).items():
         layer.activation_digits = 2 if "self_attn" in name or mode == "int8" else 1
         if mode == "int8":

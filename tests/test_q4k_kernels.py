@@ -127,7 +127,7 @@ def test_kept_bytes_dequantise_exactly_as_gguf(kind, N, K, zero_blocks):
     # the bf16 prefill's weight: the exact value rounded once
     assert torch.equal(layer.dequantize(torch.bfloat16), expected.to(torch.bfloat16))
     # any row range (the prefill dequantises in row chunks)
-    assert torch.equal(layer._dequant_rows(N // 2, N, torch.float32), expected[N // 2:])
+    assert torch.equal(layer._dequant_rows(slice(N // 2, N), torch.float32), expected[N // 2:])
 
 
 def test_bits_per_weight():
@@ -416,3 +416,45 @@ def test_real_gguf_layers_through_the_kernels(model_name):
           f"|kernel - fp32 with the same activation rounding| {worst:.2g} of |x| @ |W|^T; layer outputs against "
           f"fp32: relative error {rounding:.2g}")
     assert rounding < 1e-2  # the activation rounding itself (one digit in the MLP)
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q6_K", "Q4_K"])
+def test_a_tied_embedding_is_read_from_the_exact_head(tmp_path, kind):
+    """Tied token_embd taken exactly as the head: the embedding reads its rows there (llama.cpp's
+    way), bit for bit the fp32 table's, and the model keeps no fp32 table."""
+    config = tiny_config(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                         vocab_size=300, tie_word_embeddings=True)
+    real_quantize = quants.quantize
+
+    def quantize(array, qtype):
+        if qtype.name not in LAYERS:
+            return real_quantize(array, qtype)
+        return random_rows(qtype.name, *array.shape, seed=3, d_range=4e-3 if qtype.name == "Q4_K" else 1e-4)
+
+    def qtype(name, ndim):
+        return "F32" if ndim == 1 else kind if name == "token_embd.weight" else "Q8_0"
+
+    path = tmp_path / "tied.gguf"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(quants, "quantize", quantize)
+        write_gguf(path, config, state_dict_of(random_model(config)), small_tokenizer_metadata(), qtype=qtype)
+    fp32 = qwen2.load(path, progress=False).model
+    model = qwen2.load(path, quantize="int4", progress=False).model
+    embedding = model.model.embed_tokens
+    assert isinstance(embedding, Q.QuantEmbedding) and embedding.head is model.lm_head
+    assert not any(p.shape == (300, 256) for p in model.parameters())  # no fp32 table left
+    ids = torch.arange(300).view(3, 100)
+    with torch.inference_mode():
+        assert torch.equal(embedding(ids), fp32.model.embed_tokens(ids))
+        logits = model(ids[:1, :9])
+        model.model.embed_tokens = fp32.model.embed_tokens
+        assert torch.equal(model(ids[:1, :9]), logits)
+    assert "lm_head" in Q.quantized_linears(model) and "rows of the lm_head" in repr(embedding)
+
+
+def test_an_untied_or_requantised_head_leaves_the_embedding(kquant_gguf, tmp_path):
+    path, fp32 = kquant_gguf  # untied: output.weight is its own Q6_K tensor
+    assert isinstance(qwen2.load(path, quantize="int4", progress=False).model.model.embed_tokens, nn.Embedding)
+    fp32.save(tmp_path / "hf")  # no GGUF blocks to take: a requantised head, so the embedding stays fp32
+    requantised = qwen2.load(tmp_path / "hf", quantize="int4", progress=False).model
+    assert isinstance(requantised.model.embed_tokens, nn.Embedding)

@@ -464,12 +464,14 @@ def convert_exact_linears(model, path, progress: bool = True) -> dict[str, int]:
     second rounding error to weights that are already integers times a per-block scale (and costs
     more bits). The GGUF must be the one the weights came from."""
     from ..progress import progress_bar
+    from ..quantize import QuantEmbedding
 
     reader = open_gguf(path)
     int4_mode = model.quantization["mode"].startswith("int4") and model.quantization.get("group_size") == _Q4K_GROUP
     converters = _exact_converters(int4_mode)
     tensors = block_tensors(reader, converters)
-    if model.config.tie_word_embeddings and "model.embed_tokens.weight" in tensors:
+    tied = model.config.tie_word_embeddings and "model.embed_tokens.weight" in tensors
+    if tied:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]  # a tied head is the embedding
     targets = [(name, module, tensors[f"{name}.weight"]) for name, module in model.named_modules()
                if f"{name}.weight" in tensors
@@ -487,6 +489,8 @@ def convert_exact_linears(model, path, progress: bool = True) -> dict[str, int]:
         setattr(parent, attr, exact)
         if name == "lm_head":
             model.quantization["lm_head"] = exact.mode  # e.g. the 1.5B's Q6_K head: "q6_k", not int8
+            if tied:  # the embedding is the same blocks: read its rows there, drop the fp32 table
+                model.model.embed_tokens = QuantEmbedding(exact)
         reader.release(tensor)
         counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
         model.quantization.setdefault("gguf_layouts", {})[tensor.tensor_type.name] = exact.mode  # for describe()
