@@ -68,12 +68,19 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+def greedy_choice(logits: torch.Tensor) -> torch.Tensor:
+    """The index of the largest logit along the last dim, the first one on ties (NaN counting as
+    largest): argmax's result. Through `max(-1)`, whose CPU reduction is vectorised where argmax's
+    is not: ~70 against ~250 µs over a 151,936-token vocabulary here, on every decode step."""
+    return logits.max(-1).indices
+
+
 def next_token(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None,
                generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (B, V) -> token ids (B,). `seen` (B, V) marks tokens already in each row's context,
     for the repetition penalty."""
     if params.temperature == 0:
-        return apply_repetition_penalty(logits.float(), params, seen).argmax(-1)
+        return greedy_choice(apply_repetition_penalty(logits.float(), params, seen))
     probs = sampling_distribution(logits, params, seen)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 

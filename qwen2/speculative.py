@@ -30,7 +30,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .errors import Qwen2Error
-from .generate import SamplingParams, check_fits
+from .generate import SamplingParams, check_fits, greedy_choice
 from .model import Transformer
 
 SPECULATIVE_METHODS = ("prompt-lookup",)
@@ -137,7 +137,7 @@ class DraftModelDrafter(Drafter):
             while True:
                 logits = self.model(torch.tensor([feed], device=device), cache=self.cache, last_only=True)
                 self.cached += feed
-                draft.append(int(logits[0, -1].float().argmax()))
+                draft.append(int(greedy_choice(logits[0, -1].float())))
                 if len(draft) == k:
                     return draft
                 feed = draft[-1:]
@@ -172,7 +172,7 @@ def speculative_steps(model: Transformer, prompt_ids: Sequence[int], params: Sam
         cache = model.new_cache(1, max_len)
         logits = model(torch.tensor([prompt], device=device), cache=cache, last_only=True)
         cache.exact_rows = True  # verification attends as plain decoding's one-token steps do
-        token = int(logits[0, -1].float().argmax())
+        token = int(greedy_choice(logits[0, -1].float()))
     tokens = prompt + [token]
     stats.generated += 1
     yield torch.tensor([token], device=device)
@@ -185,7 +185,7 @@ def speculative_steps(model: Transformer, prompt_ids: Sequence[int], params: Sam
             raise Qwen2Error(f"drafter proposed a token id outside the vocabulary (0..{vocab - 1}): {draft}")
         with torch.inference_mode():
             logits = model(torch.tensor([tokens[-1:] + draft], device=device), cache=cache)  # (1, 1 + d, V)
-            choices = logits[0].float().argmax(-1).tolist()  # the target's greedy token after each position
+            choices = greedy_choice(logits[0].float()).tolist()  # the target's greedy token after each position
             accepted = 0
             while accepted < len(draft) and draft[accepted] == choices[accepted]:
                 accepted += 1

@@ -166,3 +166,15 @@ def test_generate_text_is_the_decoded_tokens(tiny, tokenizer):
     assert len(tokens) == 7
     texts = generate_text(tiny, tokenizer, [[1, 2, 3]], SamplingParams(max_new_tokens=7), eos_ids=[])
     assert texts == [tokenizer.decode(tokens)]
+
+
+def test_greedy_choice_is_argmax_with_ties_and_nan():
+    from qwen2.generate import greedy_choice
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 4, (5, 151936), generator=gen).float()  # many ties: the first must win
+    logits[1, 70000] = 9.0
+    logits[2, 123] = float("nan")  # NaN counts as the largest, as in argmax
+    logits[3, 5], logits[3, 6] = float("nan"), float("nan")
+    assert torch.equal(greedy_choice(logits), logits.argmax(-1))
+    assert greedy_choice(logits).tolist()[1:4] == [70000, 123, 5]
