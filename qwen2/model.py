@@ -135,19 +135,24 @@ class StaticKV(NamedTuple):
     row_lengths: list[int] | None = None
 
 
-def native_decode_ops(q: torch.Tensor, mask, cache) -> object | None:
-    """`torch.ops.qwen2_kernels` when the native decode attention (qwen2/kernels/decode_attention.cpp)
-    takes this call, else None. It does the decode step's RoPE, cache write and attention for queries
-    that each attend like a one-token step: T == 1, or speculative verification's `exact_rows`. Eager,
-    inference only (no autograd), fp32 on the CPU, head_dim a multiple of 16, not Dual Chunk Attention."""
+def native_decode_ops(x: torch.Tensor, mask, cache, head_dim: int) -> object | None:
+    """`torch.ops.qwen2_kernels` when the native decode ops (qwen2/kernels/decode_*.cpp) take this
+    call, else None; x (B, T, ...) is the layer's input or its queries. They run queries that each
+    attend like a one-token step: T == 1, or speculative verification's `exact_rows`. Eager, inference
+    only (no autograd), fp32 on the CPU, head_dim a multiple of 16, not Dual Chunk Attention."""
     if cache is None or isinstance(mask, long_context.DualChunkContext):
         return None
-    if q.shape[1] > 1 and not (isinstance(cache, KVCache) and cache.exact_rows):
+    if x.shape[1] > 1 and not (isinstance(cache, KVCache) and cache.exact_rows):
         return None  # prefill: compute-bound, SDPA's flash kernel does it better
-    if (q.device.type != "cpu" or q.dtype != torch.float32 or cache.k.dtype != torch.float32 or q.shape[-1] % 16
-            or q.requires_grad or torch.compiler.is_compiling()):
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or cache.k.dtype != torch.float32 or head_dim % 16
+            or x.requires_grad or torch.compiler.is_compiling()):
         return None
     return kernels.ops()
+
+
+def decode_key_mask(mask: torch.Tensor | None, B: int, T: int) -> torch.Tensor | None:
+    """The (B, 1 or T, S) boolean attention mask as the native decode attention takes it: (B, T, S)."""
+    return None if mask is None else mask.expand(B, 1, T, mask.shape[-1])[:, 0]
 
 
 def cache_slots(cache, batch_size: int) -> torch.Tensor:
@@ -174,11 +179,10 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, nh, hs)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, nkv, hs)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, nkv, hs)
-        ops = native_decode_ops(q, mask, cache)
+        ops = native_decode_ops(q, mask, cache, self.head_dim)
         if ops is not None:  # decode: RoPE, cache write and attention in one native call
-            key_mask = None if mask is None else mask.expand(B, 1, T, mask.shape[-1])[:, 0]  # (B, T, S)
-            y = ops.decode_attention(q, k, v, cos.expand(B, T, -1), sin.expand(B, T, -1), cache.k[layer],
-                                     cache.v[layer], cache_slots(cache, B), key_mask, self.head_dim ** -0.5)
+            y = ops.decode_attention(q, k, v, cos.expand(B, T, -1), sin.expand(B, T, -1), cache.k[layer], cache.v[layer],
+                                     cache_slots(cache, B), decode_key_mask(mask, B, T), self.head_dim ** -0.5)
         else:
             y = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cos, sin, mask, cache, layer)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))  # y (B, nh, T, hs)
@@ -258,8 +262,37 @@ class Block(nn.Module):
             self.mlp = FeedForward(config.hidden_size, config.intermediate_size)
 
     def forward(self, x, cos, sin, mask, cache, layer):
+        native = self._native_args(x, mask, cache)
+        if native is not None:  # a decode step: these very ops in one native call, no Python between them
+            ops, tensors, meta = native
+            B, T, attn = x.shape[0], x.shape[1], self.self_attn
+            return ops.decode_block(x, tensors, meta, self.input_layernorm.eps, cos.expand(B, T, -1),
+                                    sin.expand(B, T, -1), cache.k[layer], cache.v[layer], cache_slots(cache, B),
+                                    decode_key_mask(mask, B, T), attn.head_dim ** -0.5)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _native_args(self, x, mask, cache):
+        """(ops, tensors, meta) for `decode_block` (qwen2/kernels/decode_block.cpp) when it computes
+        this forward, else None: a decode step (see native_decode_ops) of a dense block whose seven
+        linears are nn.Linear or quantised linears on their native kernels."""
+        attn, mlp = self.self_attn, self.mlp
+        ops = native_decode_ops(x, mask, cache, attn.head_dim)
+        if ops is None or not isinstance(mlp, FeedForward) or not x.is_contiguous() \
+                or self.input_layernorm.eps != self.post_attention_layernorm.eps:
+            return None
+        from .quantize import native_linear
+
+        rows = x.shape[0] * x.shape[1]
+        tensors, meta = [self.input_layernorm.weight, self.post_attention_layernorm.weight], \
+            [attn.n_head, attn.n_kv_head, attn.head_dim]
+        for linear in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            spec = native_linear(linear, rows)
+            if spec is None:
+                return None
+            meta += spec[:3]
+            tensors += spec[3]
+        return ops, tensors, meta
 
 
 class Transformer(nn.Module):

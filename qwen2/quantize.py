@@ -311,6 +311,29 @@ class Int4Linear(QuantLinear):
         return (q * scales + mins).view(-1, self.in_features)
 
 
+_NO_TENSOR = torch.empty(0)
+NATIVE_KINDS = {"dense": 0, "int4": 1, "int8": 2, "q4_k": 3, "q6_k": 4}  # qwen2/kernels/decode_block.cpp's
+
+
+def native_linear(module: nn.Module, rows: int) -> tuple | None:
+    """How `decode_block` (qwen2/kernels/decode_block.cpp) computes `module` for `rows` rows of x as
+    its forward would: (kind, group_size, digits, [three layout tensors, bias]), unused ones empty;
+    None when the forward would take another path (a quantised linear's dense or reference
+    backend) or the module is neither nn.Linear nor one of our quantised linears (a LoRA wrapper)."""
+    if type(module) is nn.Linear:
+        if module.weight.dtype != torch.float32:
+            return None
+        return NATIVE_KINDS["dense"], 0, 0, [module.weight, _NO_TENSOR, _NO_TENSOR, _bias(module)]
+    if not isinstance(module, QuantLinear) or module.mode not in NATIVE_KINDS or module.path(rows) != "kernel":
+        return None
+    layout = [module.weight, getattr(module, "scales", _NO_TENSOR), getattr(module, "mins", _NO_TENSOR)]
+    return NATIVE_KINDS[module.mode], module.group_size, module.activation_digits, layout + [_bias(module)]
+
+
+def _bias(linear: nn.Module) -> torch.Tensor:
+    return _NO_TENSOR if linear.bias is None else linear.bias
+
+
 class QuantEmbedding(nn.Module):
     """The token embedding read from a quantised tied head's rows, as llama.cpp reads its token_embd:
     each looked-up row dequantised, so the model keeps no fp32 table (for the 0.5B model, 544 MB

@@ -1,5 +1,6 @@
 """Native CPU kernels (`quant_linear.cpp`: quantised linears; `decode_attention.cpp`: the decode
-step's attention), compiled on first use and cached.
+step's attention; `decode_block.cpp`: a decoder block of a decode step in one call), compiled on
+first use and cached.
 
 Why at first use and not at `pip install`: an install-time build runs in pip's isolated build
 environment, which would download its own torch to compile against and tie the binary to it. Here the
@@ -22,7 +23,7 @@ import threading
 import torch
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quant_linear.cpp")
-SOURCES = [SOURCE, os.path.join(os.path.dirname(SOURCE), "decode_attention.cpp")]
+SOURCES = [SOURCE] + [os.path.join(os.path.dirname(SOURCE), name) for name in ("decode_attention.cpp", "decode_block.cpp")]
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]  # OpenMP: at::parallel_for splits work only when compiled with it
 LDFLAGS = ["-fopenmp"]
 
@@ -62,7 +63,7 @@ def _build():
     reason = _unavailable_reason()
     if reason:
         return None, reason
-    if hasattr(torch.ops, "qwen2_kernels") and hasattr(torch.ops.qwen2_kernels, "decode_attention"):
+    if hasattr(torch.ops, "qwen2_kernels") and hasattr(torch.ops.qwen2_kernels, "decode_block"):
         return torch.ops.qwen2_kernels, None  # already loaded in this process
     from torch.utils.cpp_extension import load
     build_dir = _build_dir()

@@ -1,6 +1,7 @@
-"""The native decode attention (qwen2/kernels/decode_attention.cpp: RoPE, cache write and attention
-of one-token steps in one call) against the PyTorch ops it replaces, and the exactness it promises:
-a left-padded row equals the row alone bit for bit, and a T-query call equals T one-query calls."""
+"""The native decode path: the decode attention (qwen2/kernels/decode_attention.cpp: RoPE, cache
+write and attention of one-token steps in one call) against the PyTorch ops it replaces, and the
+exactness it promises (a left-padded row equals the row alone bit for bit, a T-query call equals T
+one-query calls); the decode block (qwen2/kernels/decode_block.cpp) bit for bit the eager block."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -132,8 +133,8 @@ def count_native_calls(monkeypatch) -> list:
     calls = []
     real = M.native_decode_ops
 
-    def spy(q, mask, cache):
-        ops = real(q, mask, cache)
+    def spy(x, mask, cache, head_dim):
+        ops = real(x, mask, cache, head_dim)
         calls.append(ops is not None)
         return ops
     monkeypatch.setattr(M, "native_decode_ops", spy)
@@ -145,7 +146,9 @@ def test_model_decode_takes_the_native_path_and_equals_the_pytorch_one(monkeypat
     ids = torch.randint(0, 300, (2, 9))
     calls = count_native_calls(monkeypatch)
     native = decode(model, ids)
-    assert calls.count(True) == 5 * 2 and calls.count(False) == 2  # every decode step of both layers; not prefill
+    # every decode step of both layers (the block asks, then runs it all); the prefill not (block and
+    # attention each ask)
+    assert calls.count(True) == 5 * 2 and calls.count(False) == 2 * 2
     monkeypatch.setattr(M.kernels, "ops", lambda: None)  # QWEN2_KERNELS=0: the PyTorch ops
     torch.testing.assert_close(native, decode(model, ids), rtol=0, atol=1e-5)
 
@@ -180,9 +183,62 @@ def test_grad_and_compile_keep_the_pytorch_path():
     model = tiny()
     cache = model.new_cache(1, 8)
     q = torch.zeros(1, 1, 4, 16, requires_grad=True)
-    assert M.native_decode_ops(q, None, cache) is None  # autograd: the native op has no backward
-    assert M.native_decode_ops(q.detach(), None, cache) is not None
-    assert M.native_decode_ops(q.detach()[..., :8], None, cache) is None  # head_dim 8
-    assert M.native_decode_ops(torch.zeros(1, 3, 4, 16), None, cache) is None  # a prefill chunk
+    assert M.native_decode_ops(q, None, cache, 16) is None  # autograd: the native op has no backward
+    assert M.native_decode_ops(q.detach(), None, cache, 16) is not None
+    assert M.native_decode_ops(q.detach()[..., :8], None, cache, 8) is None  # head_dim 8
+    assert M.native_decode_ops(torch.zeros(1, 3, 4, 16), None, cache, 16) is None  # a prefill chunk
     cache.exact_rows = True
-    assert M.native_decode_ops(torch.zeros(1, 3, 4, 16), None, cache) is not None  # verification rows
+    assert M.native_decode_ops(torch.zeros(1, 3, 4, 16), None, cache, 16) is not None  # verification rows
+
+
+# ---- the whole block in one call ------------------------------------------------------------------
+
+def without_native_blocks(monkeypatch):
+    monkeypatch.setattr(M.Block, "_native_args", lambda self, x, mask, cache: None)
+
+
+@pytest.mark.parametrize("mode", [None, "int8", "int4"])
+def test_native_block_equals_the_eager_block_bit_for_bit(monkeypatch, mode):
+    model = tiny(3, intermediate_size=128)
+    if mode:
+        model = Q.quantize_model(model, mode)
+    ids = torch.randint(0, 300, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :4] = 0  # a padded row: the mask reaches the block's attention
+    taken = []
+    real = M.Block._native_args
+    monkeypatch.setattr(M.Block, "_native_args", lambda self, *a: taken.append(real(self, *a)) or taken[-1])
+    native = decode(model, ids, mask)
+    assert sum(t is not None for t in taken) == 5 * 2  # every decode step of both layers
+    without_native_blocks(monkeypatch)
+    assert torch.equal(native, decode(model, ids, mask))
+
+
+def test_native_block_verifies_speculation_rows_as_steps(monkeypatch):
+    """exact_rows: T new tokens through the block give each one's one-token step, bit for bit."""
+    model = Q.quantize_model(tiny(4, intermediate_size=128), "int4")
+    ids = torch.randint(0, 300, (1, 12))
+    with torch.inference_mode():
+        cache = model.new_cache(1, 16)
+        model(ids[:, :8], cache=cache)
+        cache.exact_rows = True
+        together = model(ids[:, 8:], cache=cache)
+        cache.rewind(4)
+        cache.exact_rows = False
+        steps = torch.cat([model(ids[:, t:t + 1], cache=cache) for t in range(8, 12)], 1)
+    assert torch.equal(together, steps)
+
+
+def test_native_block_steps_aside_where_it_does_not_apply():
+    model = Q.quantize_model(tiny(5, intermediate_size=128), "int4")
+    block = model.model.layers[0]
+    cache = model.new_cache(1, 8)
+    x = torch.zeros(1, 1, 64)
+    with torch.inference_mode():
+        assert block._native_args(x, None, cache) is not None
+        assert block._native_args(torch.zeros(1, 3, 64), None, cache) is None  # prefill
+        Q.set_backend(model, "reference")  # a linear off its native kernel: the eager block
+        assert block._native_args(x, None, cache) is None
+        Q.set_backend(model, "auto")
+        block.mlp.up_proj = torch.nn.Sequential(block.mlp.up_proj)  # a wrapper (LoRA-like) it cannot see into
+        assert block._native_args(x, None, cache) is None

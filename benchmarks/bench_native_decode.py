@@ -1,18 +1,22 @@
 #!/usr/bin/env python
-"""The native decode attention (`qwen2/kernels/decode_attention.cpp`: RoPE, the cache write and
-attention of a decode step in one call) against the PyTorch ops it replaces (`Attention._attend`:
-two RoPEs, two cache writes, SDPA), in one process, alternating, so a noisy moment of this shared
-machine falls on both.
+"""The native decode path against the PyTorch ops it replaces, in one process, alternating, so a
+noisy moment of this shared machine falls on every path alike:
 
-1. One layer's call, the model's head shapes, one new token after C cached ones (C = --contexts):
-   median µs of each path, and their outputs compared.
-2. Whole decode steps of the model (--quantize, default int4) after a 512-token prompt: the model
-   switched between the two paths round after round (`qwen2.model.native_decode_ops`), --steps
-   greedy steps per round, the cache rewound after each; the median step of each round, the best
-   round; and whether both paths pick the same greedy tokens.
+  native     a decoder block per native call (`qwen2/kernels/decode_block.cpp`: the eager block's
+             own ops and kernels, no Python between them), its attention native
+  attention  the eager block in Python, its attention native (`qwen2/kernels/decode_attention.cpp`:
+             RoPE, the cache write and attention in one call)
+  pytorch    the eager block in Python, attention by PyTorch ops (`Attention._attend`: two RoPEs,
+             two cache writes, SDPA)
 
-    python benchmarks/bench_decode_attention.py --out benchmarks/results/decode_attention.json
-    python benchmarks/bench_decode_attention.py --model qwen2.5-coder-1.5b-instruct --out benchmarks/results/decode_attention-1.5b.json
+1. One layer's attention call, the model's head shapes, one new token after C cached ones
+   (C = --contexts): median µs of the native attention and of the PyTorch ops, outputs compared.
+2. Whole decode steps of the model (--quantize, default int4) after a 512-token prompt, each path in
+   turn round after round, --steps greedy steps per round, the cache rewound after each: the median
+   step of each round, the best round, and whether the paths pick the same greedy tokens.
+
+    python benchmarks/bench_native_decode.py --out benchmarks/results/native_decode.json
+    python benchmarks/bench_native_decode.py --model qwen2.5-coder-1.5b-instruct --out benchmarks/results/native_decode-1.5b.json
 
 Results: printed, and with --out a JSON plus a markdown table beside it (written atomically).
 """
@@ -37,12 +41,14 @@ from qwen2 import kernels  # noqa: E402
 from qwen2 import model as M  # noqa: E402
 from qwen2.progress import progress_bar  # noqa: E402
 
-NATIVE, PYTORCH = "native", "pytorch"
+NATIVE, ATTENTION, PYTORCH = "native", "attention", "pytorch"
+PATHS = (NATIVE, ATTENTION, PYTORCH)
 
 
-def use(path: str, real=M.native_decode_ops) -> None:
-    """Route the model's attention through `path` from the next forward on."""
-    M.native_decode_ops = real if path == NATIVE else (lambda q, mask, cache: None)
+def use(path: str, ops=M.native_decode_ops, block=M.Block._native_args) -> None:
+    """Route the model's decode steps through `path` from the next forward on."""
+    M.native_decode_ops = ops if path != PYTORCH else (lambda x, mask, cache, head_dim: None)
+    M.Block._native_args = block if path == NATIVE else (lambda self, x, mask, cache: None)
 
 
 def op_timings(model, contexts: list[int], repeats: int) -> list[dict]:
@@ -59,7 +65,7 @@ def op_timings(model, contexts: list[int], repeats: int) -> list[dict]:
         cos, sin = model.rope(torch.tensor([[context]]), torch.float32)
         slots = cache.first_slots()
         ops = kernels.ops()
-        paths = {NATIVE: lambda: ops.decode_attention(q, k, v, cos, sin, cache.k[0], cache.v[0], slots, None, hs ** -0.5),
+        paths = {ATTENTION: lambda: ops.decode_attention(q, k, v, cos, sin, cache.k[0], cache.v[0], slots, None, hs ** -0.5),
                  PYTORCH: lambda: attention._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                     cos, sin, None, cache, 0)}
         times = {name: [] for name in paths}
@@ -72,8 +78,8 @@ def op_timings(model, contexts: list[int], repeats: int) -> list[dict]:
                         f()
                     times[name].append((time.perf_counter() - start) / 20 * 1e6)
         us = {name: statistics.median(t) for name, t in times.items()}
-        rows.append({"context": context, "us": us, "speedup": us[PYTORCH] / us[NATIVE],
-                     "max_abs_diff": (outputs[NATIVE] - outputs[PYTORCH]).abs().max().item()})
+        rows.append({"context": context, "us": us, "speedup": us[PYTORCH] / us[ATTENTION],
+                     "max_abs_diff": (outputs[ATTENTION] - outputs[PYTORCH]).abs().max().item()})
     return rows
 
 
@@ -82,13 +88,13 @@ def step_timings(loaded, rounds: int, steps: int) -> dict:
     model = loaded.model
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         prompt = torch.tensor([loaded.tokenizer.encode(f.read())[:512]])
-    medians = {NATIVE: [], PYTORCH: []}
+    medians = {path: [] for path in PATHS}
     tokens = {}
     with torch.inference_mode():
         cache = model.new_cache(1, prompt.shape[1] + steps + 1)
         first = model(prompt, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
         for _ in progress_bar(range(rounds), desc="decode rounds", unit="round"):
-            for path in (NATIVE, PYTORCH):
+            for path in PATHS:
                 use(path)
                 token, times, seen = first, [], []
                 for _ in range(steps):
@@ -101,29 +107,29 @@ def step_timings(loaded, rounds: int, steps: int) -> dict:
                 tokens[path] = seen
     use(NATIVE)
     best = {path: min(m) for path, m in medians.items()}
-    same = sum(a == b for a, b in zip(tokens[NATIVE], tokens[PYTORCH]))
-    return {"median_ms_per_round": medians, "best_ms": best, "speedup": best[PYTORCH] / best[NATIVE],
-            "same_greedy_tokens": f"{same}/{steps}"}
+    same = {path: f"{sum(a == b for a, b in zip(tokens[path], tokens[PYTORCH]))}/{steps}" for path in PATHS}
+    return {"median_ms_per_round": medians, "best_ms": best,
+            "speedup": {path: best[PYTORCH] / best[path] for path in PATHS}, "same_greedy_tokens_as_pytorch": same}
 
 
 def markdown(data: dict) -> str:
     a = data["args"]
     m = data["machine"]
-    out = [f"# Decode attention: native vs PyTorch ops, {a['model']} (quantize={a['quantize']}), "
+    out = [f"# Native decode path vs PyTorch ops: {a['model']} (quantize={a['quantize']}), "
            f"{a['threads']} threads\n", f"`{data['command']}`\n",
            f"{m['cpu']} ({m['logical_cpus']} logical CPUs), torch {data['torch']}, {m['date']}; CPU taken by "
            f"other processes before the run: {data['cpu_taken_by_others_pct']:.0f} %\n",
-           "## One layer's call (RoPE, cache write, attention of one new token)\n",
-           "| cached tokens | native µs | PyTorch µs | speedup | max abs difference |",
+           "## One layer's attention (RoPE, cache write, attention of one new token)\n",
+           "| cached tokens | native µs | PyTorch ops µs | speedup | max abs difference |",
            "| ---: | ---: | ---: | ---: | ---: |"]
-    out += [f"| {r['context']} | {r['us'][NATIVE]:.1f} | {r['us'][PYTORCH]:.1f} | {r['speedup']:.2f}× | "
+    out += [f"| {r['context']} | {r['us'][ATTENTION]:.1f} | {r['us'][PYTORCH]:.1f} | {r['speedup']:.2f}× | "
             f"{r['max_abs_diff']:.1e} |" for r in data["op"]]
     s = data["steps"]
     out += ["", f"## Whole decode steps after a 512-token prompt ({a['steps']} steps per round, {a['rounds']} rounds)\n",
-            "| path | best round ms / step | every round |", "| --- | ---: | --- |"]
-    out += [f"| {p} | {s['best_ms'][p]:.2f} | {', '.join(f'{x:.1f}' for x in s['median_ms_per_round'][p])} |"
-            for p in (NATIVE, PYTORCH)]
-    out += ["", f"Speedup of a decode step: **{s['speedup']:.3f}×**; greedy tokens equal on {s['same_greedy_tokens']} steps."]
+            "| path | best round ms / step | vs pytorch | greedy tokens = pytorch's | every round |",
+            "| --- | ---: | ---: | ---: | --- |"]
+    out += [f"| {p} | {s['best_ms'][p]:.2f} | {s['speedup'][p]:.3f}× | {s['same_greedy_tokens_as_pytorch'][p]} | "
+            f"{', '.join(f'{x:.1f}' for x in s['median_ms_per_round'][p])} |" for p in PATHS]
     return "\n".join(out) + "\n"
 
 
@@ -144,7 +150,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"the native kernels are unavailable here: {kernels.status()}")
     loaded = qwen2.load(args.model, quantize=None if args.quantize == "none" else args.quantize)
     others = wait_for_quiet(args.wait_quiet)  # with 0, one 2-second look
-    data = {"args": vars(args), "command": "python benchmarks/bench_decode_attention.py " + " ".join(argv or sys.argv[1:]),
+    data = {"args": vars(args), "command": "python benchmarks/bench_native_decode.py " + " ".join(argv or sys.argv[1:]),
             "machine": machine_facts(args.threads), "torch": torch.__version__, "cpu_taken_by_others_pct": others,
             "op": op_timings(loaded.model, [int(c) for c in args.contexts.split(",")], args.repeats),
             "steps": step_timings(loaded, args.rounds, args.steps)}
