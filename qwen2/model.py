@@ -181,11 +181,16 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, nkv, hs)
         ops = native_decode_ops(q, mask, cache, self.head_dim)
         if ops is not None:  # decode: RoPE, cache write and attention in one native call
-            y = ops.decode_attention(q, k, v, cos.expand(B, T, -1), sin.expand(B, T, -1), cache.k[layer], cache.v[layer],
-                                     cache_slots(cache, B), decode_key_mask(mask, B, T), self.head_dim ** -0.5)
+            y = ops.decode_attention(q, k, v, *self.native_args(cos, sin, mask, cache, layer, B, T))
         else:
             y = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cos, sin, mask, cache, layer)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))  # y (B, nh, T, hs)
+
+    def native_args(self, cos, sin, mask, cache, layer: int, B: int, T: int) -> tuple:
+        """The arguments the native decode ops (`decode_attention`, `decode_block`) take after their
+        inputs: RoPE tables, this layer's cache, the rows' first slots, the key mask, the scale."""
+        return (cos.expand(B, T, -1), sin.expand(B, T, -1), cache.k[layer], cache.v[layer], cache_slots(cache, B),
+                decode_key_mask(mask, B, T), self.head_dim ** -0.5)
 
     def _attend(self, q, k, v, cos, sin, mask, cache, layer: int) -> torch.Tensor:
         """RoPE, the cache write and attention in PyTorch ops: q (B, nh, T, hs), k, v (B, nkv, T, hs)."""
@@ -265,10 +270,8 @@ class Block(nn.Module):
         native = self._native_args(x, mask, cache)
         if native is not None:  # a decode step: these very ops in one native call, no Python between them
             ops, tensors, meta = native
-            B, T, attn = x.shape[0], x.shape[1], self.self_attn
-            return ops.decode_block(x, tensors, meta, self.input_layernorm.eps, cos.expand(B, T, -1),
-                                    sin.expand(B, T, -1), cache.k[layer], cache.v[layer], cache_slots(cache, B),
-                                    decode_key_mask(mask, B, T), attn.head_dim ** -0.5)
+            return ops.decode_block(x, tensors, meta, self.input_layernorm.eps,
+                                    *self.self_attn.native_args(cos, sin, mask, cache, layer, x.shape[0], x.shape[1]))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 

@@ -336,11 +336,11 @@ def _bias(linear: nn.Module) -> torch.Tensor:
 
 class QuantEmbedding(nn.Module):
     """The token embedding read from a quantised tied head's rows, as llama.cpp reads its token_embd:
-    each looked-up row dequantised, so the model keeps no fp32 table (for the 0.5B model, 544 MB
-    that decode would otherwise fault in from the memory-mapped checkpoint a row at a time, ~1 ms
-    per new token here). Used only where it is exact: when the head holds the GGUF's own token_embd
-    blocks, whose dequantisation equals the fp32 table's bit for bit (see
-    `qwen2.checkpoint.gguf.convert_exact_linears`)."""
+    each looked-up row dequantised, so the model keeps no fp32 table (a second copy of the head's
+    matrix: 544 MB at the 0.5B model's size). Used only where it is exact: when the head holds a
+    tied GGUF's own token_embd blocks, whose dequantisation equals the fp32 table's bit for bit
+    (see `qwen2.checkpoint.gguf.convert_exact_linears`). The registry's GGUFs store output.weight
+    apart from token_embd, so they load untied and keep their fp32 embedding."""
 
     def __init__(self, head: QuantLinear):
         super().__init__()

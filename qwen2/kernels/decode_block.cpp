@@ -15,7 +15,7 @@
 //
 // Each linear is one of the layouts `qwen2.quantize` / `qwen2.kquant` give it, called through its
 // op exactly as `QuantLinear.forward` calls it (then the bias added in place), or a plain fp32
-// nn.Linear (at::linear). Arguments, fixed by `qwen2.model.NativeBlock`:
+// nn.Linear (at::linear). Arguments, as `qwen2.model.Block._native_args` lays them out:
 //   tensors  [input_layernorm weight, post_attention_layernorm weight, then for each linear of
 //            q, k, v, o, gate, up, down: three layout tensors (unused ones empty) and its bias (or empty)]
 //   meta     [heads, kv heads, head_dim, then for each linear: kind, group_size, digits]
@@ -50,7 +50,7 @@ struct Linear {
     static auto int8 = op<Int8Op>("qwen2_kernels::int8_linear");
     static auto q4k = op<KQuantOp>("qwen2_kernels::q4k_linear");
     static auto q6k = op<KQuantOp>("qwen2_kernels::q6k_linear");
-    if (kind == kDense) return at::linear(x, *a, bias->defined() && bias->numel() ? *bias : at::Tensor());
+    if (kind == kDense) return at::linear(x, *a, bias->numel() ? *bias : at::Tensor());
     at::Tensor y;
     switch (kind) {
       case kInt4: y = int4.call(x, *a, *b, *c, group_size, digits); break;
@@ -74,7 +74,7 @@ at::Tensor decode_block(const at::Tensor& x, at::TensorList tensors, at::IntArra
                         double scale) {
   TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous fp32 (B, T, C)");
   TORCH_CHECK(tensors.size() == 2 + 4 * kLinears && meta.size() == 3 + 3 * kLinears,
-              "decode_block takes 30 tensors and 24 ints (see qwen2.model.NativeBlock)");
+              "decode_block takes 30 tensors and 24 ints (see qwen2.model.Block._native_args)");
   static auto attention = op<AttentionOp>("qwen2_kernels::decode_attention");
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2), nh = meta[0], nkv = meta[1], hs = meta[2];
   Linear lin[kLinears];
