@@ -7,9 +7,11 @@ namespace into the same process, then every quantised linear of the model (`qwen
 quantize=...)`, one decode step's worth: ~200 calls for the 1.5B model) runs through each version in
 turn with one row of x, the versions alternating round after round so that a noisy moment of this
 shared machine falls on all of them. Outputs must equal the first source's bit for bit (a kernel
-change that is only about speed must not change a number). Per kind of layer: ms per decode step
+change that is only about speed must not change a number), or with --rtol differ by at most that
+fraction of the largest output (a change that adds the same products in another order). Per kind of layer: ms per decode step
 and GB/s (its weight bytes, scales included / time). Then whole decode steps, everything else
-included: `decode_steps` after a 512-token prompt, the model's layers switched from build to build,
+included: `decode_steps` after a 512-token prompt, the model's layers switched from build to build
+(each block in Python: the native decoder block calls the installed build's ops whatever a layer holds),
 --decode-steps steps per round, --rounds / 2 rounds; per source the median step of each round, and
 the best round.
 
@@ -98,6 +100,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=8, help="decode steps' worth of calls per source (the first untimed)")
     p.add_argument("--decode-steps", type=int, default=64, help="whole decode steps per source and round, over rounds / 2 rounds (0: none)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rtol", type=float, default=0.0,
+                   help="accept outputs within rtol x max|y| of the first source's (default 0: bit for bit)")
     p.add_argument("--out", default=None, help="JSON results (a .md table is written beside it)")
     args = p.parse_args(argv)
     if len(args.sources) < 2:
@@ -115,8 +119,10 @@ def main(argv=None) -> int:
     for name, layer in layers:
         reference = run_with(layer, builds[0][1], xs[layer.in_features])
         for spec, ops in builds[1:]:
-            if not torch.equal(run_with(layer, ops, xs[layer.in_features]), reference):
-                raise SystemExit(f"{spec} changes the output of {name} (against {builds[0][0]})")
+            difference = (run_with(layer, ops, xs[layer.in_features]) - reference).abs().max().item()
+            if difference > args.rtol * reference.abs().max().item():
+                raise SystemExit(f"{spec} changes the output of {name} by {difference:.3g} (against {builds[0][0]}; "
+                                 f"--rtol {args.rtol})")
     seconds = {spec: collections.defaultdict(float) for spec, _ in builds}
     bytes_per_step = collections.defaultdict(int)
     for name, layer in layers:
@@ -151,25 +157,31 @@ def main(argv=None) -> int:
 def decode_step_ms(loaded, layers, builds, args) -> dict[str, list[float]]:
     """Per source, the median decode step (ms) of each round: greedy decoding after a 512-token prompt
     (this repository's README), every round running each build in turn."""
+    from qwen2 import model as M
     from qwen2.generate import SamplingParams, decode_steps
 
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         prompt = loaded.tokenizer.encode(f.read())[:512]
     params = SamplingParams(max_new_tokens=args.decode_steps + 1, temperature=0.0)
     medians: dict[str, list[float]] = {spec: [] for spec, _ in builds}
-    for _ in range(args.rounds // 2):
-        for spec, ops in builds:
-            for _, layer in layers:
-                layer._ops = ops
-            with torch.inference_mode():
-                tokens = decode_steps(loaded.model, [prompt], params)
-                next(tokens)  # the prefill's token
-                times = []
-                for _ in range(args.decode_steps):
-                    start = time.perf_counter()
-                    next(tokens)
-                    times.append((time.perf_counter() - start) * 1e3)
-            medians[spec].append(statistics.median(times))
+    native_block = M.Block._native_args
+    M.Block._native_args = lambda self, x, mask, cache: None  # every linear through its layer's `_ops`
+    try:
+        for _ in range(args.rounds // 2):
+            for spec, ops in builds:
+                for _, layer in layers:
+                    layer._ops = ops
+                with torch.inference_mode():
+                    tokens = decode_steps(loaded.model, [prompt], params)
+                    next(tokens)  # the prefill's token
+                    times = []
+                    for _ in range(args.decode_steps):
+                        start = time.perf_counter()
+                        next(tokens)
+                        times.append((time.perf_counter() - start) * 1e3)
+                medians[spec].append(statistics.median(times))
+    finally:
+        M.Block._native_args = native_block
     return medians
 
 

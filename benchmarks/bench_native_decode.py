@@ -8,6 +8,9 @@ noisy moment of this shared machine falls on every path alike:
              RoPE, the cache write and attention in one call)
   pytorch    the eager block in Python, attention by PyTorch ops (`Attention._attend`: two RoPEs,
              two cache writes, SDPA)
+  native-4k-pages  native, but the quantised weights copied out of the 2 MB pages load() puts them
+             in (`qwen2.quantize.into_huge_pages`) into ordinary memory (4 KB pages, unless the OS
+             makes every allocation huge: transparent_hugepage=always)
 
 1. One layer's attention call, the model's head shapes, one new token after C cached ones
    (C = --contexts): median µs of the native attention and of the PyTorch ops, outputs compared.
@@ -39,16 +42,31 @@ from bench_inference import machine_facts, set_torch_threads, wait_for_quiet, wr
 import qwen2  # noqa: E402
 from qwen2 import kernels  # noqa: E402
 from qwen2 import model as M  # noqa: E402
+from qwen2 import quantize as Q  # noqa: E402
 from qwen2.progress import progress_bar  # noqa: E402
 
-NATIVE, ATTENTION, PYTORCH = "native", "attention", "pytorch"
-PATHS = (NATIVE, ATTENTION, PYTORCH)
+NATIVE, ATTENTION, PYTORCH, SMALL_PAGES = "native", "attention", "pytorch", "native-4k-pages"
+PATHS = (NATIVE, ATTENTION, PYTORCH, SMALL_PAGES)
+_placements: dict = {}  # id(model) -> {True: buffers as loaded (2 MB pages), False: copies in ordinary memory}
 
 
-def use(path: str, ops=M.native_decode_ops, block=M.Block._native_args) -> None:
+def use(path: str, model=None, ops=M.native_decode_ops, block=M.Block._native_args) -> None:
     """Route the model's decode steps through `path` from the next forward on."""
     M.native_decode_ops = ops if path != PYTORCH else (lambda x, mask, cache, head_dim: None)
-    M.Block._native_args = block if path == NATIVE else (lambda self, x, mask, cache: None)
+    M.Block._native_args = block if path in (NATIVE, SMALL_PAGES) else (lambda self, x, mask, cache: None)
+    if model is not None:
+        place_weights(model, huge=path != SMALL_PAGES)
+
+
+def place_weights(model, huge: bool) -> None:
+    """Point the quantised linears at their buffers as loaded (`huge`) or at copies of them in
+    ordinary memory, made on first use."""
+    buffers = [(m, name) for m in Q.quantized_linears(model).values() for name, _ in m.named_buffers(recurse=False)]
+    if id(model) not in _placements:
+        loaded = [getattr(m, name) for m, name in buffers]
+        _placements[id(model)] = {True: loaded, False: [t.clone() for t in loaded]}
+    for (m, name), t in zip(buffers, _placements[id(model)][huge]):
+        setattr(m, name, t)
 
 
 def op_timings(model, contexts: list[int], repeats: int) -> list[dict]:
@@ -95,7 +113,7 @@ def step_timings(loaded, rounds: int, steps: int) -> dict:
         first = model(prompt, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
         for _ in progress_bar(range(rounds), desc="decode rounds", unit="round"):
             for path in PATHS:
-                use(path)
+                use(path, model)
                 token, times, seen = first, [], []
                 for _ in range(steps):
                     start = time.perf_counter()
@@ -105,7 +123,7 @@ def step_timings(loaded, rounds: int, steps: int) -> dict:
                 cache.rewind(steps)
                 medians[path].append(statistics.median(times))
                 tokens[path] = seen
-    use(NATIVE)
+    use(NATIVE, model)
     best = {path: min(m) for path, m in medians.items()}
     same = {path: f"{sum(a == b for a, b in zip(tokens[path], tokens[PYTORCH]))}/{steps}" for path in PATHS}
     return {"median_ms_per_round": medians, "best_ms": best,
@@ -126,6 +144,9 @@ def markdown(data: dict) -> str:
             f"{r['max_abs_diff']:.1e} |" for r in data["op"]]
     s = data["steps"]
     out += ["", f"## Whole decode steps after a 512-token prompt ({a['steps']} steps per round, {a['rounds']} rounds)\n",
+            "native: decoder blocks and attention native; attention: blocks in Python, attention native; pytorch: "
+            "neither; native-4k-pages: native, the quantised weights copied from the 2 MB pages load() gives them "
+            "into ordinary memory.\n",
             "| path | best round ms / step | vs pytorch | greedy tokens = pytorch's | every round |",
             "| --- | ---: | ---: | ---: | --- |"]
     out += [f"| {p} | {s['best_ms'][p]:.2f} | {s['speedup'][p]:.3f}× | {s['same_greedy_tokens_as_pytorch'][p]} | "

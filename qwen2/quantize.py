@@ -33,6 +33,7 @@ scale dtype, so |w - dequant| <= scale / 2. int4 min = the group's minimum round
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 from typing import Iterable
 
@@ -527,5 +528,64 @@ def _release_pages(t: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), ctypes.c_int(_MADV_DONTNEED))
+    except (OSError, AttributeError):
+        pass
+
+
+# --------------------------------------------------------------------------------------------------
+# The quantised weights in 2 MB pages
+# --------------------------------------------------------------------------------------------------
+
+_HUGE_PAGE = 2 << 20
+
+
+def into_huge_pages(model: nn.Module) -> int:
+    """Move every quantised linear's buffers (weights, scales, mins, bias) into one private anonymous
+    mapping advised for transparent huge pages (`MADV_HUGEPAGE`), in the model's order; returns the
+    bytes placed there (0 where the OS has no such advice: the buffers stay where they are).
+
+    Why: a decode step streams all of them from memory once per token, and with 4 KB pages a core
+    reads memory markedly slower here (`torch.ones(2**28).sum()`: 11.9 GB/s on one thread with 4 KB
+    pages, 15.0 with 2 MB ones); int4 decode steps took 25.2 instead of 27.9 ms on the 0.5B model and
+    57.8 instead of 59.5 on the 1.5B (`benchmarks/bench_native_decode.py`, alternating). Where
+    the kernel hands out no huge pages (THP "never"), the copy is all that happens. The copy is one
+    buffer at a time, each old one freed as its module takes the new and its memory handed back to
+    the OS every 32 MB (malloc keeps freed blocks for reuse otherwise: resident memory would grow by
+    the whole quantised model, 240 MB on the 0.5B), so memory grows by ~32 MB plus the largest buffer.
+    Cost: the first touch of fresh 2 MB pages, ~0.9 s for the 0.5B model's 367 MB on this VM."""
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        return 0
+    # (module, name, bytes) only: holding the tensors here would keep every old buffer alive to the end
+    buffers = [(module, name, t.numel() * t.element_size()) for module in quantized_linears(model).values()
+               for name, t in module.named_buffers(recurse=False) if t.device.type == "cpu" and t.numel() > 0]
+    if not buffers:
+        return 0
+    padded = [-(-size // 64) * 64 for _, _, size in buffers]  # each cache-line aligned
+    region = mmap.mmap(-1, sum(padded) + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        region.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # a kernel built without THP
+        region.close()
+        return 0
+    arena = torch.frombuffer(region, dtype=torch.uint8)  # its views keep `region` alive
+    start = offset = -arena.data_ptr() % _HUGE_PAGE  # from a 2 MB boundary: the first page can be huge too
+    unreturned = 0
+    for (module, name, size), step in zip(buffers, padded):
+        old = getattr(module, name)
+        setattr(module, name, arena[offset:offset + size].view(old.dtype).view(old.shape).copy_(old))
+        del old
+        offset += step
+        unreturned += size
+        if unreturned >= 32 << 20:
+            _return_freed_memory()
+            unreturned = 0
+    _return_freed_memory()
+    return offset - start
+
+
+def _return_freed_memory() -> None:
+    """Hand the pages of freed heap blocks back to the OS (glibc's malloc_trim; elsewhere nothing)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(ctypes.c_size_t(0))
     except (OSError, AttributeError):
         pass

@@ -302,6 +302,29 @@ def test_quantize_model_replaces_every_block_linear(mode, tied):
         Q.quantize_model(model, "int8")
 
 
+def test_into_huge_pages_moves_every_quantised_buffer_into_one_aligned_region():
+    import weakref
+
+    model = Q.quantize_model(_tiny(tied=False), "int4", group_size=32, lm_head=True)
+    ids = torch.randint(0, 1003, (2, 9))
+    with torch.no_grad():
+        expected = model(ids)
+    before = {(n, b): t.clone() for n, m in Q.quantized_linears(model).items() for b, t in m.named_buffers(recurse=False)}
+    old = [weakref.ref(t) for m in Q.quantized_linears(model).values() for t in m.buffers(recurse=False)]
+    placed = Q.into_huge_pages(model)
+    after = {(n, b): t for n, m in Q.quantized_linears(model).items() for b, t in m.named_buffers(recurse=False)}
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert all(r() is None for r in old)  # nothing holds the old buffers: memory grew by one at most
+    storages = {t.untyped_storage().data_ptr() for t in after.values()}
+    assert len(storages) == 1  # one mapping, in model order, each buffer on a cache line
+    starts = [t.data_ptr() for t in after.values()]
+    assert starts == sorted(starts) and all(p % 64 == 0 for p in starts) and starts[0] % (2 << 20) == 0
+    assert placed == sum(-(-t.numel() * t.element_size() // 64) * 64 for t in after.values())
+    with torch.no_grad():
+        assert torch.equal(model(ids), expected)  # bit for bit the same model
+    assert Q.into_huge_pages(_tiny(tied=False)) == 0  # no quantised linears: nothing to move
+
+
 def test_quantize_model_options_and_errors():
     model = Q.quantize_model(_tiny(False), "int8")  # int8 mode keeps an fp32 lm_head by default
     assert isinstance(model.lm_head, nn.Linear) and model.lm_head.weight.dtype == torch.float32
@@ -441,6 +464,8 @@ def test_real_quantised_model_state(real_model, real_int4):
     floats = {n for n, t in model.state_dict().items() if t.is_floating_point() and t.dim() == 2
               and not n.endswith((".scales", ".mins"))}
     assert floats == {"model.embed_tokens.weight"}  # untied here: the fp32 lm_head is gone
+    # load() put every quantised buffer in one mapping advised for 2 MB pages (Q.into_huge_pages)
+    assert len({t.untyped_storage().data_ptr() for t in model.buffers() if t.dtype in (torch.uint8, torch.int8)}) == 1
     q_bytes = sum(m.weight_bytes for m in Q.quantized_linears(model).values())
     fp32_bytes = 4 * sum(m.in_features * m.out_features for m in Q.quantized_linears(model).values())
     assert q_bytes < 0.25 * fp32_bytes, (q_bytes, fp32_bytes)

@@ -477,12 +477,139 @@ void q6k_rows(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* w, fl
   }
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// The same two kernels 512 bits wide, where the CPU has AVX-512 VNNI: one instruction does the work
+// of two. Why: decode streams the weights from memory, and there the 256-bit kernels lost time to
+// their own arithmetic; on the 1.5B model's own weights one decode step's kernel calls took 46.1
+// instead of 50.2 ms, whole decode steps 57.6 instead of 61.0 (`bench_kernel_sources.py`,
+// benchmarks/results/kernel_sources-wide.md). Each row of x still goes through its own arithmetic
+// whatever M (a batch row equals the row alone, bit for bit), but the lanes add up in another order
+// than above: the two versions' results differ in the last bits.
+constexpr bool kWide = true;
+
+// x's activation blocks a and b (32 int8 each) as one 512-bit vector, a in the low half.
+inline __m512i two_blocks(const int8_t* x, int64_t a, int64_t b) {
+  const __m256i low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + a * kBlock));
+  return _mm512_inserti64x4(_mm512_castsi256_si512(low), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + b * kBlock)), 1);
+}
+
+// `vpermps` indices: lanes 0-7 take element `first`, lanes 8-15 element `second`.
+inline __m512i lanes_of(int first, int second) {
+  return _mm512_setr_epi32(first, first, first, first, first, first, first, first,
+                           second, second, second, second, second, second, second, second);
+}
+
+// Q4_K: load r (of 2) holds the 32-byte runs 2r and 2r + 1; its low nibbles are sub-blocks
+// (4r, 4r + 2), its high nibbles (4r + 1, 4r + 3). Lanes 0-7 of the integer dot product sum the first sub-block,
+// lanes 8-15 the second, so each half is scaled by its own sub-block's step.
+template <int M, bool kTwo>
+void q4k_rows_wide(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* w, float* y, int64_t ldy,
+                   int64_t n0, int64_t n1) {
+  const int64_t S = K / kSuper, B = K / kBlock, row_bytes = S * kQ4KBytes;
+  const __m512i low = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
+  const __m512i pick[4] = {lanes_of(0, 2), lanes_of(1, 3), lanes_of(4, 6), lanes_of(5, 7)};  // (low, high) x 2 loads
+  const auto dot = [&](int64_t a, __m512i wv) {  // blocks a and a + 2 of x against wv
+    const __m512i high = _mm512_dpbusd_epi32(zero, wv, two_blocks(x.q.data(), a, a + 2));
+    return kTwo ? _mm512_add_epi32(_mm512_slli_epi32(high, 8), _mm512_dpbusd_epi32(zero, wv, two_blocks(x.r.data(), a, a + 2)))
+                : high;
+  };
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    __m512 acc0[M], acc1[M];
+    __m256 mins[M];
+    for (int m = 0; m < M; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps(), mins[m] = _mm256_setzero_ps();
+    for (int64_t s = 0; s < S; ++s) {
+      const uint8_t* block = row + s * kQ4KBytes;
+      prefetch(block + kPrefetchRows * row_bytes, kQ4KBytes);
+      __m256 scale, min;
+      q4k_scales(block, scale, min);
+      __m512 step[M];  // d sc_j xs'_j in lane j < 8
+      for (int m = 0; m < M; ++m) {
+        const int64_t i = (xrow + m) * B + s * 8;
+        step[m] = _mm512_zextps256_ps512(_mm256_mul_ps(scale, _mm256_loadu_ps(x.scale.data() + i)));
+        mins[m] = _mm256_fmadd_ps(min, _mm256_loadu_ps(x.sum.data() + i), mins[m]);
+      }
+      for (int r = 0; r < 2; ++r) {
+        const __m512i bytes = _mm512_loadu_si512(block + 16 + 64 * r);
+        const __m512i w0 = _mm512_and_si512(bytes, low), w1 = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low);
+        for (int m = 0; m < M; ++m) {
+          const int64_t i = (xrow + m) * B + s * 8 + 4 * r;
+          acc0[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot(i, w0)), _mm512_permutexvar_ps(pick[2 * r], step[m]), acc0[m]);
+          acc1[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot(i + 1, w1)), _mm512_permutexvar_ps(pick[2 * r + 1], step[m]), acc1[m]);
+        }
+      }
+    }
+    for (int m = 0; m < M; ++m) y[(xrow + m) * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[m], acc1[m])) - hsum(mins[m]);
+  }
+}
+
+// Q6_K: half h's ql (64 bytes) is one load; its low nibbles are blocks (4h, 4h + 1), its high
+// nibbles (4h + 2, 4h + 3), each pair in input order, so x's two blocks are one contiguous load.
+// Lane j of a pair's integer dot product covers inputs 4j..4j+3: scale 4 * pair + j / 4 of the half.
+template <int M, bool kTwo>
+void q6k_rows_wide(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* w, float* y, int64_t ldy,
+                   int64_t n0, int64_t n1) {
+  const int64_t S = K / kSuper, B = K / kBlock, row_bytes = S * kQ6KBytes;
+  const __m512i low = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi8(0x30), zero = _mm512_setzero_si512();
+  const __m512i per16 = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);  // 16-weight group -> block
+  __m512i quarter[4];  // pair p of the super-block (blocks 2p, 2p + 1): lane j takes scale 4p + j / 4
+  for (int p = 0; p < 4; ++p)
+    quarter[p] = _mm512_setr_epi32(4 * p, 4 * p, 4 * p, 4 * p, 4 * p + 1, 4 * p + 1, 4 * p + 1, 4 * p + 1,
+                                   4 * p + 2, 4 * p + 2, 4 * p + 2, 4 * p + 2, 4 * p + 3, 4 * p + 3, 4 * p + 3, 4 * p + 3);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    __m512 acc0[M], acc1[M];
+    for (int m = 0; m < M; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < S; ++s) {
+      const uint8_t* block = row + s * kQ6KBytes;
+      prefetch(block + kPrefetchRows * row_bytes, kQ6KBytes);
+      // the 16 scales times d and times x's step of their block: d sc_g xs'_(g / 2), per row of x
+      const __m512 scales = _mm512_mul_ps(_mm512_set1_ps(half_to_float(block + 208)),
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 192)))));
+      __m512 step[M];
+      for (int m = 0; m < M; ++m)
+        step[m] = _mm512_mul_ps(scales, _mm512_permutexvar_ps(per16, _mm512_zextps256_ps512(
+                                            _mm256_loadu_ps(x.scale.data() + (xrow + m) * B + s * 8))));
+      for (int h = 0; h < 2; ++h) {
+        const __m512i ql = _mm512_loadu_si512(block + 64 * h);
+        const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 128 + 32 * h));
+        // top 2 bits of blocks (4h, 4h + 1) are qh's bits (0-1, 2-3), of blocks (4h + 2, 4h + 3) bits (4-5, 6-7)
+        const __m512i top01 = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_slli_epi16(qh, 4)), _mm256_slli_epi16(qh, 2), 1);
+        const __m512i top23 = _mm512_inserti64x4(_mm512_castsi256_si512(qh), _mm256_srli_epi16(qh, 2), 1);
+        const __m512i q01 = _mm512_or_si512(_mm512_and_si512(ql, low), _mm512_and_si512(top01, top));
+        const __m512i q23 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), low), _mm512_and_si512(top23, top));
+        for (int m = 0; m < M; ++m) {
+          const int64_t i = (xrow + m) * B + s * 8 + 4 * h;
+          const auto dot = [&](int64_t a, __m512i q) {  // blocks a, a + 1 of x against q, the 32 taken off
+            const __m512i start = _mm512_srai_epi32(_mm512_loadu_si512(x.offset.data() + a * 8), 2);
+            const __m512i xq = _mm512_loadu_si512(x.q.data() + a * kBlock);
+            if (!kTwo) return _mm512_dpbusd_epi32(start, q, xq);
+            return _mm512_add_epi32(_mm512_slli_epi32(_mm512_dpbusd_epi32(zero, q, xq), 8),
+                                    _mm512_dpbusd_epi32(start, q, _mm512_loadu_si512(x.r.data() + a * kBlock)));
+          };
+          acc0[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot(i, q01)), _mm512_permutexvar_ps(quarter[2 * h], step[m]), acc0[m]);
+          acc1[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot(i + 2, q23)), _mm512_permutexvar_ps(quarter[2 * h + 1], step[m]), acc1[m]);
+        }
+      }
+    }
+    for (int m = 0; m < M; ++m) y[(xrow + m) * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[m], acc1[m]));
+  }
+}
+#else
+constexpr bool kWide = false;
+template <int M, bool kTwo> void q4k_rows_wide(const QuantizedX&, int64_t, int64_t, const uint8_t*, float*, int64_t, int64_t, int64_t) {}
+template <int M, bool kTwo> void q6k_rows_wide(const QuantizedX&, int64_t, int64_t, const uint8_t*, float*, int64_t, int64_t, int64_t) {}
+#endif
+
 template <bool kQ6, bool kTwo>
 void run_kquant(const QuantizedX& xq, int64_t M, int64_t K, int64_t N, const uint8_t* w, float* yp) {
   const int64_t row_bytes = K / kSuper * (kQ6 ? kQ6KBytes : kQ4KBytes);
   over_rows(M, N, row_bytes, [&](auto m, int64_t m0, int64_t n0, int64_t n1) {
-    if constexpr (kQ6) q6k_rows<decltype(m)::value, kTwo>(xq, m0, K, w, yp, N, n0, n1);
-    else q4k_rows<decltype(m)::value, kTwo>(xq, m0, K, w, yp, N, n0, n1);
+    constexpr int kM = decltype(m)::value;
+    if constexpr (kQ6 && kWide) q6k_rows_wide<kM, kTwo>(xq, m0, K, w, yp, N, n0, n1);
+    else if constexpr (kQ6) q6k_rows<kM, kTwo>(xq, m0, K, w, yp, N, n0, n1);
+    else if constexpr (kWide) q4k_rows_wide<kM, kTwo>(xq, m0, K, w, yp, N, n0, n1);
+    else q4k_rows<kM, kTwo>(xq, m0, K, w, yp, N, n0, n1);
   });
 }
 
