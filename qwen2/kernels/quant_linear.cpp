@@ -190,6 +190,17 @@ inline __m256i block_dot(const QuantizedX& x, int64_t i, __m256i w) {
 inline float to_float(float v) { return v; }
 inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
 
+// n scales (or mins) as fp32, 8 at a time: bf16 -> fp32 is a 16-bit shift, exact.
+inline void to_floats(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+inline void to_floats(const at::BFloat16* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16)));
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
 // Output rows [n0, n1) for M (<= kMaxRows) rows of x.
 
 template <int M, bool kInt4, bool kTwo, typename S>
@@ -233,6 +244,91 @@ void rows(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* q, const 
   }
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// 512-bit kernels where the CPU has AVX-512 VNNI (this one, and the k-quant ones further down).
+constexpr bool kWide = true;
+
+// `vpermps` indices: lanes 0-7 take element `first`, lanes 8-15 element `second`.
+inline __m512i lanes_of(int first, int second) {
+  return _mm512_setr_epi32(first, first, first, first, first, first, first, first,
+                           second, second, second, second, second, second, second, second);
+}
+
+// 16 scales as fp32 (bf16 -> fp32 is a 16-bit shift, exact), lanes outside `k` zero.
+inline __m512 scales16(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
+inline __m512 scales16(const at::BFloat16* p, __mmask16 k) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+}
+
+// `rows` for int4, 512 bits wide: blocks b and b + 1 in one vector (lanes 0-7 block b, 8-15 b + 1),
+// and each block's step s_g xs'_b multiplied out once per row, a vector at a time, not per block.
+// Why: with 16 bytes of weights per block, `rows` spends more time on its arithmetic than on memory
+// (one thread, int4 4864 x 896 from the last-level cache: 12.7 GB/s, int8 24.0; this: 15.0). On the
+// 0.5B model's own weights its int4 gate/up_proj calls read 20.5-20.8 GB/s instead of 18.9-19.4
+// (`bench_kernel_sources.py`, benchmarks/results/kernel_sources-int4-wide.md). Every lane adds up
+// the same products in the same order as `rows` does: the outputs are bit for bit the same.
+template <int M, bool kTwo, typename S>
+void int4_rows_wide(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* q, const S* scale,
+                    const S* min, int64_t group_size, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  const int64_t B = K / kBlock, G = K / group_size, per_group = group_size / kBlock, row_bytes = B * kBlock / 2;
+  float group_sum[M][G];  // as in `rows`
+  for (int m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      float part = 0.f;
+      for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) part += x.sum[(xrow + m) * B + b];
+      group_sum[m][g] = part;
+    }
+  const __m512i zero = _mm512_setzero_si512(), low = _mm512_set1_epi8(0x0F), pair = lanes_of(0, 1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* qn = q + n * row_bytes;
+    float mf[G];  // the row's mins as fp32
+    to_floats(min + n * G, mf, G);
+    prefetch(reinterpret_cast<const uint8_t*>(scale + (n + kPrefetchRows) * G), G * int64_t(sizeof(S)));
+    prefetch(reinterpret_cast<const uint8_t*>(min + (n + kPrefetchRows) * G), G * int64_t(sizeof(S)));
+    // s_g xs'_b: the fp32 value of one unit of block b's integer dot product. Made from the scales
+    // in registers (storing them as fp32 first and reading 64 bytes back stalled on store forwarding).
+    float step[M][B];
+    for (int m = 0; m < M; ++m) {
+      const float* xs = x.scale.data() + (xrow + m) * B;
+      if (per_group == 1) {
+        for (int64_t b = 0; b < B; b += 16) {
+          const __mmask16 k = B - b >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (B - b)) - 1);
+          _mm512_mask_storeu_ps(step[m] + b, k, _mm512_mul_ps(scales16(scale + n * G + b, k), _mm512_maskz_loadu_ps(k, xs + b)));
+        }
+      } else {
+        for (int64_t b = 0; b < B; ++b) step[m][b] = to_float(scale[n * G + x.group[b]]) * xs[b];
+      }
+    }
+    __m512 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < B; b += 2) {  // K is a multiple of 64: blocks come in pairs
+      if (b % 4 == 0) prefetch(qn + kPrefetchRows * row_bytes + b * kBlock / 2, 2 * kBlock);
+      // 16 bytes a block, low nibbles its inputs 0-15, high nibbles 16-31: (low b, low b + 1, high b,
+      // high b + 1) 16 bytes each, then into input order
+      const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qn + b * kBlock / 2));
+      const __m512i nibbles = _mm512_and_si512(
+          _mm512_inserti64x4(_mm512_castsi256_si512(packed), _mm256_srli_epi16(packed, 4), 1), low);
+      const __m512i w = _mm512_shuffle_i64x2(nibbles, nibbles, _MM_SHUFFLE(3, 1, 2, 0));
+      for (int m = 0; m < M; ++m) {
+        const int64_t i = (xrow + m) * B + b;
+        __m512i d = _mm512_dpbusd_epi32(zero, w, _mm512_loadu_si512(x.q.data() + i * kBlock));
+        if constexpr (kTwo)
+          d = _mm512_add_epi32(_mm512_slli_epi32(d, 8), _mm512_dpbusd_epi32(zero, w, _mm512_loadu_si512(x.r.data() + i * kBlock)));
+        const __m512 s = _mm512_permutexvar_ps(pair, _mm512_castps128_ps512(  // (step b) x 8, (step b + 1) x 8
+            _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(step[m] + b)))));
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc[m]);
+      }
+    }
+    for (int m = 0; m < M; ++m) y[(xrow + m) * ldy + n] = _mm512_reduce_add_ps(acc[m]) + dot(mf, group_sum[m], G);
+  }
+}
+#else
+constexpr bool kWide = false;
+template <int M, bool kTwo, typename S>
+void int4_rows_wide(const QuantizedX&, int64_t, int64_t, const uint8_t*, const S*, const S*, int64_t, float*, int64_t,
+                    int64_t, int64_t) {}
+#endif
+
 // The output rows split over the threads, at least ~64 KB of weights each (below that, waking the
 // second thread costs more than it saves), and the rows of x taken kMaxRows at a time:
 // rows_of(std::integral_constant<int, m>(), m0, n0, n1) for the m = min(kMaxRows, M - m0) rows from m0.
@@ -258,7 +354,8 @@ void run(const QuantizedX& xq, int64_t M, int64_t K, int64_t N, const at::Tensor
   const S* sp = scale.data_ptr<S>();
   const S* mp = kInt4 ? min->data_ptr<S>() : nullptr;
   over_rows(M, N, q.size(1), [&](auto m, int64_t m0, int64_t n0, int64_t n1) {
-    rows<decltype(m)::value, kInt4, kTwo, S>(xq, m0, K, qp, sp, mp, group_size, yp, N, n0, n1);
+    if constexpr (kInt4 && kWide) int4_rows_wide<decltype(m)::value, kTwo, S>(xq, m0, K, qp, sp, mp, group_size, yp, N, n0, n1);
+    else rows<decltype(m)::value, kInt4, kTwo, S>(xq, m0, K, qp, sp, mp, group_size, yp, N, n0, n1);
   });
 }
 
@@ -485,18 +582,11 @@ void q6k_rows(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* w, fl
 // benchmarks/results/kernel_sources-wide.md). Each row of x still goes through its own arithmetic
 // whatever M (a batch row equals the row alone, bit for bit), but the lanes add up in another order
 // than above: the two versions' results differ in the last bits.
-constexpr bool kWide = true;
 
 // x's activation blocks a and b (32 int8 each) as one 512-bit vector, a in the low half.
 inline __m512i two_blocks(const int8_t* x, int64_t a, int64_t b) {
   const __m256i low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + a * kBlock));
   return _mm512_inserti64x4(_mm512_castsi256_si512(low), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + b * kBlock)), 1);
-}
-
-// `vpermps` indices: lanes 0-7 take element `first`, lanes 8-15 element `second`.
-inline __m512i lanes_of(int first, int second) {
-  return _mm512_setr_epi32(first, first, first, first, first, first, first, first,
-                           second, second, second, second, second, second, second, second);
 }
 
 // Q4_K: load r (of 2) holds the 32-byte runs 2r and 2r + 1; its low nibbles are sub-blocks
@@ -596,7 +686,6 @@ void q6k_rows_wide(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* 
   }
 }
 #else
-constexpr bool kWide = false;
 template <int M, bool kTwo> void q4k_rows_wide(const QuantizedX&, int64_t, int64_t, const uint8_t*, float*, int64_t, int64_t, int64_t) {}
 template <int M, bool kTwo> void q6k_rows_wide(const QuantizedX&, int64_t, int64_t, const uint8_t*, float*, int64_t, int64_t, int64_t) {}
 #endif
