@@ -513,19 +513,29 @@ def tail_mean(log: list[dict], key: str, fraction: float = 0.25) -> float | None
     return sum(values[-n:]) / n
 
 
+def with_pairs(log: list[dict]) -> list[dict]:
+    """The steps that trained on at least one pair. An online step whose sampled replies all scored
+    the same has none and logs loss, margin and accuracy as 0; a real pair's loss, -log sigmoid(x),
+    is never exactly 0, so those steps are told apart by it."""
+    return [r for r in log if r.get("loss") != 0.0]
+
+
 def summarise(runs: dict, evals: dict) -> dict:
-    """Per run: DPO margin/accuracy from its log, and its model's held-out pass rate and
-    perplexities against those of the model it started from."""
+    """Per run: DPO margin/accuracy from its log (steps with a pair), and its model's held-out pass
+    rate and perplexities against those of the model it started from."""
     out = {}
     for name, run in runs.items():
         log, before, after = run["log"], evals[start_of(name)], evals.get(name)
         if after is None:
             continue
+        paired = with_pairs(log)
         out[name] = {
-            "start": start_of(name), "steps": len(log), "seconds": run["seconds"], "peak_rss_gb": run["peak_rss_gb"],
-            "loss_first": log[0]["loss"] if log else None, "loss_last_quarter": tail_mean(log, "loss"),
-            "margin_first": log[0].get("margin") if log else None, "margin_last_quarter": tail_mean(log, "margin"),
-            "accuracy_last_quarter": tail_mean(log, "accuracy"),
+            "start": start_of(name), "steps": len(log), "steps_without_pair": len(log) - len(paired),
+            "seconds": run["seconds"], "peak_rss_gb": run["peak_rss_gb"],
+            "loss_first": paired[0]["loss"] if paired else None, "loss_last_quarter": tail_mean(paired, "loss"),
+            "margin_first": paired[0].get("margin") if paired else None,
+            "margin_last_quarter": tail_mean(paired, "margin"),
+            "accuracy_last_quarter": tail_mean(paired, "accuracy"),
             "sample_reward_first": log[0].get("sample_reward") if log else None,
             "sample_reward_last_quarter": tail_mean(log, "sample_reward"),
             "pass_before": before["pass_rate"], "pass_after": after["pass_rate"],
@@ -564,7 +574,8 @@ def markdown(data: dict) -> str:
               + " | time s |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in texts) + " | ---: |"]
     for name, r in s.items():
-        lines.append(f"| {name} | {r['start']} | {r['steps']} | {_fmt(r['margin_first'])} → "
+        steps = f"{r['steps']}" + (f" ({r['steps_without_pair']} without a pair)" if r.get("steps_without_pair") else "")
+        lines.append(f"| {name} | {r['start']} | {steps} | {_fmt(r['margin_first'])} → "
                      f"{_fmt(r['margin_last_quarter'])} | {_fmt(r['accuracy_last_quarter'], '.2f')} | "
                      f"{_fmt(r['sample_reward_first'])} → {_fmt(r['sample_reward_last_quarter'])} | "
                      f"{r['pass_before']:.3f} → {r['pass_after']:.3f} | "
@@ -590,7 +601,8 @@ def plot(path: str, runs: dict, evals: dict) -> None:
     for key, ax, title in (("margin", axes[0, 0], "DPO reward margin (chosen − rejected)"),
                            ("sample_reward", axes[0, 1], "online: mean execution reward of the sampled replies")):
         for name, run in preference.items():
-            points = [(r["step"], r[key]) for r in run["log"] if key in r]
+            steps = run["log"] if key == "sample_reward" else with_pairs(run["log"])  # a step without a pair has no margin
+            points = [(r["step"], r[key]) for r in steps if key in r]
             if points:
                 ax.plot(*zip(*points), marker=".", color=COLORS[name], label=name)
         ax.set_title(title, fontsize=10)

@@ -182,6 +182,12 @@ def test_summary_reads_margin_accuracy_and_before_after_from_logs():
     assert (r["pass_before"], r["pass_after"]) == (0.55, 0.6)
     assert (r["ppl_tempest_before"], r["ppl_tempest_after"]) == (11.5, 12.0)
     assert s["sft"]["margin_last_quarter"] is None and s["sft"]["pass_before"] == 0.5
+    # an online step that found no pair (its replies all scored alike) logs zeros: not a margin of 0
+    unpaired = log + [{"step": 5, "loss": 0.0, "margin": 0.0, "accuracy": 0.0, "sample_reward": 0.0}]
+    r5 = X.summarise({"online": {"log": unpaired, "seconds": 5.0, "peak_rss_gb": 2.0}}, evals)["online"]
+    assert r5["steps"] == 5 and r5["steps_without_pair"] == 1
+    assert r5["margin_last_quarter"] == pytest.approx(0.4) and r5["accuracy_last_quarter"] == pytest.approx(0.9)
+    assert r5["sample_reward_last_quarter"] == 0.0  # the sampled reward counts (last quarter of 5: step 5)
     data = {"args": vars(X.parse_args([])), "base_model": "/x/base", "tasks": {"train": 40, "heldout": 20},
             "sft_data": {"from_samples": 30, "from_reference": 0},
             "pairs": {"pairs_from_samples": 12, "pairs_with_reference": 0}, "summary": s, "evals": evals,
