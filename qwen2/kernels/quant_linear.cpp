@@ -201,6 +201,17 @@ inline void to_floats(const at::BFloat16* src, float* dst, int64_t n) {
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
+// For rows xrow.. xrow + M - 1 of x and each of G weight groups (per_group blocks each), the sum of
+// x over the group: out[m * G + g], for the int4 min term.
+inline void group_sums(const QuantizedX& x, int64_t xrow, int M, int64_t B, int64_t G, int64_t per_group, float* out) {
+  for (int m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      float part = 0.f;
+      for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) part += x.sum[(xrow + m) * B + b];
+      out[m * G + g] = part;
+    }
+}
+
 // Output rows [n0, n1) for M (<= kMaxRows) rows of x.
 
 template <int M, bool kInt4, bool kTwo, typename S>
@@ -211,12 +222,7 @@ void rows(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* q, const 
   const int64_t row_bytes = K / kBlock * kBlockBytes;
   // int4: per row m of x and group g of weights, the sum of x over g (for the min term)
   float group_sum[M][kInt4 ? G : 1];
-  for (int m = 0; kInt4 && m < M; ++m)
-    for (int64_t g = 0; g < G; ++g) {
-      float part = 0.f;
-      for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) part += x.sum[(xrow + m) * B + b];
-      group_sum[m][g] = part;
-    }
+  if (kInt4) group_sums(x, xrow, M, B, G, per_group, &group_sum[0][0]);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* qn = q + n * row_bytes;
     const S* sn = scale + n * G;
@@ -272,12 +278,7 @@ void int4_rows_wide(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t*
                     const S* min, int64_t group_size, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   const int64_t B = K / kBlock, G = K / group_size, per_group = group_size / kBlock, row_bytes = B * kBlock / 2;
   float group_sum[M][G];  // as in `rows`
-  for (int m = 0; m < M; ++m)
-    for (int64_t g = 0; g < G; ++g) {
-      float part = 0.f;
-      for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) part += x.sum[(xrow + m) * B + b];
-      group_sum[m][g] = part;
-    }
+  group_sums(x, xrow, M, B, G, per_group, &group_sum[0][0]);
   const __m512i zero = _mm512_setzero_si512(), low = _mm512_set1_epi8(0x0F), pair = lanes_of(0, 1);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* qn = q + n * row_bytes;
