@@ -228,10 +228,20 @@ def dca_rope(hs: int, scaling: dict | None = None) -> RotaryEmbedding:
     return rope
 
 
+def use_tiled_attention(monkeypatch) -> None:
+    """DCA's parts through the tiled PyTorch-ops attention (what runs off the CPU), not the flash kernel."""
+    monkeypatch.setattr(lc, "attention_with_lse", lambda q, k, v, causal, key_tile=lc.DCA_KEY_TILE:
+                        lc._tiled_attention_with_lse(q, k, v, causal, key_tile))
+
+
 @pytest.mark.parametrize("chunk_size,local_size", [(8, 2), (10, 3), (7, 0), (12, 5)])
 @pytest.mark.parametrize("nh,nkv", [(6, 2), (3, 3)])
 @pytest.mark.parametrize("scaling", [None, yarn(4.0, 16)], ids=["rope", "yarn"])
-def test_dca_equals_the_explicit_position_matrix_reference(chunk_size, local_size, nh, nkv, scaling):
+@pytest.mark.parametrize("kernel", ["flash", "tiled"])
+def test_dca_equals_the_explicit_position_matrix_reference(chunk_size, local_size, nh, nkv, scaling, kernel,
+                                                           monkeypatch):
+    if kernel == "tiled":
+        use_tiled_attention(monkeypatch)
     hs, T = 16, 37  # 37 is no multiple of any L here
     rope = dca_rope(hs, scaling)
     q = torch.randn(2, nh, T, hs)
@@ -300,25 +310,40 @@ def test_dca_left_padded_batch_equals_rows_alone():
 
 
 def test_dca_memory_stays_linear(monkeypatch):
-    """The largest tensor DCA's loop makes is a score tile of nh × query block × key tile, whatever
-    the length: no T×T matrix or position table. (A model forward builds no T×T mask either.)"""
-    largest = []
+    """No T×T matrix or position table: the largest allocation of any op DCA runs grows with T, not
+    T² (flash kernel: its buffers included); the tiled path's largest tensor is a score tile of
+    nh × query block × key tile, whatever the length. A model forward builds no T×S mask either."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rope = dca_rope(16)
+
+    def dca(T: int, chunk_size: int = 40, query_block: int = 16) -> None:
+        q, k, v = torch.randn(1, 4, T, 16), torch.randn(1, 2, T, 16), torch.randn(1, 2, T, 16)
+        lc.dual_chunk_attention(q, k, v, torch.arange(T)[None], torch.ones(1, T, dtype=torch.bool), rope,
+                                chunk_size, 8, query_block=query_block, key_tile=32)
+
+    for chunk_size, query_block in ((40, 16), (4096, 2048)):  # many chunks; one chunk, one causal block
+        largest = {}
+        for T in (256, 2048):
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                dca(T, chunk_size, query_block)
+            largest[T] = max(e.self_cpu_memory_usage for e in prof.events())
+        assert largest[2048] <= 8 * largest[256] and largest[2048] < 2048 * 2048 * 4, (chunk_size, largest)
+
+    tiles = []
     real_matmul = torch.Tensor.__matmul__
 
     def spy(a, b):
         out = real_matmul(a, b)
-        largest.append(out.numel())
+        tiles.append(out.numel())
         return out
 
+    use_tiled_attention(monkeypatch)
     monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
-    rope = dca_rope(16)
     for T in (64, 512):
-        largest.clear()
-        q, k, v = torch.randn(1, 4, T, 16), torch.randn(1, 2, T, 16), torch.randn(1, 2, T, 16)
-        positions = torch.arange(T)[None]
-        lc.dual_chunk_attention(q, k, v, positions, torch.ones(1, T, dtype=torch.bool), rope, 40, 8,
-                                query_block=16, key_tile=32)
-        assert max(largest) <= 4 * 16 * 32 < T * T
+        tiles.clear()
+        dca(T)
+        assert max(tiles) <= 4 * 16 * 32 < T * T
     monkeypatch.undo()
     model = ours_with(tiny_config(**DCA_MODEL))
     monkeypatch.setattr(Transformer, "_attention_mask", lambda *a: pytest.fail("DCA must not build a T×S mask"))
