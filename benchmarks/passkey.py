@@ -234,7 +234,7 @@ def plot(runs: list[dict], path: str) -> None:
         mem.plot(lengths, [max(r["peak_rss_mb"] for r in mine if r["length"] == n) / 1024 for n in lengths],
                  style, label=setting)
     acc.set(xscale="log", xlabel="prompt tokens", ylabel="passkey accuracy", ylim=(-0.05, 1.05),
-            title="accuracy over 5 depths")
+            title="accuracy over the depths run at each length")
     mem.set(xlabel="prompt tokens", ylabel="peak RSS (GiB)", title="peak memory per run")
     for ax in (acc, mem):
         ax.axvline(TRAINED_CONTEXT, color="grey", lw=0.8, ls=":")
