@@ -412,7 +412,8 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal
                        key_tile: int = DCA_KEY_TILE) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T / sqrt(hs)) v and each query's log-sum-exp of those scores, in fp32:
     q (nkv, g, Tq, hs), the g query heads sharing each kv head; k, v (nkv, n, hs); causal: query t
-    sees keys 0..t (Tq == n). -> out (nkv, g, Tq, hs) in q's dtype, lse (nkv, g, Tq, 1) fp32.
+    sees keys 0..t (Tq == n). -> out (nkv, g, Tq, hs), lse (nkv, g, Tq, 1) fp32; out in q's dtype
+    from the flash kernel, fp32 from the loop (the caller merges in fp32: no rounding in between).
     On the CPU, PyTorch's flash kernel (memory linear in n, ~7x the tiled loop's speed at 4K
     tokens); elsewhere the loop over key tiles below."""
     nkv, g, Tq, hs = q.shape
@@ -443,4 +444,4 @@ def _tiled_attention_with_lse(q, k, v, causal: bool, key_tile: int) -> tuple[tor
         merged = torch.logaddexp(lse, tile_lse)
         out = out * (lse - merged).exp() + tile_out * (tile_lse - merged).exp()
         lse = merged
-    return out.to(q.dtype), lse
+    return out, lse
