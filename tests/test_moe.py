@@ -305,8 +305,12 @@ def test_checkpoint_we_save_loads_in_transformers_and_back(tmp_path, name):
     # (transformers writes sliding_window 0 for "none"; not an expert field)
     assert dataclasses.replace(config, sliding_window=None) == ours.config
     back = build_model(config, state_dict)
+    theirs_back, ours_now = back.state_dict(), ours.state_dict()
+    assert theirs_back.keys() == ours_now.keys() and all(torch.equal(theirs_back[k], ours_now[k]) for k in ours_now)
     with torch.no_grad():
-        assert torch.equal(back(ids), ours(ids))
+        # the same numbers; the tensors loaded from the file sit at other alignments, and the GEMMs of
+        # some CPUs (this AVX-512 EPYC) then sum in another order: equal to the last bit or two
+        torch.testing.assert_close(back(ids), ours(ids), rtol=0, atol=1e-5)
 
 
 # --- upcycling ----------------------------------------------------------------------------------------

@@ -114,9 +114,12 @@ def _mismatches(pairs) -> list:
 
 @pytest.fixture(scope="module")
 def gguf_path() -> str:
-    path = os.environ.get("QWEN2_TEST_GGUF", "/tmp/g/q05.gguf")
+    """QWEN2_TEST_GGUF, or the embedded default model's GGUF (the test install has it: '.[models,test]')."""
+    from qwen2.checkpoint import registry
+
+    path = os.environ.get("QWEN2_TEST_GGUF") or registry.gguf_path(registry.DEFAULT_MODEL, progress=False)
     if not os.path.isfile(path):
-        pytest.skip(f"no Qwen2 GGUF at {path}; set QWEN2_TEST_GGUF to one (e.g. Qwen2.5-Coder-0.5B-Instruct)")
+        raise FileNotFoundError(f"QWEN2_TEST_GGUF names no file: {path}")
     return path
 
 
