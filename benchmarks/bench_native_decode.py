@@ -2,8 +2,9 @@
 """The native decode path against the PyTorch ops it replaces, in one process, alternating, so a
 noisy moment of this shared machine falls on every path alike:
 
-  native     a decoder block per native call (`qwen2/kernels/decode_block.cpp`: the eager block's
-             own ops and kernels, no Python between them), its attention native
+  native     every decoder block of the step in one native call (`qwen2/kernels/decode_block.cpp`'s
+             `decode_layers`: the eager blocks' own ops and kernels, no Python between them)
+  native-blocks  a decoder block per native call (`decode_block`), from the Python loop over the blocks
   attention  the eager block in Python, its attention native (`qwen2/kernels/decode_attention.cpp`:
              RoPE, the cache write and attention in one call)
   pytorch    the eager block in Python, attention by PyTorch ops (`Attention._attend`: two RoPEs,
@@ -45,15 +46,17 @@ from qwen2 import model as M  # noqa: E402
 from qwen2 import quantize as Q  # noqa: E402
 from qwen2.progress import progress_bar  # noqa: E402
 
-NATIVE, ATTENTION, PYTORCH, SMALL_PAGES = "native", "attention", "pytorch", "native-4k-pages"
-PATHS = (NATIVE, ATTENTION, PYTORCH, SMALL_PAGES)
+NATIVE, BLOCKS, ATTENTION, PYTORCH, SMALL_PAGES = "native", "native-blocks", "attention", "pytorch", "native-4k-pages"
+PATHS = (NATIVE, BLOCKS, ATTENTION, PYTORCH, SMALL_PAGES)
 _placements: dict = {}  # id(model) -> {True: buffers as loaded (2 MB pages), False: copies in ordinary memory}
 
 
-def use(path: str, model=None, ops=M.native_decode_ops, block=M.Block._native_args) -> None:
+def use(path: str, model=None, ops=M.native_decode_ops, weights=M.Block.native_weights,
+        layers=M.Transformer._native_layers) -> None:
     """Route the model's decode steps through `path` from the next forward on."""
     M.native_decode_ops = ops if path != PYTORCH else (lambda x, mask, cache, head_dim: None)
-    M.Block._native_args = block if path in (NATIVE, SMALL_PAGES) else (lambda self, x, mask, cache: None)
+    M.Block.native_weights = weights if path in (NATIVE, BLOCKS, SMALL_PAGES) else (lambda self, rows: None)
+    M.Transformer._native_layers = layers if path != BLOCKS else (lambda self, x, mask, cache: None)
     if model is not None:
         place_weights(model, huge=path != SMALL_PAGES)
 
@@ -144,7 +147,8 @@ def markdown(data: dict) -> str:
             f"{r['max_abs_diff']:.1e} |" for r in data["op"]]
     s = data["steps"]
     out += ["", f"## Whole decode steps after a 512-token prompt ({a['steps']} steps per round, {a['rounds']} rounds)\n",
-            "native: decoder blocks and attention native; attention: blocks in Python, attention native; pytorch: "
+            "native: all decoder blocks in one native call; native-blocks: one native call per block; attention: "
+            "blocks in Python, attention native; pytorch: "
             "neither; native-4k-pages: native, the quantised weights copied from the 2 MB pages load() gives them "
             "into ordinary memory.\n",
             "| path | best round ms / step | vs pytorch | greedy tokens = pytorch's | every round |",

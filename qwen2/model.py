@@ -181,16 +181,18 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, nkv, hs)
         ops = native_decode_ops(q, mask, cache, self.head_dim)
         if ops is not None:  # decode: RoPE, cache write and attention in one native call
-            y = ops.decode_attention(q, k, v, *self.native_args(cos, sin, mask, cache, layer, B, T))
+            y = ops.decode_attention(q, k, v, *self.native_args(cos, sin, mask, cache, B, T, layer))
         else:
             y = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cos, sin, mask, cache, layer)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))  # y (B, nh, T, hs)
 
-    def native_args(self, cos, sin, mask, cache, layer: int, B: int, T: int) -> tuple:
-        """The arguments the native decode ops (`decode_attention`, `decode_block`) take after their
-        inputs: RoPE tables, this layer's cache, the rows' first slots, the key mask, the scale."""
-        return (cos.expand(B, T, -1), sin.expand(B, T, -1), cache.k[layer], cache.v[layer], cache_slots(cache, B),
-                decode_key_mask(mask, B, T), self.head_dim ** -0.5)
+    def native_args(self, cos, sin, mask, cache, B: int, T: int, layer: int | None) -> tuple:
+        """The arguments the native decode ops (`decode_attention`, `decode_block`, `decode_layers`)
+        take after their inputs: RoPE tables, this layer's cache (every layer's with `layer` None),
+        the rows' first slots, the key mask, the scale."""
+        k, v = (cache.k, cache.v) if layer is None else (cache.k[layer], cache.v[layer])
+        return (cos.expand(B, T, -1), sin.expand(B, T, -1), k, v, cache_slots(cache, B), decode_key_mask(mask, B, T),
+                self.head_dim ** -0.5)
 
     def _attend(self, q, k, v, cos, sin, mask, cache, layer: int) -> torch.Tensor:
         """RoPE, the cache write and attention in PyTorch ops: q (B, nh, T, hs), k, v (B, nkv, T, hs)."""
@@ -271,22 +273,26 @@ class Block(nn.Module):
         if native is not None:  # a decode step: these very ops in one native call, no Python between them
             ops, tensors, meta = native
             return ops.decode_block(x, tensors, meta, self.input_layernorm.eps,
-                                    *self.self_attn.native_args(cos, sin, mask, cache, layer, x.shape[0], x.shape[1]))
+                                    *self.self_attn.native_args(cos, sin, mask, cache, x.shape[0], x.shape[1], layer))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def _native_args(self, x, mask, cache):
         """(ops, tensors, meta) for `decode_block` (qwen2/kernels/decode_block.cpp) when it computes
-        this forward, else None: a decode step (see native_decode_ops) of a dense block whose seven
-        linears are nn.Linear or quantised linears on their native kernels."""
+        this forward (a decode step, see native_decode_ops, and `native_weights`), else None."""
+        ops = native_decode_ops(x, mask, cache, self.self_attn.head_dim)
+        weights = None if ops is None or not x.is_contiguous() else self.native_weights(x.shape[0] * x.shape[1])
+        return None if weights is None else (ops, *weights)
+
+    def native_weights(self, rows: int) -> tuple[list, list] | None:
+        """(tensors, meta): this block's weights as `decode_block` takes them for `rows` rows of x,
+        or None unless the block is dense, with one norm eps, and its seven linears are nn.Linear or
+        quantised linears on their native kernels."""
         attn, mlp = self.self_attn, self.mlp
-        ops = native_decode_ops(x, mask, cache, attn.head_dim)
-        if ops is None or not isinstance(mlp, FeedForward) or not x.is_contiguous() \
-                or self.input_layernorm.eps != self.post_attention_layernorm.eps:
+        if not isinstance(mlp, FeedForward) or self.input_layernorm.eps != self.post_attention_layernorm.eps:
             return None
         from .quantize import native_linear
 
-        rows = x.shape[0] * x.shape[1]
         tensors, meta = [self.input_layernorm.weight, self.post_attention_layernorm.weight], \
             [attn.n_head, attn.n_kv_head, attn.head_dim]
         for linear in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
@@ -295,7 +301,7 @@ class Block(nn.Module):
                 return None
             meta += spec[:3]
             tensors += spec[3]
-        return ops, tensors, meta
+        return tensors, meta
 
 
 class Transformer(nn.Module):
@@ -385,6 +391,11 @@ class Transformer(nn.Module):
         """x (B, T, C) through every block: sliding-window layers (>= max_window_layers) take
         `window_mask`, the others `mask`. With `checkpointing` (training), each block keeps only its
         input and recomputes its inside during backward."""
+        native = None if checkpointing or self.sliding_layers else self._native_layers(x, mask, cache)
+        if native is not None:  # a decode step: every block in one native call, no Python between them
+            ops, tensors, meta, eps = native
+            return ops.decode_layers(x, tensors, meta, eps, *self.model.layers[0].self_attn.native_args(
+                cos, sin, mask, cache, x.shape[0], x.shape[1], None))
         for i, block in enumerate(self.model.layers):
             layer_mask = window_mask if i in self.sliding_layers else mask
             if checkpointing and torch.is_grad_enabled():
@@ -392,6 +403,22 @@ class Transformer(nn.Module):
             else:
                 x = block(x, cos, sin, layer_mask, cache, i)
         return x  # (B, T, C)
+
+    def _native_layers(self, x, mask, cache):
+        """(ops, tensors, meta, eps) for `decode_layers` (qwen2/kernels/decode_block.cpp) when it
+        computes every block of this forward: a decode step where each block's `decode_block` would
+        (see Block._native_args), all with one norm eps; else None."""
+        ops = native_decode_ops(x, mask, cache, self.config.head_dim)
+        if ops is None or not x.is_contiguous():
+            return None
+        rows, tensors, meta = x.shape[0] * x.shape[1], [], []
+        for block in self.model.layers:
+            weights = block.native_weights(rows)
+            if weights is None or block.input_layernorm.eps != self.config.rms_norm_eps:
+                return None
+            tensors += weights[0]
+            meta += weights[1]
+        return ops, tensors, meta, self.config.rms_norm_eps
 
     def _dual_chunk_inputs(self, positions, real, key_real, span: int, dtype):
         """DCA's key rotation (cos, sin at p mod L: keys are cached rotated so) and the context its

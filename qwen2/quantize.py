@@ -33,6 +33,7 @@ scale dtype, so |w - dequant| <= scale / 2. int4 min = the group's minimum round
 from __future__ import annotations
 
 import ctypes
+import math
 import mmap
 import os
 from typing import Iterable
@@ -149,6 +150,30 @@ class QuantLinear(nn.Module):
         # of it there) and, in the int4 modes, the MLP and lm_head 1 (no measurable loss; 2 costs ~3 %
         # decode speed); int8 mode, the accuracy mode, 2 everywhere.
         self.activation_digits = 2
+
+    def __setattr__(self, name: str, value) -> None:
+        # any setting or tensor set may change how the native decode ops compute this layer
+        self.__dict__.pop("_native", None)
+        super().__setattr__(name, value)
+
+    def native_layout(self, rows: int) -> tuple | None:
+        """`native_linear(self, rows)`: built once, as decode asks it of every layer at every step,
+        and forgotten whenever an attribute is set."""
+        native = self.__dict__.get("_native")
+        if native is None:
+            native = self._native_layout()
+            self.__dict__["_native"] = native  # set around __setattr__, which would drop it again
+        most_rows, layout = native
+        return layout if rows < most_rows else None
+
+    def _native_layout(self) -> tuple[float, tuple | None]:
+        """(rows below which forward takes the kernel, the layout native_linear gives)."""
+        if self.mode not in NATIVE_KINDS or not self.kernel_ok or self.backend not in ("auto", "kernel"):
+            return 0, None
+        buffers = self._buffers
+        layout = [buffers["weight"], buffers.get("scales", _NO_TENSOR), buffers.get("mins", _NO_TENSOR), _bias(self)]
+        most_rows = self.dense_rows if self.backend == "auto" else math.inf
+        return most_rows, (NATIVE_KINDS[self.mode], self.group_size, self.activation_digits, layout)
 
     # subclasses: _kernel(x_fp32) -> (M, N) fp32, _dequant_rows(rows, dtype) -> (n, K) for `rows` a
     # slice or a 1-d index tensor of output rows
@@ -325,13 +350,7 @@ def native_linear(module: nn.Module, rows: int) -> tuple | None:
         if module.weight.dtype != torch.float32:
             return None
         return NATIVE_KINDS["dense"], 0, 0, [module.weight, _NO_TENSOR, _NO_TENSOR, _bias(module)]
-    if not isinstance(module, QuantLinear) or module.mode not in NATIVE_KINDS or module.path(rows) != "kernel":
-        return None
-    # The buffers read directly: nn.Module's getattr of an absent one (k-quant layouts have no scales
-    # or mins) raises and catches an AttributeError, ~3 us each, on every block of every decode step.
-    buffers = module._buffers
-    layout = [buffers["weight"], buffers.get("scales", _NO_TENSOR), buffers.get("mins", _NO_TENSOR)]
-    return NATIVE_KINDS[module.mode], module.group_size, module.activation_digits, layout + [_bias(module)]
+    return module.native_layout(rows) if isinstance(module, QuantLinear) else None
 
 
 def _bias(linear: nn.Module) -> torch.Tensor:

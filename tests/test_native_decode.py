@@ -146,9 +146,9 @@ def test_model_decode_takes_the_native_path_and_equals_the_pytorch_one(monkeypat
     ids = torch.randint(0, 300, (2, 9))
     calls = count_native_calls(monkeypatch)
     native = decode(model, ids)
-    # every decode step of both layers (the block asks, then runs it all); the prefill not (block and
-    # attention each ask)
-    assert calls.count(True) == 5 * 2 and calls.count(False) == 2 * 2
+    # every decode step, once for both layers (the model asks, then runs them all); the prefill not
+    # (the model, then each layer's block and attention ask)
+    assert calls.count(True) == 5 and calls.count(False) == 1 + 2 * 2
     monkeypatch.setattr(M.kernels, "ops", lambda: None)  # QWEN2_KERNELS=0: the PyTorch ops
     torch.testing.assert_close(native, decode(model, ids), rtol=0, atol=1e-5)
 
@@ -194,24 +194,51 @@ def test_grad_and_compile_keep_the_pytorch_path():
 # ---- the whole block in one call ------------------------------------------------------------------
 
 def without_native_blocks(monkeypatch):
-    monkeypatch.setattr(M.Block, "_native_args", lambda self, x, mask, cache: None)
+    monkeypatch.setattr(M.Block, "native_weights", lambda self, rows: None)
+
+
+def spy(monkeypatch, owner, name: str) -> list:
+    """Record what owner.name returns from now on."""
+    taken, real = [], getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda self, *a: taken.append(real(self, *a)) or taken[-1])
+    return taken
 
 
 @pytest.mark.parametrize("mode", [None, "int8", "int4"])
-def test_native_block_equals_the_eager_block_bit_for_bit(monkeypatch, mode):
+def test_native_layers_and_blocks_equal_the_eager_blocks_bit_for_bit(monkeypatch, mode):
     model = tiny(3, intermediate_size=128)
     if mode:
         model = Q.quantize_model(model, mode)
     ids = torch.randint(0, 300, (2, 9))
     mask = torch.ones(2, 9, dtype=torch.long)
     mask[1, :4] = 0  # a padded row: the mask reaches the block's attention
-    taken = []
-    real = M.Block._native_args
-    monkeypatch.setattr(M.Block, "_native_args", lambda self, *a: taken.append(real(self, *a)) or taken[-1])
-    native = decode(model, ids, mask)
-    assert sum(t is not None for t in taken) == 5 * 2  # every decode step of both layers
+    layers = spy(monkeypatch, M.Transformer, "_native_layers")
+    all_layers = decode(model, ids, mask)
+    assert sum(t is not None for t in layers) == 5  # every decode step: both layers in one decode_layers call
+    monkeypatch.setattr(M.Transformer, "_native_layers", lambda self, x, mask, cache: None)
+    blocks = spy(monkeypatch, M.Block, "_native_args")
+    block_by_block = decode(model, ids, mask)
+    assert sum(t is not None for t in blocks) == 5 * 2  # every decode step of both layers: decode_block
     without_native_blocks(monkeypatch)
-    assert torch.equal(native, decode(model, ids, mask))
+    eager = decode(model, ids, mask)
+    assert torch.equal(all_layers, eager) and torch.equal(block_by_block, eager)
+
+
+def test_quantised_linear_layout_follows_its_settings():
+    """The native layout a quantised linear keeps for decode is rebuilt when a setting changes."""
+    layer = Q.quantize_model(tiny(6, intermediate_size=128), "int4").model.layers[0].self_attn.q_proj
+    kind, group_size, digits, tensors = Q.native_linear(layer, 1)
+    assert (group_size, digits) == (32, 2) and tensors[0] is layer.weight
+    assert Q.native_linear(layer, layer.dense_rows) is None  # a prefill: forward dequantises
+    layer.activation_digits = 1
+    assert Q.native_linear(layer, 1)[2] == 1
+    layer.backend = "kernel"
+    assert Q.native_linear(layer, layer.dense_rows) is not None
+    layer.backend = "reference"
+    assert Q.native_linear(layer, 1) is None
+    layer.backend = "auto"
+    layer.weight = layer.weight.clone()
+    assert Q.native_linear(layer, 1)[3][0] is layer.weight
 
 
 def test_native_block_verifies_speculation_rows_as_steps(monkeypatch):

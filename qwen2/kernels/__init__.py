@@ -1,5 +1,5 @@
 """Native CPU kernels (`quant_linear.cpp`: quantised linears; `decode_attention.cpp`: the decode
-step's attention; `decode_block.cpp`: a decoder block of a decode step in one call), compiled on
+step's attention; `decode_block.cpp`: a decoder block, or all of them, of a decode step in one call), compiled on
 first use and cached.
 
 Why at first use and not at `pip install`: an install-time build runs in pip's isolated build
@@ -63,7 +63,7 @@ def _build():
     reason = _unavailable_reason()
     if reason:
         return None, reason
-    if hasattr(torch.ops, "qwen2_kernels") and hasattr(torch.ops.qwen2_kernels, "decode_block"):
+    if hasattr(torch.ops, "qwen2_kernels") and hasattr(torch.ops.qwen2_kernels, "decode_layers"):
         return torch.ops.qwen2_kernels, None  # already loaded in this process
     from torch.utils.cpp_extension import load
     build_dir = _build_dir()
