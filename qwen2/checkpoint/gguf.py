@@ -473,19 +473,22 @@ def convert_exact_linears(model, path, progress: bool = True) -> dict[str, int]:
     tied = model.config.tie_word_embeddings and "model.embed_tokens.weight" in tensors
     if tied:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]  # a tied head is the embedding
-    targets = [(name, module, tensors[f"{name}.weight"]) for name, module in model.named_modules()
-               if f"{name}.weight" in tensors
-               and isinstance(module, converters[tensors[f"{name}.weight"].tensor_type][0])]
+    targets = [name for name, module in model.named_modules()
+               if f"{name}.weight" in tensors and isinstance(module, converters[tensors[f"{name}.weight"].tensor_type][0])]
     counts: dict[str, int] = {}
-    for name, module, tensor in progress_bar(targets, desc="taking exact GGUF blocks", unit="tensor",
-                                             disable=not progress):
+    for name in progress_bar(targets, desc="taking exact GGUF blocks", unit="tensor", disable=not progress):
+        tensor, module = tensors[f"{name}.weight"], model.get_submodule(name)
         if tuple(reversed(tensor.shape)) != (module.out_features, module.in_features):
             raise Qwen2Error(f"GGUF tensor {tensor.name} has shape {list(reversed(tensor.shape))}, the model's "
                              f"{name} is {[module.out_features, module.in_features]}; {path} is not this model's file")
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        exact = converters[tensor.tensor_type][1](tensor, module.bias)
-        exact.dense_dtype, exact.activation_digits = module.dense_dtype, module.activation_digits
+        bias, dense_dtype, digits = module.bias, module.dense_dtype, module.activation_digits
+        # the layer it replaces goes first, so the two never coexist (the 0.5B's lm_head: 145 MB each)
+        setattr(parent, attr, None)
+        del module
+        exact = converters[tensor.tensor_type][1](tensor, bias)
+        exact.dense_dtype, exact.activation_digits = dense_dtype, digits
         setattr(parent, attr, exact)
         if name == "lm_head":
             model.quantization["lm_head"] = exact.mode  # e.g. the 1.5B's Q6_K head: "q6_k", not int8
