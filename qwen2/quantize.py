@@ -167,8 +167,10 @@ class QuantLinear(nn.Module):
         return layout if rows < most_rows else None
 
     def _native_layout(self) -> tuple[float, tuple | None]:
-        """(rows below which forward takes the kernel, the layout native_linear gives)."""
-        if self.mode not in NATIVE_KINDS or not self.kernel_ok or self.backend not in ("auto", "kernel"):
+        """(rows below which forward takes the kernel, the layout native_linear gives); `path` decides
+        (and raises as forward would): a one-row forward on the kernel means "auto" below dense_rows
+        rows, or "kernel" at any count."""
+        if self.mode not in NATIVE_KINDS or self.path(1) != "kernel":
             return 0, None
         buffers = self._buffers
         layout = [buffers["weight"], buffers.get("scales", _NO_TENSOR), buffers.get("mins", _NO_TENSOR), _bias(self)]
