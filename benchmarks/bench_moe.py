@@ -9,12 +9,16 @@ hidden size, expert width and shared-expert width divided by --scale (default 4:
 640 wide, shared expert 5120), fp32, random weights (router N(0, 0.02^2), so routing is near uniform,
 as a load-balanced router's is). Rows, each timed on the same input:
   * qwen2: SparseMoeBlock.forward (the few-token path at 1 token, the sort-by-expert dispatch above)
+  * qwen2 bf16 experts: the same block after qwen2.moe.set_expert_dtype(bfloat16) (experts stored and
+    run in bf16; router, shared-expert gate and the weighted sum fp32)
   * transformers eager: Qwen2MoeSparseMoeBlock with experts_implementation "eager", the block's own
     loop over the experts hit (what a block built from a config runs)
   * transformers grouped_mm: the same block with "grouped_mm", what from_pretrained picks by default
     in transformers 5.x (sort by expert, one grouped matmul; on the CPU its per-expert fallback)
-Every repeat runs the three one after another, so a load change on the shared machine hits them
-alike; tok/s = tokens / median time. Outputs are checked equal (max |diff| <= 1e-4) before timing.
+  * transformers eager bf16: its block with every weight and the input in bf16 (torch_dtype=bfloat16)
+Every repeat runs them one after another, so a load change on the shared machine hits them alike;
+tok/s = tokens / median time. Before timing, the fp32 rows are checked equal (max |diff| <= 1e-4) and
+the bf16 rows within 2 % (relative L2 error) of qwen2's fp32 output; both are recorded.
 Results go to benchmarks/results/moe.json and .md (atomically).
 """
 from __future__ import annotations
@@ -31,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_inference import cpu_busy_s, machine_facts, set_torch_threads, wait_for_quiet, write_results  # noqa: E402
 
 from qwen2.config import named_config  # noqa: E402
-from qwen2.moe import SparseMoeBlock  # noqa: E402
+from qwen2.moe import SparseMoeBlock, set_expert_dtype  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPEATS = {1: 40, 16: 15, 512: 5}  # more for the short calls, whose times vary more
@@ -69,21 +73,37 @@ def make_blocks(config):
     return ours, theirs, hf_config
 
 
-def measure(n_tokens: int, ours, theirs, hf_config, repeats: int, wait: float) -> dict:
-    x = torch.randn(1, n_tokens, ours.gate.in_features, generator=torch.Generator().manual_seed(n_tokens))
+def bf16_copies(ours, theirs):
+    """Our block with bf16 experts, and transformers' block wholly in bf16 (it has no mixed mode)."""
+    import copy
 
-    def run_theirs(impl):
+    ours_bf16, theirs_bf16 = copy.deepcopy(ours), copy.deepcopy(theirs).to(torch.bfloat16)
+    set_expert_dtype(ours_bf16, torch.bfloat16)
+    return ours_bf16, theirs_bf16
+
+
+def measure(n_tokens: int, blocks, hf_config, repeats: int, wait: float) -> dict:
+    ours, ours_bf16, theirs, theirs_bf16 = blocks
+    x = torch.randn(1, n_tokens, ours.gate.in_features, generator=torch.Generator().manual_seed(n_tokens))
+    x_bf16 = x.bfloat16()
+
+    def run_theirs(block, impl, x):
         def run():
             hf_config._experts_implementation = impl
-            return theirs(x)
+            return block(x)
         return run
 
-    engines = {"qwen2": lambda: ours(x), "transformers eager": run_theirs("eager"),
-               "transformers grouped_mm": run_theirs("grouped_mm")}
+    engines = {"qwen2": lambda: ours(x), "qwen2 bf16 experts": lambda: ours_bf16(x),
+               "transformers eager": run_theirs(theirs, "eager", x),
+               "transformers grouped_mm": run_theirs(theirs, "grouped_mm", x),
+               "transformers eager bf16": run_theirs(theirs_bf16, "eager", x_bf16)}
     with torch.no_grad():
         expected = ours(x)
-        diffs = {name: (run() - expected).abs().max().item() for name, run in engines.items()}
-        assert all(d <= 1e-4 for d in diffs.values()), diffs
+        outputs = {name: run().float() for name, run in engines.items()}
+        diffs = {name: (y - expected).abs().max().item() for name, y in outputs.items()}
+        rel_errors = {name: ((y - expected).norm() / expected.norm()).item() for name, y in outputs.items()}
+        assert all(d <= 1e-4 for name, d in diffs.items() if "bf16" not in name), diffs
+        assert all(e <= 2e-2 for e in rel_errors.values()), rel_errors
         waited = wait_for_quiet(wait)
         times = {name: [] for name in engines}
         busy0, own0, wall0 = cpu_busy_s(), _own_cpu_s(), time.monotonic()
@@ -96,11 +116,14 @@ def measure(n_tokens: int, ours, theirs, hf_config, repeats: int, wait: float) -
     others = max(0.0, (cpu_busy_s() - busy0) - (_own_cpu_s() - own0)) / (wall * (os.cpu_count() or 1))
     tok_s = {name: n_tokens / statistics.median(t) for name, t in times.items()}
     row = {"tokens": n_tokens, "repeats": repeats, "times_s": times, "tok_s": tok_s, "max_abs_diff": diffs,
-           "vs_eager": tok_s["qwen2"] / tok_s["transformers eager"],
+           "relative_error": rel_errors, "vs_eager": tok_s["qwen2"] / tok_s["transformers eager"],
            "vs_grouped_mm": tok_s["qwen2"] / tok_s["transformers grouped_mm"],
+           "bf16_experts_vs_eager": tok_s["qwen2 bf16 experts"] / tok_s["transformers eager"],
+           "bf16_experts_vs_eager_bf16": tok_s["qwen2 bf16 experts"] / tok_s["transformers eager bf16"],
            "others_cpu_pct": round(100 * others, 1), "quiet_before_pct": round(waited, 1)}
     print(f"  {n_tokens:4d} tokens: " + ", ".join(f"{k} {v:,.1f} tok/s" for k, v in tok_s.items())
-          + f"; x{row['vs_eager']:.2f} vs eager, x{row['vs_grouped_mm']:.2f} vs grouped_mm"
+          + f"; x{row['vs_eager']:.2f} vs eager, x{row['vs_grouped_mm']:.2f} vs grouped_mm; bf16 experts "
+          + f"x{row['bf16_experts_vs_eager']:.2f} vs eager, x{row['bf16_experts_vs_eager_bf16']:.2f} vs eager bf16"
           + f" (others used {row['others_cpu_pct']}% of the CPU)", flush=True)
     return row
 
@@ -111,14 +134,18 @@ def _own_cpu_s() -> float:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| tokens | qwen2 tok/s | transformers eager tok/s | transformers grouped_mm tok/s | vs eager | "
-             "vs grouped_mm | CPU taken by others |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in rows:
-        t = r["tok_s"]
-        lines.append(f"| {r['tokens']} | {t['qwen2']:,.1f} | {t['transformers eager']:,.1f} | "
-                     f"{t['transformers grouped_mm']:,.1f} | {r['vs_eager']:.2f}x | {r['vs_grouped_mm']:.2f}x | "
-                     f"{r['others_cpu_pct']}% |")
+    """Two tables: throughput (tok/s) of every row, then the ratios and the bf16 rows' errors."""
+    names = list(rows[0]["tok_s"])
+    lines = ["| tokens | " + " | ".join(f"{n} tok/s" for n in names) + " | CPU taken by others |",
+             "| ---: |" + " ---: |" * (len(names) + 1)]
+    lines += [f"| {r['tokens']} | " + " | ".join(f"{r['tok_s'][n]:,.1f}" for n in names)
+              + f" | {r['others_cpu_pct']}% |" for r in rows]
+    lines += ["", "| tokens | qwen2 vs eager | qwen2 vs grouped_mm | **bf16 experts vs eager** | "
+              "bf16 experts vs eager bf16 | error of bf16 experts | error of transformers bf16 |",
+              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['tokens']} | {r['vs_eager']:.2f}x | {r['vs_grouped_mm']:.2f}x | **{r['bf16_experts_vs_eager']:.2f}x** | "
+              f"{r['bf16_experts_vs_eager_bf16']:.2f}x | {r['relative_error']['qwen2 bf16 experts']:.1e} | "
+              f"{r['relative_error']['transformers eager bf16']:.1e} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -141,7 +168,9 @@ def main(argv=None) -> int:
              f"top-{config.num_experts_per_tok}, shared expert {config.shared_expert_intermediate_size} wide")
     print(f"Qwen2-57B-A14B MoE layer / {args.scale}: {shape}", flush=True)
     ours, theirs, hf_config = make_blocks(config)
-    rows = [measure(n, ours, theirs, hf_config, args.repeats or REPEATS.get(n, 10), args.wait_quiet)
+    ours_bf16, theirs_bf16 = bf16_copies(ours, theirs)
+    blocks = (ours, ours_bf16, theirs, theirs_bf16)
+    rows = [measure(n, blocks, hf_config, args.repeats or REPEATS.get(n, 10), args.wait_quiet)
             for n in (int(t) for t in args.tokens.split(","))]
     md = table(rows)
     print("\n" + md)
@@ -151,7 +180,7 @@ def main(argv=None) -> int:
                                                       "moe_intermediate_size", "shared_expert_intermediate_size",
                                                       "norm_topk_prob")},
             "machine": facts, "rows": rows}
-    header = (f"MoE layer throughput, Qwen2-57B-A14B layer / {args.scale} ({shape}), fp32, {args.threads} thread{'s' * (args.threads != 1)}, "
+    header = (f"MoE layer throughput, Qwen2-57B-A14B layer / {args.scale} ({shape}), fp32 unless named bf16, {args.threads} thread{'s' * (args.threads != 1)}, "
               f"median of the repeats; {facts['cpu']}, torch {facts['torch']}, transformers {facts['transformers']}, "
               f"{facts['date']}.\n\n")
     write_results(args.out, data, header + md + "\n")

@@ -7,6 +7,9 @@ its load-balancing loss, and upcycling a dense checkpoint into an MoE one (Qwen2
 
 computed exactly as transformers' Qwen2MoeSparseMoeBlock computes it. Shapes in comments: N tokens
 (B * T, flattened), C hidden size, E experts, k experts per token, P = N * k (token, expert) pairs.
+
+The experts (routed and shared) may be stored in bfloat16 while the rest of the model stays fp32
+(`set_expert_dtype`, `qwen2.load(..., expert_dtype="bfloat16")`): see there for what that trades.
 """
 from __future__ import annotations
 
@@ -46,10 +49,15 @@ class SparseMoeBlock(nn.Module):
         x = x.reshape(B * T, C)  # (N, C)
         self.router_logits = self.gate(x)  # (N, E)
         weights, experts = route(self.router_logits, self.top_k, self.norm_topk_prob)  # (N, k) each
-        routed = dispatch(x, self.experts, experts, weights)  # (N, C)
+        xe = x.to(self.expert_dtype)  # what the experts read: x itself unless they are stored in another dtype
+        routed = dispatch(xe, self.experts, experts, weights)  # (N, C), weights' dtype
         # The shared expert sees every token; a learnt per-token sigmoid gate scales it.
-        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)  # (N, C)
+        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(xe).to(x.dtype)  # (N, C)
         return (routed + shared).view(B, T, C)
+
+    @property
+    def expert_dtype(self) -> torch.dtype:
+        return self.shared_expert.down_proj.weight.dtype
 
 
 def route(logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +75,8 @@ def route(logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tuple[torch
 def dispatch(x: torch.Tensor, experts: nn.ModuleList, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """sum_j weights[t, j] * experts[expert_ids[t, j]](x[t]) for every token t: x (N, C), expert_ids
     and weights (N, k) -> (N, C). Every expert runs once, on exactly the tokens routed to it; an
-    expert that no token chose is never run."""
+    expert that no token chose is never run. x is in the experts' dtype; their outputs are weighted
+    and summed in the weights' (the router's: fp32), so bf16 experts add no rounding of their own there."""
     if x.shape[0] <= FEW_TOKENS:
         return _dispatch_few(x, experts, expert_ids, weights)
     N, k = expert_ids.shape
@@ -75,10 +84,10 @@ def dispatch(x: torch.Tensor, experts: nn.ModuleList, expert_ids: torch.Tensor, 
     order = flat.argsort(stable=True)  # (P,) the pairs grouped by expert, tokens ascending in each group
     token = order // k  # (P,) the token of each grouped pair
     counts = flat.bincount(minlength=len(experts)).tolist()  # pairs per expert, 0 for the unchosen
-    groups = x[token].split(counts)  # expert e's tokens, (counts[e], C) each
+    groups = x.index_select(0, token).split(counts)  # expert e's tokens, (counts[e], C) each
     ys = torch.cat([expert(xe) if len(xe) else xe for expert, xe in zip(experts, groups)])  # (P, C)
-    ys = ys * weights.flatten()[order, None]
-    return torch.zeros_like(x).index_add_(0, token, ys)  # each token sums its k weighted outputs
+    ys = ys.to(weights.dtype) * weights.flatten()[order, None]
+    return x.new_zeros(x.shape, dtype=weights.dtype).index_add_(0, token, ys)  # each token sums its k outputs
 
 
 def _dispatch_few(x, experts, expert_ids, weights):
@@ -86,8 +95,35 @@ def _dispatch_few(x, experts, expert_ids, weights):
     rows = []
     for t, ids in enumerate(expert_ids.tolist()):
         ys = torch.stack([experts[e](x[t]) for e in ids])  # (k, C)
-        rows.append(weights[t] @ ys)  # (C,)
+        rows.append(weights[t] @ ys.to(weights.dtype))  # (C,)
     return torch.stack(rows)  # (N, C)
+
+
+def check_expert_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype itself if experts can be stored in it, else a one-line error."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise Qwen2Error(f"experts can be stored in float32 or bfloat16, not {str(dtype).removeprefix('torch.')}")
+    return dtype
+
+
+def set_expert_dtype(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store the experts of every MoE layer of `model`, routed and shared, in `dtype` (in place);
+    returns the number of MoE layers. With bfloat16 (the published checkpoints' own dtype, so no
+    weight is rounded when loading one) the experts take half the memory, and on CPUs with bf16
+    dot-product or matrix units (AVX512-BF16, AMX) their matmuls run several times faster than fp32
+    (benchmarks/bench_moe.py); where bf16 matmul is emulated (plain AVX2: ~3x slower than fp32) it
+    saves memory and costs time.
+    What it costs: each token is rounded to bf16 on its way into the experts (relative error up to
+    2^-8 per entry), and each matmul's fp32 sums are rounded to bf16 on the way out. Everything else
+    stays in the model's dtype: the router, whose top-k choice a rounding could flip for a token with
+    near-tied experts, and the shared-expert gate are tiny; the weighted sum of the experts' outputs
+    is fp32, as are attention, norms and the residual stream."""
+    check_expert_dtype(dtype)
+    blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
+    for block in blocks:
+        block.experts.to(dtype)
+        block.shared_expert.to(dtype)
+    return len(blocks)
 
 
 def load_balancing_loss(model: nn.Module, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Qwen2-MoE (qwen2/moe.py): the model against transformers' Qwen2MoeForCausalLM on the same random
 weights (logits, load-balancing loss, padded batches, the KV cache), the fast expert dispatch against a
 naive per-token reference, HF checkpoints both ways, the 57B-A14B config, and upcycling."""
+import copy
 import dataclasses
 import json
 import os
@@ -450,3 +451,107 @@ def test_upcycling_a_moe_model_is_refused(tmp_path, capsys):
     assert cli.main(["upcycle", "--from", src, *args, str(tmp_path / "moe")]) == 0
     assert cli.main(["upcycle", "--from", str(tmp_path / "moe"), *args, str(tmp_path / "again")]) == 1
     assert "already a mixture of experts" in capsys.readouterr().err
+
+
+# --- experts in bfloat16 ----------------------------------------------------------------------------
+def relative_error(got, want):
+    return ((got - want).norm() / want.norm()).item()
+
+
+def test_bf16_experts_follow_the_fp32_block_on_both_dispatch_paths():
+    """set_expert_dtype(bf16): the experts' weights (routed and shared) become bf16, the router and the
+    shared-expert gate stay fp32 (so every token picks the same experts), and the block's output is
+    fp32 and within bf16 rounding of the fp32 block's: not equal (the experts really run in bf16),
+    and nowhere near an error of the dispatch's (a lost weight or a misplaced token is O(1))."""
+    block = random_block(num_experts=8, top_k=3)
+    fp32 = copy.deepcopy(block)
+    assert moe.set_expert_dtype(block, torch.bfloat16) == 1
+    dtypes = {n: p.dtype for n, p in block.named_parameters()}
+    assert {n for n, d in dtypes.items() if d == torch.float32} == {"gate.weight", "shared_expert_gate.weight"}
+    assert block.expert_dtype == torch.bfloat16
+    for n in (1, moe.FEW_TOKENS, 3, 40):  # the few-token path and the sort by expert
+        x = torch.randn(1, n, 32)
+        with torch.no_grad():
+            got, want = block(x), fp32(x)
+        assert got.dtype == torch.float32
+        assert 0 < relative_error(got, want) <= 1e-2, n
+    assert torch.equal(block.router_logits, fp32.router_logits)
+
+
+def test_bf16_dispatch_equals_the_naive_reference_in_bf16():
+    block = random_block(num_experts=8, top_k=3)
+    moe.set_expert_dtype(block, torch.bfloat16)
+    x = torch.randn(30, 32)
+    with torch.no_grad():
+        weights, expert_ids = moe.route(block.gate(x), block.top_k, False)
+        got = moe.dispatch(x.bfloat16(), block.experts, expert_ids, weights)
+        # the definition on the same bf16 numbers (rounded weights and tokens), computed in fp32
+        want = naive_moe(x.bfloat16().float(), copy.deepcopy(block.experts).float(), expert_ids, weights)
+    assert got.dtype == torch.float32
+    assert relative_error(got, want) <= 1e-2
+
+
+def test_load_and_cli_with_bf16_experts(tmp_path, capsys):
+    import qwen2
+
+    moe_dir = str(tmp_path / "moe")
+    args = ["--num-experts", "4", "--top-k", "2", "--expert-size", "16"]
+    assert cli.main(["upcycle", "--from", tiny_dense_dir(tmp_path), *args, moe_dir]) == 0
+    fp32 = qwen2.load(moe_dir, progress=False)
+    bf16 = qwen2.load(moe_dir, progress=False, expert_dtype="bfloat16")
+
+    def expert_bytes(m):
+        return sum(p.numel() * p.element_size() for n, p in m.model.named_parameters() if "expert." in n or "experts." in n)
+
+    assert expert_bytes(bf16) * 2 == expert_bytes(fp32) > 0
+    ids = torch.randint(0, fp32.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert 0 < relative_error(bf16.model(ids), fp32.model(ids)) <= 1e-2
+    capsys.readouterr()
+    assert cli.main(["generate", "def f", "-m", moe_dir, "--expert-dtype", "bfloat16", "--max-new-tokens", "3"]) == 0
+
+
+@pytest.mark.parametrize("model, expert_dtype, message", [
+    ("dense", "bfloat16", "applies to mixture-of-experts models"),
+    ("moe", "float16", "float32 or bfloat16, not float16"),
+    ("moe", "bf17", "unknown dtype 'bf17'"),
+])
+def test_bad_expert_dtype_is_a_one_line_error(tmp_path, capsys, model, expert_dtype, message):
+    path = tiny_dense_dir(tmp_path)
+    if model == "moe":
+        assert cli.main(["upcycle", "--from", path, "--num-experts", "4", "--top-k", "2", "--expert-size", "8",
+                         str(tmp_path / "moe")]) == 0
+        path = str(tmp_path / "moe")
+    capsys.readouterr()
+    assert cli.main(["generate", "x", "-m", path, "--expert-dtype", expert_dtype, "--max-new-tokens", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_bf16_experts_on_the_real_model_upcycled(real_model):
+    """The real 0.5B's weights and activations, upcycled (8 experts of 608 = its 4864 FFN neurons,
+    top-2, the shared expert its whole FFN, nothing redrawn): with bf16 experts, perplexity on 512
+    tokens of English stays within 1 % of the fp32 experts' and the next-token argmax agrees at
+    >= 95 % of the positions (bf16 rounding moves only near-ties). Measured +0.08 % and 98.4 % with
+    AVX512-BF16 matmuls, -0.18 % and 97.8 % with AVX2 ones (ATEN_CPU_CAPABILITY=avx2)."""
+    import math
+
+    path = os.path.join(os.path.dirname(__file__), "data", "declaration_of_independence.txt")
+    with open(path, encoding="utf-8") as f:
+        ids = torch.tensor(real_model.tokenizer.encode(f.read())[:512])
+    config, state_dict = moe.upcycle(real_model.config, real_model.model.state_dict(), num_experts=8, top_k=2,
+                                     expert_size=608, reinit_fraction=0.0)
+    model = build_model(config, state_dict)
+    del state_dict
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        moe.set_expert_dtype(model, dtype)
+        with torch.inference_mode():
+            logits = model(ids[None])[0, :-1]
+        results[dtype] = (math.exp(torch.nn.functional.cross_entropy(logits, ids[1:]).item()), logits.argmax(-1))
+    (ppl32, top32), (ppl16, top16) = results[torch.float32], results[torch.bfloat16]
+    agree = (top32 == top16).float().mean().item()
+    print(f"\nupcycled 0.5B, 512 tokens: perplexity fp32 experts {ppl32:.3f}, bf16 experts {ppl16:.3f} "
+          f"({ppl16 / ppl32 - 1:+.3%}); next-token argmax agrees at {agree:.1%}")
+    assert ppl32 < 200  # a language model still, not noise (measured 89; the dense 0.5B < 60, test_quantize)
+    assert abs(ppl16 / ppl32 - 1) <= 0.01 and agree >= 0.95
