@@ -172,13 +172,14 @@ def load(source: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtype = t
     expert_dtype="bfloat16" (Qwen2-MoE models): the experts, routed and shared, are stored and run in
     bf16 while the rest stays in `dtype`: half their memory and, on CPUs with bf16 units, several
     times faster expert matmuls, for rounding the experts' inputs and outputs to bf16
-    (`qwen2.moe.set_expert_dtype`)."""
+    (`qwen2.moe.set_expert_dtype`). The experts are built in bf16 directly: a bf16 checkpoint's
+    are never held in fp32."""
     from . import long_context as lc
     from . import quantize as q
 
     mode = q.check_mode(quantize)
     if expert_dtype is not None:
-        from .moe import check_expert_dtype, set_expert_dtype
+        from .moe import check_expert_dtype
 
         expert_dtype = check_expert_dtype(parse_dtype(expert_dtype))  # a bad value fails before the weights are read
     if group_size is not None and not (mode or "").startswith("int4"):
@@ -196,10 +197,8 @@ def load(source: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtype = t
     if compile and config.dual_chunk_attention_config is not None:
         raise Qwen2Error("compile=True does not apply with Dual Chunk Attention (its decode step runs eager); "
                          "drop one of them")
-    model = build_model(config, state_dict, dtype=parse_dtype(dtype), device=device)
+    model = build_model(config, state_dict, dtype=parse_dtype(dtype), device=device, expert_dtype=expert_dtype)
     del state_dict  # the model holds the weights now: quantising can free each fp32 one as it goes
-    if expert_dtype is not None:
-        set_expert_dtype(model, expert_dtype)
     if mode is not None:
         q.quantize_model(model, mode, group_size=group_size, lm_head=quantize_lm_head, release=True)
         convert_gguf_exact(model, source, progress)  # a GGUF's own blocks where exact, not requantised

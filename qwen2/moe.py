@@ -106,6 +106,12 @@ def check_expert_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+def is_expert_weight(name: str) -> bool:
+    """Whether a checkpoint tensor belongs to an expert, routed or shared (the router and the
+    shared-expert gate do not: mlp.gate, mlp.shared_expert_gate)."""
+    return ".mlp.experts." in name or ".mlp.shared_expert." in name
+
+
 def set_expert_dtype(model: nn.Module, dtype: torch.dtype) -> int:
     """Store the experts of every MoE layer of `model`, routed and shared, in `dtype` (in place);
     returns the number of MoE layers. With bfloat16 (the published checkpoints' own dtype, so no

@@ -555,3 +555,24 @@ def test_bf16_experts_on_the_real_model_upcycled(real_model):
           f"({ppl16 / ppl32 - 1:+.3%}); next-token argmax agrees at {agree:.1%}")
     assert ppl32 < 200  # a language model still, not noise (measured 89; the dense 0.5B < 60, test_quantize)
     assert abs(ppl16 / ppl32 - 1) <= 0.01 and agree >= 0.95
+
+
+def test_build_model_takes_a_bf16_checkpoints_experts_as_they_are():
+    """build_model(expert_dtype=bf16) on a bf16 checkpoint: the experts are the checkpoint's own
+    tensors (no fp32 copy on the way: the point for a model whose fp32 experts would not fit), the
+    rest fp32, and the model is the one set_expert_dtype makes of the fp32 build."""
+    config = moe_config("mlp-only-layers")
+    bf16_checkpoint = {k: v.bfloat16() for k, v in random_model(config).state_dict().items()}
+    model = build_model(config, bf16_checkpoint, expert_dtype=torch.bfloat16)
+    for name, p in model.state_dict().items():
+        if moe.is_expert_weight(name):
+            assert p.dtype == torch.bfloat16 and p.data_ptr() == bf16_checkpoint[name].data_ptr(), name
+        else:
+            assert p.dtype == torch.float32, name
+    assert {n.split(".mlp.")[1].split(".")[0] for n in bf16_checkpoint if moe.is_expert_weight(n)} == \
+        {"experts", "shared_expert"}
+    converted = build_model(config, bf16_checkpoint)
+    moe.set_expert_dtype(converted, torch.bfloat16)
+    ids = torch.randint(0, config.vocab_size, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(model(ids), converted(ids))

@@ -8,6 +8,7 @@ import torch
 from ..config import Qwen2Config
 from ..errors import Qwen2Error
 from ..model import RotaryEmbedding, Transformer
+from ..moe import is_expert_weight
 from .registry import DEFAULT_MODEL, KNOWN_MODELS
 
 
@@ -83,15 +84,18 @@ def _has_gguf_magic(path: str) -> bool:
 
 
 def build_model(config: Qwen2Config, state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
-                device: str | torch.device = "cpu") -> Transformer:
-    """A Transformer holding exactly these weights (no random init: built on the meta device)."""
+                device: str | torch.device = "cpu", expert_dtype: torch.dtype | None = None) -> Transformer:
+    """A Transformer holding exactly these weights (no random init: built on the meta device).
+    expert_dtype: the MoE experts' weights in that dtype instead (see qwen2.moe.set_expert_dtype),
+    converted one by one, so a bf16 checkpoint's experts are never held in fp32 on the way."""
     state_dict = dict(state_dict)
     if config.tie_word_embeddings:
         state_dict.pop("lm_head.weight", None)
     with torch.device("meta"):
         model = Transformer(config)
     _check_against(model, config, state_dict)
-    state_dict = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
+    state_dict = {k: v.to(device=device, dtype=expert_dtype if expert_dtype and is_expert_weight(k) else dtype)
+                  for k, v in state_dict.items()}
     model.load_state_dict(state_dict, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
