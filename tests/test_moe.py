@@ -491,17 +491,23 @@ def test_bf16_dispatch_equals_the_naive_reference_in_bf16():
     assert relative_error(got, want) <= 1e-2
 
 
+def tiny_moe_dir(tmp_path) -> str:
+    """An HF Qwen2-MoE directory (with a tokenizer): the tiny dense model upcycled to 4 experts, top-2."""
+    path = str(tmp_path / "moe")
+    args = ["--num-experts", "4", "--top-k", "2", "--expert-size", "16"]
+    assert cli.main(["upcycle", "--from", tiny_dense_dir(tmp_path), *args, path]) == 0
+    return path
+
+
 def test_load_and_cli_with_bf16_experts(tmp_path, capsys):
     import qwen2
 
-    moe_dir = str(tmp_path / "moe")
-    args = ["--num-experts", "4", "--top-k", "2", "--expert-size", "16"]
-    assert cli.main(["upcycle", "--from", tiny_dense_dir(tmp_path), *args, moe_dir]) == 0
+    moe_dir = tiny_moe_dir(tmp_path)
     fp32 = qwen2.load(moe_dir, progress=False)
     bf16 = qwen2.load(moe_dir, progress=False, expert_dtype="bfloat16")
 
     def expert_bytes(m):
-        return sum(p.numel() * p.element_size() for n, p in m.model.named_parameters() if "expert." in n or "experts." in n)
+        return sum(p.numel() * p.element_size() for n, p in m.model.named_parameters() if moe.is_expert_weight(n))
 
     assert expert_bytes(bf16) * 2 == expert_bytes(fp32) > 0
     ids = torch.randint(0, fp32.config.vocab_size, (2, 9))
@@ -517,11 +523,7 @@ def test_load_and_cli_with_bf16_experts(tmp_path, capsys):
     ("moe", "bf17", "unknown dtype 'bf17'"),
 ])
 def test_bad_expert_dtype_is_a_one_line_error(tmp_path, capsys, model, expert_dtype, message):
-    path = tiny_dense_dir(tmp_path)
-    if model == "moe":
-        assert cli.main(["upcycle", "--from", path, "--num-experts", "4", "--top-k", "2", "--expert-size", "8",
-                         str(tmp_path / "moe")]) == 0
-        path = str(tmp_path / "moe")
+    path = tiny_moe_dir(tmp_path) if model == "moe" else tiny_dense_dir(tmp_path)
     capsys.readouterr()
     assert cli.main(["generate", "x", "-m", path, "--expert-dtype", expert_dtype, "--max-new-tokens", "2"]) == 1
     err = capsys.readouterr().err
