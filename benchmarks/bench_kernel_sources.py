@@ -77,7 +77,7 @@ def build(spec: str, text: str):
     source = os.path.join(directory, f"{tag}.cpp")
     write_text_atomic(source, text)
     print(f"building {spec} ...", file=sys.stderr, flush=True)
-    load(name=tag, sources=[source], extra_cflags=kernels.CFLAGS, extra_ldflags=kernels.LDFLAGS,
+    load(name=tag, sources=[source], extra_cflags=kernels.cflags(), extra_ldflags=kernels.LDFLAGS,
          build_directory=directory, is_python_module=False, verbose=False)
     return getattr(torch.ops, tag)
 

@@ -203,6 +203,9 @@ def load(source: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtype = t
         q.quantize_model(model, mode, group_size=group_size, lm_head=quantize_lm_head, release=True)
         convert_gguf_exact(model, source, progress)  # a GGUF's own blocks where exact, not requantised
         q.into_huge_pages(model)  # decode streams them from memory every token: 2 MB pages read faster
+    if model.device.type == "cpu":
+        from . import kernels
+        kernels.ops()  # built here, once per machine, so its notice comes before any answer, not inside one
     if compile:
         from .compile import compile_decode
         compile_decode(model)

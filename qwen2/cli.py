@@ -7,6 +7,8 @@ import sys
 
 from .checkpoint.registry import DEFAULT_MODEL, KNOWN_MODELS
 from .errors import Qwen2Error
+from .progress import answer_line_open
+from .quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, MODES
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -20,10 +22,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_quantize_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quantize", choices=["int8", "int4", "int4-pure"], default=None,
+    p.add_argument("--quantize", choices=MODES, default=None,
                    help="weight-only quantised linears (CPU): int8 (groups of 32), int4 group-wise "
                         "(v_proj/down_proj int8), int4-pure (all int4); lm_head int8 in the int4 modes")
-    p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32 (default), 64 or 128")
+    p.add_argument("--group-size", type=int, default=None,
+                   help=f"int4 group size: {', '.join(map(str, GROUP_SIZES))} (default {DEFAULT_GROUP_SIZE})")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiles on first use)")
 
 
@@ -89,10 +92,14 @@ def _load(args):
 
 def _print_stream(pieces) -> str:
     text = ""
-    for piece in pieces:
-        text += piece
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+    try:
+        for piece in pieces:
+            text += piece
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            answer_line_open(bool(text))
+    finally:
+        answer_line_open(False)
     sys.stdout.write("\n")
     sys.stdout.flush()
     return text
@@ -115,6 +122,9 @@ def cmd_chat(args) -> None:
         _print_stream(m.chat(base + [{"role": "user", "content": args.message}], stream=True, **sampling))
         return
     interactive = sys.stdin.isatty()
+    # Bytes that are not UTF-8 reach the tokenizer (kept as surrogates), which says which one and where.
+    if hasattr(sys.stdin, "reconfigure"):  # a real stream (tests may pass a StringIO)
+        sys.stdin.reconfigure(errors="surrogateescape")
     if interactive:
         print(f"Chatting with {m.source}. /reset starts over, /exit quits.", file=sys.stderr)
     messages = list(base)
@@ -133,9 +143,14 @@ def cmd_chat(args) -> None:
             messages = list(base)
             print("(conversation reset)", file=sys.stderr)
             continue
-        messages.append({"role": "user", "content": line})
-        reply = _print_stream(m.chat(messages, stream=True, **sampling))
-        messages.append({"role": "assistant", "content": reply})
+        try:
+            reply = _print_stream(m.chat(messages + [{"role": "user", "content": line}], stream=True, **sampling))
+        except Qwen2Error as e:
+            if not interactive:
+                raise
+            print(f"error: {e}", file=sys.stderr)  # the conversation goes on without that message
+            continue
+        messages += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
 
 
 def _write_hf_dir(source: str, output: str, dtype: str, force: bool, transform=None) -> None:
@@ -159,7 +174,10 @@ def cmd_convert(args) -> None:
 
 
 def cmd_upcycle(args) -> None:
-    from .moe import upcycle
+    from .moe import check_upcycle_options, upcycle
+
+    check_upcycle_options(args.num_experts, args.top_k, args.expert_size, args.shared_expert_size,
+                          args.reinit_fraction, args.seed)  # before minutes of loading
 
     def to_moe(config, state_dict):
         return upcycle(config, state_dict, args.num_experts, args.top_k, args.expert_size, args.shared_expert_size,
@@ -183,15 +201,21 @@ def cmd_info(args) -> None:
     from .quantize import describe, num_parameters
 
     n_params = num_parameters(m.model)  # tied weights count once; quantised ones by their logical size
+    parameters = f"{n_params:,} ({n_params / 1e9:.2f} B)"
+    tied = str(c.tie_word_embeddings)
+    if not c.tie_word_embeddings:  # e.g. the registry GGUFs, whose output.weight is its own tensor
+        head = c.vocab_size * c.hidden_size
+        parameters += f", of which lm_head {head / 1e9:.2f} B"
+        tied += " (this checkpoint stores lm_head apart from the embedding, so both count)"
     rows = [
         ("model", args.model), ("path", path), ("name", c.name),
-        ("parameters", f"{n_params:,} ({n_params / 1e9:.2f} B)"), ("dtype", str(m.model.dtype).removeprefix("torch.")),
+        ("parameters", parameters), ("dtype", str(m.model.dtype).removeprefix("torch.")),
         ("quantization", describe(m.model)),
         ("size on disk", f"{_disk_size(path) / 1e6:,.1f} MB"),
         ("layers", c.num_hidden_layers), ("hidden", c.hidden_size), ("intermediate", c.intermediate_size),
         ("heads / kv heads / head dim", f"{c.num_attention_heads} / {c.num_key_value_heads} / {c.head_dim}"),
         ("vocab", c.vocab_size), ("context", c.max_position_embeddings), ("rope theta", c.rope_theta),
-        ("rms norm eps", c.rms_norm_eps), ("tied embeddings", c.tie_word_embeddings), ("eos ids", m.eos_ids),
+        ("rms norm eps", c.rms_norm_eps), ("tied embeddings", tied), ("eos ids", m.eos_ids),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
@@ -202,22 +226,24 @@ def cmd_serve(args) -> None:
     try:
         import uvicorn
 
-        from .serve.app import create_app
+        from .serve.app import create_app, listening_socket
     except ImportError as e:
         raise Qwen2Error(f"qwen2 serve needs fastapi and uvicorn ({e.name} is missing); "
                          "install them with pip install -e '.[serve]'") from None
     api_key = args.api_key or os.environ.get("QWEN2_API_KEY") or None
-    m = _load(args)
-    app = create_app(m, api_key=api_key, max_batch=args.max_batch, max_model_len=args.max_model_len,
-                     max_queue=args.max_queue)
-    engine = app.state.engine
-    print(f"serving {app.state.model_name} on http://{args.host}:{args.port} (chat page at /, API at /v1): "
-          f"{engine.max_batch} sequences of up to {engine.max_model_len} tokens, KV cache "
-          f"{engine.kv_bytes / 1e6:,.0f} MB{', API key required' if api_key else ''}", file=sys.stderr)
-    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: serving on {args.host} without an API key; anyone who can reach it can use it "
-              "(set --api-key or QWEN2_API_KEY)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    with listening_socket(args.host, args.port) as sock:  # a bad or busy port fails now, not after loading
+        m = _load(args)
+        app = create_app(m, api_key=api_key, max_batch=args.max_batch, max_model_len=args.max_model_len,
+                         max_queue=args.max_queue)
+        engine = app.state.engine
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"serving {app.state.model_name} on http://{host}:{sock.getsockname()[1]} (chat page at /, API at "
+              f"/v1): {engine.max_batch} sequences of up to {engine.max_model_len} tokens, KV cache "
+              f"{engine.kv_bytes / 1e6:,.0f} MB{', API key required' if api_key else ''}", file=sys.stderr)
+        if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"warning: serving on {args.host} without an API key; anyone who can reach it can use it "
+                  "(set --api-key or QWEN2_API_KEY)", file=sys.stderr)
+        uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info")).run(sockets=[sock])
 
 
 def cmd_models(args) -> None:
@@ -302,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a chat page")
     _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on, 0-65535 (default 8000; 0 = any free one)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: env QWEN2_API_KEY)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV cache slots)")
     p.add_argument("--max-model-len", type=int, default=None,

@@ -229,13 +229,31 @@ def upcycle(config: Qwen2Config, state_dict: dict[str, torch.Tensor], num_expert
     return moe_config, out
 
 
+def check_upcycle_options(num_experts: int, top_k: int, expert_size: int, shared_expert_size: int | None,
+                          reinit_fraction: float, seed: int) -> None:
+    """Raise Qwen2Error for upcycling options no dense model could take, so the CLI can say so
+    before minutes of loading. (In a config, num_experts 0 means dense: here it is a mistake.)"""
+    checks = [  # each flag with the config field it sets, as the config's own checks name them
+        (isinstance(num_experts, int) and num_experts >= 1,
+         f"--num-experts: num_experts must be an integer >= 1, got {num_experts!r}"),
+        (isinstance(top_k, int) and 1 <= top_k <= max(num_experts, 1),
+         f"--top-k: num_experts_per_tok must be an integer from 1 to num_experts ({num_experts}), got {top_k!r}"),
+        (isinstance(expert_size, int) and expert_size >= 1,
+         f"--expert-size: moe_intermediate_size must be an integer >= 1, got {expert_size!r}"),
+        (shared_expert_size is None or (isinstance(shared_expert_size, int) and shared_expert_size >= 1),
+         f"--shared-expert-size: shared_expert_intermediate_size must be an integer >= 1, got {shared_expert_size!r}"),
+        (0 <= reinit_fraction <= 1, f"--reinit-fraction must be between 0 and 1, got {reinit_fraction}"),
+        (isinstance(seed, int) and 0 <= seed < 2**32, f"--seed must be an integer from 0 to 2**32 - 1, got {seed!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise Qwen2Error(f"cannot upcycle: {message}")
+
+
 def _upcycled_config(config, num_experts, top_k, expert_size, shared_expert_size, reinit_fraction, seed):
     if config.num_experts:
         raise Qwen2Error("the model is already a mixture of experts; upcycle a dense Qwen2 model")
-    if not 0 <= reinit_fraction <= 1:
-        raise Qwen2Error(f"--reinit-fraction must be between 0 and 1, got {reinit_fraction}")
-    if not (isinstance(seed, int) and 0 <= seed < 2**32):
-        raise Qwen2Error(f"--seed must be an integer from 0 to 2**32 - 1, got {seed!r}")
+    check_upcycle_options(num_experts, top_k, expert_size, shared_expert_size, reinit_fraction, seed)
     shared = config.intermediate_size if shared_expert_size is None else shared_expert_size
     try:
         return dataclasses.replace(config, num_experts=num_experts, num_experts_per_tok=top_k,

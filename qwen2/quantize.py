@@ -62,8 +62,11 @@ _CHUNK_ELEMENTS = 1 << 22  # weight elements dequantised (or quantised) at a tim
 
 
 def _bf16_gemm_is_fast() -> bool:
+    """The CPU has bf16 units and PyTorch runs its AVX-512 code (ATEN_CPU_CAPABILITY=avx2 on such a CPU
+    emulates an AVX2-only one, whose bf16 GEMMs are 3-50x slower than fp32: then fp32)."""
     cpu = torch.cpu
-    return any(getattr(cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return torch.backends.cpu.get_cpu_capability() == "AVX512" and any(
+        getattr(cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
 
 _DENSE_DTYPE = torch.bfloat16 if _bf16_gemm_is_fast() else torch.float32

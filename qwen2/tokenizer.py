@@ -215,7 +215,10 @@ class Tokenizer:
     def _encoding(self, text: str):
         if not isinstance(text, str):
             raise Qwen2Error(f"encode takes a str, not {type(text).__name__}")
-        return self._backend.encode(text, add_special_tokens=False)
+        try:
+            return self._backend.encode(text, add_special_tokens=False)
+        except TypeError:  # tokenizers refuses lone surrogates; say where, not "TextInputSequence must be str"
+            raise Qwen2Error(unicode_problem(text) or "tokenizers cannot encode this text") from None
 
     def decode(self, ids: Iterable[int] | int, skip_special_tokens: bool = False) -> str:
         """Text of `ids`; bytes that do not form valid UTF-8 come out as U+FFFD."""
@@ -256,6 +259,11 @@ class Tokenizer:
         # Like transformers: drop None fields, since templates test for a key's presence (content=None
         # from OpenAI-style messages would otherwise render as "None").
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        for position, message in enumerate(messages):  # name the message, not a place in the rendered prompt
+            content = message.get("content")
+            problem = unicode_problem(content) if isinstance(content, str) else None
+            if problem:
+                raise Qwen2Error(f"message {position} ({message.get('role')}): {problem}")
         named = {name: content for name, content in self._named.items() if content is not None}
         variables = {"documents": None, **named, **kwargs}
         template = _compile_template(chat_template or self.chat_template or CHATML_TEMPLATE)
@@ -299,6 +307,21 @@ class StreamDecoder:
 
 
 # ---- building the backend -------------------------------------------------------------------------
+
+def unicode_problem(text: str) -> str | None:
+    """None for text UTF-8 can encode; else which character cannot be: a lone surrogate (e.g. from a
+    JSON "\\ud800" escape), or a byte of non-UTF-8 input that Python kept as one (argv, stdin)."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as error:
+        at, code = error.start, ord(text[error.start])
+    what = f"a lone surrogate (U+{code:04X})"
+    if 0xDC80 <= code <= 0xDCFF:  # Python's surrogateescape
+        what += f", as Python keeps the byte 0x{code - 0xDC00:02x} of input that is not UTF-8"
+    return (f"the text is not valid Unicode: character {at} is {what}; send UTF-8 text "
+            "(re-encode it, e.g. with iconv -t UTF-8, or drop that character)")
+
 
 def _build_backend(vocab: dict[str, int], merges: Sequence[tuple[str, str]],
                    added: Iterable[AddedTokenSpec]) -> _Backend:

@@ -29,6 +29,21 @@ def real_model():
 
 
 @pytest.fixture(scope="session")
+def real_int8():
+    import qwen2
+
+    return qwen2.load(DEFAULT_MODEL, quantize="int8", progress=False)
+
+
+@pytest.fixture(scope="session")
+def real_int4():
+    """The default model in int4 (groups of 32). Shared by every test file: tests must not change it."""
+    import qwen2
+
+    return qwen2.load(DEFAULT_MODEL, quantize="int4", group_size=32, progress=False)
+
+
+@pytest.fixture(scope="session")
 def hf_reference(real_gguf):
     """(transformers model, transformers tokenizer) from the same GGUF file."""
     import os

@@ -63,7 +63,9 @@ def test_console_script_info_end_to_end(real_model):
     out = subprocess.run(["qwen2", "info"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     rows = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in out.stdout.splitlines())
-    assert rows["parameters"] == "630,167,424 (0.63 B)"  # 0.49 B + a separate 896 x 151936 output layer
+    # 0.49 B + a separate 896 x 151936 output layer, and the output says so
+    assert rows["parameters"] == "630,167,424 (0.63 B), of which lm_head 0.14 B"
+    assert rows["tied embeddings"].startswith("False (this checkpoint stores lm_head apart from the embedding")
     assert rows["heads / kv heads / head dim"] == "14 / 2 / 64"
     assert rows["dtype"] == "float32" and rows["rms norm eps"] == "1e-06"
     assert rows["eos ids"] == "[151645, 151643]"

@@ -301,3 +301,65 @@ def test_bad_output_path_for_convert(sources, tmp_path, capsys):
     line = cli_error(capsys, ["convert", good, str(tmp_path / "file.txt" / "sub")])
     assert line.startswith(f"error: cannot write {tmp_path / 'file.txt' / 'sub'}")
     assert sorted(os.listdir(tmp_path)) == ["dir", "file.txt"]
+
+
+# ---- text that is not valid Unicode ------------------------------------------------------------------
+
+NOT_UNICODE = [("caf\udce9", "a lone surrogate (U+DCE9), as Python keeps the byte 0xe9 of input that is not UTF-8"),  # a Latin-1 byte, as Python keeps it from argv
+               ("a\ud800b", "a lone surrogate (U+D800)")]  # e.g. a JSON "\ud800" escape
+
+
+@pytest.mark.parametrize("text, what", NOT_UNICODE)
+def test_text_that_is_not_unicode(tiny, tiny_dir, capsys, text, what):
+    with pytest.raises(Qwen2Error, match=re.escape(what)):
+        tiny.tokenizer.encode(text)
+    with pytest.raises(Qwen2Error, match="not valid Unicode"):
+        tiny.generate(text, max_new_tokens=2)
+    with pytest.raises(Qwen2Error, match="not valid Unicode"):
+        tiny.chat([{"role": "system", "content": text}, {"role": "user", "content": "hi"}], max_new_tokens=2)
+    line = cli_error(capsys, ["generate", text, "--model", tiny_dir, "--max-new-tokens", "2"])
+    assert "not valid Unicode" in line and what in line
+
+
+def test_chat_lines_that_are_not_utf8(tiny_dir):
+    """`printf 'caf\\xe9\\n' | qwen2 chat`: one line saying which byte, no traceback."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "qwen2.cli", "chat", "--model", tiny_dir, "--max-new-tokens", "2"],
+                         input=b"caf\xe9\n", capture_output=True, timeout=300)
+    err = out.stderr.decode()
+    assert out.returncode == 1 and "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith("error: message 0 (user): the text is not valid Unicode: character 3 is a lone "
+                                             "surrogate (U+DCE9), as Python keeps the byte 0xe9")
+
+
+# ---- options checked before any model loads -----------------------------------------------------------
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Loading any model fails the test: bad options must be refused before the weights are read."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the options were checked")
+    monkeypatch.setattr("qwen2.checkpoint.load_checkpoint", refuse)
+    monkeypatch.setattr("qwen2.api.load_checkpoint", refuse)
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--num-experts", "0", "--top-k", "1", "--expert-size", "8"], "--num-experts: num_experts must be an integer >= 1"),
+    (["--num-experts", "4", "--top-k", "0", "--expert-size", "8"], "--top-k: num_experts_per_tok must be"),
+    (["--num-experts", "4", "--top-k", "5", "--expert-size", "8"], "--top-k: num_experts_per_tok must be"),
+    (["--num-experts", "4", "--top-k", "2", "--expert-size", "0"], "--expert-size: moe_intermediate_size must be"),
+    (["--num-experts", "4", "--top-k", "2", "--expert-size", "8", "--shared-expert-size", "0"],
+     "--shared-expert-size"),
+])
+def test_upcycle_options_are_checked_before_loading(no_loading, tmp_path, capsys, options, message):
+    line = cli_error(capsys, ["upcycle", "--from", "qwen2.5-coder-0.5b-instruct", *options, str(tmp_path / "out")])
+    assert line.startswith("error: cannot upcycle: ") and message in line
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_perplexity_context_zero_is_an_error(tiny_dir, tmp_path, capsys):
+    (tmp_path / "t.txt").write_text("def add(a, b):\n    return a + b\n" * 3)
+    line = cli_error(capsys, ["eval", "perplexity", str(tmp_path / "t.txt"), "--model", tiny_dir, "--context", "0"])
+    assert "context >= 2" in line and "context=0" in line

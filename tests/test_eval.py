@@ -342,6 +342,11 @@ def test_window_arguments_are_checked():
         list(windows(10, 4, 5))
     with pytest.raises(Qwen2Error, match="at least 2 tokens"):
         perplexity(random_model(tiny_config()), [5], context=4, stride=2)
+    # an explicit 0 is refused, never taken for "the default" (as `--context 0` once was)
+    with pytest.raises(Qwen2Error, match="context >= 2.*context=0"):
+        perplexity(random_model(tiny_config()), list(range(10)), context=0)
+    with pytest.raises(Qwen2Error, match="stride <= context.*stride=0"):
+        perplexity(random_model(tiny_config()), list(range(10)), context=4, stride=0)
 
 
 def _hf_sliding_window_perplexity(model, ids, context, stride):

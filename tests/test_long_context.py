@@ -72,11 +72,12 @@ def test_yarn_inv_freq_and_attention_factor_equal_transformers(hs, theta, scalin
     hf_inv_freq, hf_factor = ROPE_INIT_FUNCTIONS["yarn"](hf_config, "cpu")
     assert inv_freq.shape == hf_inv_freq.shape == (hs // 2,)
     assert (inv_freq - hf_inv_freq).abs().max().item() <= 1e-5 * hf_inv_freq.abs().max().item()
-    assert factor == pytest.approx(hf_factor, abs=1e-6)
+    assert float(factor) == pytest.approx(float(hf_factor), abs=1e-6)  # floats: pytest 9.2's approx takes no 0-d tensor
     plain, _ = lc.rope_frequencies(config, scaled=False)
     if scaling["factor"] > 1:
         # high frequencies kept, the lowest divided by the factor: the NTK-by-parts shape
-        assert inv_freq[0] == plain[0] and inv_freq[-1] == pytest.approx(plain[-1] / scaling["factor"], rel=1e-5)
+        assert inv_freq[0] == plain[0]
+        assert inv_freq[-1].item() == pytest.approx(plain[-1].item() / scaling["factor"], rel=1e-5)
     if "attention_factor" not in scaling and "mscale" not in scaling:
         assert factor == pytest.approx(0.1 * math.log(scaling["factor"]) + 1 if scaling["factor"] > 1 else 1.0)
 

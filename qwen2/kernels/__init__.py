@@ -5,7 +5,7 @@ first use and cached.
 Why at first use and not at `pip install`: an install-time build runs in pip's isolated build
 environment, which would download its own torch to compile against and tie the binary to it. Here the
 source is compiled against the torch that is running (C++ only, no Python bindings: the ops register
-with the dispatcher as `torch.ops.qwen2_kernels.*`), for this CPU (`-march=native`), in ~10 s, once:
+with the dispatcher as `torch.ops.qwen2_kernels.*`), for this CPU (`-march=native`), in 10-60 s on 2 cores, once:
 the build directory is keyed by the source, the torch version, the compiler flags and the CPU's
 feature flags, under the qwen2 cache (`QWEN2_CACHE`, default ~/.cache/qwen2).
 
@@ -22,10 +22,23 @@ import threading
 
 import torch
 
+from ..errors import Qwen2Error
+from ..progress import notice
+
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quant_linear.cpp")
 SOURCES = [SOURCE] + [os.path.join(os.path.dirname(SOURCE), name) for name in ("decode_attention.cpp", "decode_block.cpp")]
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]  # OpenMP: at::parallel_for splits work only when compiled with it
 LDFLAGS = ["-fopenmp"]
+# QWEN2_KERNELS_ISA=avx2 builds, on an AVX-512 CPU too, the 256-bit kernels that AVX2-only CPUs run (no
+# AVX-512, no VNNI), so one machine can test and time both builds; "native" (default) takes all this CPU has.
+ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512f", "-mno-avxvnni"]}
+
+
+def cflags() -> list[str]:
+    isa = os.environ.get("QWEN2_KERNELS_ISA", "native")
+    if isa not in ISA_FLAGS:
+        raise Qwen2Error(f"QWEN2_KERNELS_ISA={isa!r} is not a kernel build; use one of {', '.join(ISA_FLAGS)}")
+    return CFLAGS + ISA_FLAGS[isa]
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -43,7 +56,7 @@ def _build_dir() -> str:
     from ..checkpoint.registry import cache_dir
     key = hashlib.sha256()
     sources = [open(source, "rb").read() for source in SOURCES]
-    for part in (*sources, torch.__version__.encode(), " ".join(CFLAGS).encode(), _cpu_flags().encode(),
+    for part in (*sources, torch.__version__.encode(), " ".join(cflags()).encode(), _cpu_flags().encode(),
                  sys.version.encode()):
         key.update(part)
     return os.path.join(cache_dir(), "kernels", key.hexdigest()[:16])
@@ -70,9 +83,9 @@ def _build():
     os.makedirs(build_dir, exist_ok=True)
     built = os.path.exists(os.path.join(build_dir, "qwen2_kernels.so"))
     if not built:
-        print("qwen2: compiling the CPU kernels for this machine (once, ~10 s)...", file=sys.stderr, flush=True)
+        notice("compiling the CPU kernels for this machine (once, 10-30 s)...")
     try:
-        load(name="qwen2_kernels", sources=SOURCES, extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+        load(name="qwen2_kernels", sources=SOURCES, extra_cflags=cflags(), extra_ldflags=LDFLAGS,
              build_directory=build_dir, is_python_module=False, verbose=False)
     except Exception as error:  # noqa: BLE001 (no compiler, a failed build: fall back, say why)
         first = str(error).strip().splitlines()
@@ -83,12 +96,14 @@ def _build():
 
 def ops():
     """`torch.ops.qwen2_kernels`, built if need be, or None when unavailable (see `status()`)."""
+    if "reason" in _state:  # decided (set last, after "ops"): no lock, which torch.compile cannot trace
+        return _state["ops"]
     with _lock:
         if "ops" not in _state:
             _state["ops"], _state["reason"] = _build()
             if _state["reason"]:
-                print(f"qwen2: native CPU kernels unavailable ({_state['reason']}); quantised linears take the "
-                      "slower pure-PyTorch path", file=sys.stderr, flush=True)
+                notice(f"native CPU kernels unavailable ({_state['reason']}); quantised linears take the "
+                       "slower pure-PyTorch path")
         return _state["ops"]
 
 

@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -794,6 +795,17 @@ at::Tensor q4k_dequantize(const at::Tensor& w) { return kquant_dequantize<false>
 
 at::Tensor q6k_dequantize(const at::Tensor& w) { return kquant_dequantize<true>(w); }
 
+// Which of the code paths above this build compiled (tests and benchmarks say which kernels they ran).
+std::string vector_isa() {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+  return "avx512-vnni";
+#elif defined(__AVXVNNI__)
+  return "avx-vnni";
+#else
+  return "avx2";
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(qwen2_kernels, m) {
@@ -803,6 +815,7 @@ TORCH_LIBRARY(qwen2_kernels, m) {
   m.def("q6k_linear(Tensor x, Tensor w, int digits) -> Tensor");
   m.def("q4k_dequantize(Tensor w) -> Tensor");
   m.def("q6k_dequantize(Tensor w) -> Tensor");
+  m.def("vector_isa() -> str", &vector_isa);  // no tensors to dispatch on: one kernel for every backend
 }
 
 TORCH_LIBRARY_IMPL(qwen2_kernels, CPU, m) {

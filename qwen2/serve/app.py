@@ -32,6 +32,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import Qwen2Error
+from ..tokenizer import unicode_problem
 from . import engine as E
 from .metrics import Metrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest
@@ -44,6 +45,59 @@ RETRY_AFTER_S = 1
 
 def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def reported_error(errors: list[dict]) -> dict:
+    """The one validation error to report. A union-typed field (stop: str | list[str]) fails once
+    per branch and pydantic lists the first branch's error first, which for a list of 17 stop
+    strings is "Input should be a valid string". Report the branch that fits the input's type
+    instead: an error that is not a plain type mismatch, then the one that got deepest into the
+    input. Only the first failing field's errors compete, so the report names that field."""
+    if not errors:
+        return {}
+    field = tuple(errors[0].get("loc", ()))[:2]
+    candidates = [e for e in errors if tuple(e.get("loc", ()))[:2] == field]
+    return min(candidates, key=lambda e: (e.get("type", "").endswith(("_type", "_parsing")), -len(e.get("loc", ()))))
+
+
+def client_path(error: dict, body) -> list[str]:
+    """The error's location as the client's path into its request body (stop.1), without "body" and
+    the tags pydantic puts in for a union's branches (stop.list[str].1): a name that does not lead
+    into the body is such a tag, unless it is the missing field itself."""
+    loc = tuple(error.get("loc", ()))
+    parts = loc[1:] if loc[:1] == ("body",) else loc
+    path, value = [], body
+    for at, part in enumerate(parts, start=1):
+        if isinstance(value, dict) and part in value or \
+                isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value):
+            path.append(str(part))
+            value = value[part]
+        elif isinstance(part, int) or error.get("type") == "missing" and at == len(parts):
+            path.append(str(part))
+            value = None
+    return path
+
+
+def check_unicode(value, param: str = "") -> None:
+    """400 for a string anywhere in the request that UTF-8 cannot encode: a lone surrogate, which
+    JSON lets a client send as a "\\ud800" escape without its pair. Checked up front and by name:
+    the tokenizer would fail on it only once it is inside the rendered prompt (at a position the
+    client never wrote), and a stop string is never encoded at all: it would just never match."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key, param, f"a key in {param}")
+            check_unicode(item, f"{param}.{key}" if param else key)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            check_unicode(item, f"{param}.{index}")
+    elif isinstance(value, str):
+        _check_text(value, param, param)
+
+
+def _check_text(text: str, param: str, what: str) -> None:
+    problem = unicode_problem(text)
+    if problem:
+        raise APIError(400, f"{what}: {problem}", param=param, code="invalid_unicode")
 
 
 class Guard:
@@ -146,11 +200,11 @@ def create_app(qwen, *, model_name: str | None = None, api_key: str | None = Non
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request, error: RequestValidationError):
-        first = error.errors()[0] if error.errors() else {}
+        first = reported_error(error.errors())
         if first.get("type") == "json_invalid":
             return error_response(APIError(400, f"request body is not valid JSON ({first.get('ctx', {}).get('error', '')})",
                                            code="invalid_json"))
-        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+        loc = client_path(first, error.body)
         param = ".".join(loc) or None
         message = first.get("msg", "invalid request")
         if first.get("type") == "missing" and not loc:
@@ -208,8 +262,12 @@ def create_app(qwen, *, model_name: str | None = None, api_key: str | None = Non
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
+        check_unicode(body.model_dump(exclude_none=True))
         if body.logprobs:
             raise APIError(400, "logprobs are not supported by this server; leave them out", param="logprobs")
+        if body.response_format is not None and body.response_format.type != "text":
+            raise APIError(400, f"response_format {body.response_format.type} is not supported by this server yet; "
+                                "leave it out", param="response_format")
         choice = body.tool_choice
         if isinstance(choice, dict) or choice == "required":
             raise APIError(400, "tool_choice 'required' or a named function is not supported; use 'auto' or 'none'",
@@ -219,11 +277,12 @@ def create_app(qwen, *, model_name: str | None = None, api_key: str | None = Non
                                                   tools=tools)
         prompt = qwen.tokenizer.encode(text)
         job = Job(engine, metrics, model_name, "chat", [prompt], [sampling(body, len(prompt))], body)
-        return await job.respond(request, chat=True, tools=tools is not None)
+        return await job.respond(request, chat=True, tool_names=frozenset(t["function"]["name"] for t in tools or ()))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
+        check_unicode(body.model_dump(exclude_none=True))
         for name in ("echo", "logprobs", "best_of", "suffix"):
             value = getattr(body, name)
             if value not in (None, False, 0) and not (name == "best_of" and value == 1):
@@ -238,7 +297,7 @@ def create_app(qwen, *, model_name: str | None = None, api_key: str | None = Non
         else:
             prompts = [qwen.tokenizer.encode(p) for p in body.prompt]
         job = Job(engine, metrics, model_name, "completions", prompts, [sampling(body, len(p)) for p in prompts], body)
-        return await job.respond(request, chat=False, tools=False)
+        return await job.respond(request, chat=False, tool_names=frozenset())
 
     return app
 
@@ -311,18 +370,19 @@ class Job:
     def done(self) -> None:
         self.metrics.request_duration.observe(time.perf_counter() - self.started)
 
-    async def respond(self, request: Request, chat: bool, tools: bool):
+    async def respond(self, request: Request, chat: bool, tool_names: frozenset[str]):
+        """The response; `tool_names` are the request's tools (none: replies are never tool calls)."""
         self.submit()
         if self.body.stream:
-            return StreamingResponse(self.stream(chat, tools), media_type="text/event-stream",
+            return StreamingResponse(self.stream(chat, tool_names), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            return await self.complete(request, chat, tools)
+            return await self.complete(request, chat, tool_names)
         finally:
             self.cancel()
             self.done()
 
-    async def complete(self, request: Request, chat: bool, tools: bool) -> dict:
+    async def complete(self, request: Request, chat: bool, tool_names: frozenset[str]) -> dict:
         count = len(self.prompts) * self.n
         texts, reasons, tokens = [""] * count, [None] * count, 0
         async for index, event in self.events_until_done(request):
@@ -336,15 +396,15 @@ class Job:
                 choices.append({"index": index, "text": text, "finish_reason": reason, "logprobs": None})
                 continue
             message = {"role": "assistant", "content": text}
-            if tools:
-                content, calls = parse_tool_calls(text)
+            if tool_names:
+                content, calls = parse_tool_calls(text, tool_names)
                 if calls:
                     message, reason = {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
             choices.append({"index": index, "message": message, "finish_reason": reason, "logprobs": None})
         return {"id": self.id, "object": "chat.completion" if chat else "text_completion", "created": self.created,
                 "model": self.model_name, "choices": choices, "usage": self.usage(tokens)}
 
-    async def stream(self, chat: bool, tools: bool):
+    async def stream(self, chat: bool, tool_names: frozenset[str]):
         """Server-sent events: one chunk per text piece, a last chunk per choice with its
         finish_reason, the usage chunk if asked for, then `data: [DONE]`."""
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -360,7 +420,7 @@ class Job:
             return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
         count = len(self.prompts) * self.n
-        gates = [ToolCallGate() if tools else None for _ in range(count)]
+        gates = [ToolCallGate() if tool_names else None for _ in range(count)]
         texts, sent, tokens = [""] * count, [""] * count, 0
         try:
             if chat:
@@ -376,7 +436,7 @@ class Job:
                     continue
                 tokens += event.completion_tokens
                 reason = event.reason
-                calls = parse_tool_calls(texts[index])[1] if gates[index] else []
+                calls = parse_tool_calls(texts[index], tool_names)[1] if gates[index] else []
                 if calls:
                     reason = "tool_calls"
                     yield chunk(index, tool_calls=[dict(call, index=k) for k, call in enumerate(calls)])
@@ -396,6 +456,23 @@ class Job:
             self.done()
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port) for uvicorn to serve on (`Server.run(sockets=[...])`). Bound
+    before the model loads, so that a bad port or an address in use is a one-line error at once,
+    not a traceback after minutes of loading, and "serving on" is printed only once it is true."""
+    if not 0 <= port <= 65535:
+        raise Qwen2Error(f"port {port} is out of range; pass a port from 0 to 65535 (0 = any free port)")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)  # as uvicorn does
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart need not wait out TIME_WAIT
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise Qwen2Error(f"cannot listen on {host} port {port}: {e.strerror or e}; pick another --port "
+                         "(or stop what is using it) or another --host") from None
+    return sock
+
+
 @contextlib.contextmanager
 def serve_in_background(app, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 20.0):
     """Serve `app` with uvicorn in a thread of this process (tests, benchmarks, notebooks): yields
@@ -404,16 +481,15 @@ def serve_in_background(app, host: str = "127.0.0.1", port: int = 0, start_timeo
 
     import uvicorn
 
-    if port == 0:
-        with socket.socket() as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    sock = listening_socket(host, port)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + start_timeout
     while not server.started:
         if not thread.is_alive() or time.time() > deadline:
+            sock.close()
             raise RuntimeError(f"the server did not start on {host}:{port}")
         time.sleep(0.02)
     try:
@@ -421,5 +497,6 @@ def serve_in_background(app, host: str = "127.0.0.1", port: int = 0, start_timeo
     finally:
         server.should_exit = True
         thread.join(timeout=start_timeout)
+        sock.close()
         if thread.is_alive():
             raise RuntimeError("the server did not shut down")

@@ -2,9 +2,9 @@
 shape `{"error": {"message", "type", "param", "code"}}`.
 
 Unknown fields are ignored, as OpenAI-compatible servers do (clients send fields a server may not
-know); fields whose meaning we cannot honour (logprobs, echo, best_of, suffix) are refused with 400
-rather than silently dropped. The OpenAPI schema FastAPI derives from these models is what the
-fuzzing test generates requests from.
+know); fields whose meaning we cannot honour (logprobs, echo, best_of, suffix, a response_format
+other than text) are refused with 400 rather than silently dropped. The OpenAPI schema FastAPI
+derives from these models is what the fuzzing test generates requests from.
 """
 from __future__ import annotations
 
@@ -91,6 +91,11 @@ class ChatMessage(_Body):
     tool_call_id: str | None = None
 
 
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict | None = None
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=2 ** 31, description="newer name of max_tokens")
@@ -98,6 +103,8 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | dict | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    response_format: ResponseFormat | None = Field(None, description="only {'type': 'text'} (the default) for now: "
+                                                   "json_object and json_schema are refused with 400")
 
 
 class CompletionRequest(SamplingFields):
