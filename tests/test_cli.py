@@ -69,3 +69,37 @@ def test_console_script_info_end_to_end(real_model):
     assert rows["heads / kv heads / head dim"] == "14 / 2 / 64"
     assert rows["dtype"] == "float32" and rows["rms norm eps"] == "1e-06"
     assert rows["eos ids"] == "[151645, 151643]"
+
+
+def test_a_notice_during_a_streamed_answer_starts_its_own_line(capsys):
+    """A terminal shows stdout and stderr together: a note (kernels compiling, torch.compile) that
+    arrives mid-answer must not land inside it ("Helloqwen2: compiling...")."""
+    from qwen2.progress import notice
+
+    def answer():
+        yield "Hello"
+        notice("compiling something (once)...")
+        yield ", world"
+
+    notice("before any answer")
+    assert cli._print_stream(answer()) == "Hello, world"
+    notice("after the answer")
+    out, err = capsys.readouterr()
+    assert out == "Hello, world\n"
+    assert err == "qwen2: before any answer\n\nqwen2: compiling something (once)...\nqwen2: after the answer\n"
+
+
+def test_the_kernels_are_built_when_a_model_loads(monkeypatch, tmp_path):
+    """So that their one-time build (and its notice) comes before the first answer, not inside it."""
+    import qwen2
+    from qwen2 import kernels
+    from qwen2.tokenizer import Tokenizer
+
+    from ggufs import save_random_model_dir, small_tokenizer_metadata, tiny_config
+
+    path = save_random_model_dir(tmp_path / "tiny", Tokenizer.from_gguf_metadata(small_tokenizer_metadata()),
+                                 tiny_config(vocab_size=264))
+    calls = []
+    monkeypatch.setattr(kernels, "ops", lambda: calls.append("ops"))
+    qwen2.load(path, progress=False)
+    assert calls == ["ops"]
