@@ -1,11 +1,23 @@
 """Optional `torch.compile` of the decode step (one new token per row through the KV cache).
 
-Decode runs ~30 small ops per layer per token; eager PyTorch pays Python and dispatch overhead on
-each. Compiled (inductor, `fullgraph=True`, static shapes), the norms, RoPE, attention glue and
-residuals fuse into a few C++ loops. The traced function is `Transformer.static_decode`: it takes
-the cache slot as a tensor and attends over all max_len slots under the cache's `valid` mask, so
-one graph serves every step of a cache of that shape (a new batch size or cache length compiles
-again). Prefill and multi-token verification (speculation) stay eager.
+The traced function is `Transformer.static_decode` (inductor, `fullgraph=True`, static shapes): it
+takes the cache slot as a tensor and the cache's `valid` mask, so one graph serves every step of a
+cache of that shape (a new batch size or cache length compiles again). Prefill and multi-token
+verification (speculation) stay eager.
+
+The compiled step computes the eager step's logits bit for bit, so greedy decoding gives the same
+tokens. Where eager decode runs natively (`qwen2/kernels/decode_block.cpp`: every block in one call,
+its attention skipping the keys a query may not see), the graph calls those very ops, opaque to
+inductor; RoPE's cos/sin and the final RMSNorm run as ATen computes them (`model.aten_when_compiled`);
+what inductor still fuses (the embedding lookup, RoPE's angles: one fp32 product, the masks) rounds
+as ATen does. Why so strict: traced as PyTorch ops, the attention (a softmax over every masked
+slot), inductor's cos/sin and its RMSNorm (another summation order) each differ from eager in the
+last bits (cos/sin by 1 ulp, the first layer's attention output by ~4e-6), and the int4 model's
+activations rounded to one int8 digit (MLP, lm_head) grow that to 0.3-0.6 in the 0.5B model's
+logits, past the near-ties greedy decoding meets (top-2 gaps of 0.001-0.007 within 8 tokens): 2 of
+6 texts differed. int8 mode (two digits everywhere) stayed within ~1e-3 and fp32 within ~2e-5, and
+their tokens held. Where the native ops do not apply (bf16, no kernels), inductor fuses the PyTorch
+path and compiled logits may differ from eager's in the last bits.
 
 `compile_decode(model)` installs it; the model's forward then routes decode steps through it. The
 first step compiles (tens of seconds: counted in `CompiledDecode.compile_seconds`, never in a
@@ -14,17 +26,19 @@ for good, warns once, and says why in `CompiledDecode.error`.
 """
 from __future__ import annotations
 
-import sys
 import time
 
 import torch
 
 from . import kernels
 from .errors import Qwen2Error
+from .progress import notice
 
 
 def _register_fake_kernels() -> None:
-    """Shapes of the native quantised-linear ops for tracing: y (M, N) fp32."""
+    """Shapes of the native ops for tracing: the quantised linears' y (M, N) fp32; the decode
+    attention's (B, nh, T, hs), a transposed (B, T, nh, hs) as the kernel returns it; a decoder
+    block's (or all of them) x (B, T, C). The cache they write is declared mutated by their schemas."""
     ops = kernels.ops()
     if ops is None or getattr(_register_fake_kernels, "done", False):
         return
@@ -34,7 +48,24 @@ def _register_fake_kernels() -> None:
         lambda x, q, scale, group_size, digits: x.new_empty(x.shape[0], q.shape[0]))
     for op in ("q4k_linear", "q6k_linear"):  # GGUF super-blocks kept as they are (qwen2/kquant.py)
         torch.library.register_fake(f"qwen2_kernels::{op}")(lambda x, w, digits: x.new_empty(x.shape[0], w.shape[0]))
+    torch.library.register_fake("qwen2_kernels::decode_attention")(
+        lambda q, k, v, cos, sin, cache_k, cache_v, slots, key_mask, scale: q.new_empty(q.shape).transpose(1, 2))
+    for op in ("decode_block", "decode_layers"):  # qwen2/kernels/decode_block.cpp
+        torch.library.register_fake(f"qwen2_kernels::{op}")(lambda x, *args: torch.empty_like(x))
     _register_fake_kernels.done = True
+
+
+def _inductor_options() -> dict:
+    """Inductor's vector width pinned to the one it picks in this process anyway. Why: it picks by
+    ATEN_CPU_CAPABILITY (=avx2 on an AVX-512 CPU emulates an AVX2-only one), but its on-disk graph
+    cache is not keyed by it, and a cached graph's C++ is rebuilt for the width of the process that
+    loads it: code generated for 16 lanes then stores 8 of every 16 floats (NaN logits), code for 8
+    stores 16 at every step of 8 (past its buffers: heap corruption). `cpp.simdlen` is in the key."""
+    try:
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+    except ImportError:  # a torch without it: inductor's own choice, unkeyed
+        return {}
+    return {"cpp.simdlen": pick_vec_isa().bit_width()}
 
 
 class CompiledDecode:
@@ -42,7 +73,7 @@ class CompiledDecode:
 
     def __init__(self, model):
         self.model = model
-        self.compiled = torch.compile(model.static_decode, fullgraph=True, dynamic=False)
+        self.compiled = torch.compile(model.static_decode, fullgraph=True, dynamic=False, options=_inductor_options())
         self.compile_seconds = 0.0
         self.error: str | None = None
         self._shapes: set = set()
@@ -62,13 +93,15 @@ class CompiledDecode:
     def _run(self, args, key) -> torch.Tensor:
         if self.error is None:
             first = key not in self._shapes
+            if first:  # tens of seconds without output would look like a hang
+                notice(f"compiling the decode step for batch {key[0][0]} and a {key[1][3]}-token cache "
+                       "(torch.compile, once per shape)...")
             start = time.perf_counter()
             try:
                 logits = self.compiled(*args)
             except Exception as error:  # noqa: BLE001 (any failure to compile: eager from now on)
                 self.error = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-                print(f"qwen2: torch.compile of the decode step failed, running eager ({self.error})",
-                      file=sys.stderr, flush=True)
+                notice(f"torch.compile of the decode step failed, running eager ({self.error})")
             else:
                 if first:  # the first call of a shape is the compilation
                     self._shapes.add(key)

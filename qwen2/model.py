@@ -8,6 +8,7 @@ nkv key/value heads, hs head size, C hidden size, V vocabulary.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -19,6 +20,42 @@ from . import kernels, long_context
 from .config import Qwen2Config
 
 
+def aten_when_compiled(name: str, fake):
+    """Decorator: the function runs as written in eager mode, and, traced by torch.compile for inference,
+    as one opaque op `qwen2::<name>` that runs these very ATen kernels, not the code inductor would
+    generate for them (`fake` gives its output shapes). Why: the compiled decode step must compute the
+    eager step's logits bit for bit (qwen2/compile.py), and inductor's fused cos/sin (SLEEF; ATen's are
+    MKL's, a third of them 1 ulp apart) and RMSNorm (its own order of summing the squares) differ from
+    ATen's in the last bit; the int4 model's int8 activations turn such bits into visible logit
+    differences (0.3-0.6 on the 0.5B model)."""
+    def wrap(fn):
+        op = torch.library.custom_op(f"qwen2::{name}", fn, mutates_args=())
+        op.register_fake(fake)
+
+        @functools.wraps(fn)
+        def call(*args):
+            # inference only: the op has no backward (a compiled training step keeps inductor's code)
+            return op(*args) if torch.compiler.is_compiling() and not torch.is_grad_enabled() else fn(*args)
+        return call
+    return wrap
+
+
+@aten_when_compiled("rms_norm", lambda x, weight, eps: torch.empty(
+    x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device))
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in fp32 whatever the model dtype (bf16 sums of squares lose precision), cast
+    # back, then scale: this order is the reference's and matters for bit-level parity in bf16.
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+@aten_when_compiled("cos_sin", lambda angles: (torch.empty_like(angles), torch.empty_like(angles)))
+def cos_sin(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return angles.cos(), angles.sin()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -26,12 +63,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 whatever the model dtype (bf16 sums of squares lose precision), cast
-        # back, then scale: this order is the reference's and matters for bit-level parity in bf16.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -59,10 +91,10 @@ class RotaryEmbedding(nn.Module):
         if self.dynamic_from is not None and span is not None and span <= self.dynamic_from:
             inv_freq, factor = self.plain_inv_freq, 1.0
         angles = positions[..., None].float() * inv_freq  # (B, T, hs/2)
-        angles = torch.cat((angles, angles), dim=-1)  # (B, T, hs)
+        cos, sin = cos_sin(torch.cat((angles, angles), dim=-1))  # (B, T, hs)
         if factor == 1.0:
-            return angles.cos().to(dtype), angles.sin().to(dtype)
-        return (angles.cos() * factor).to(dtype), (angles.sin() * factor).to(dtype)
+            return cos.to(dtype), sin.to(dtype)
+        return (cos * factor).to(dtype), (sin * factor).to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -138,14 +170,16 @@ class StaticKV(NamedTuple):
 def native_decode_ops(x: torch.Tensor, mask, cache, head_dim: int) -> object | None:
     """`torch.ops.qwen2_kernels` when the native decode ops (qwen2/kernels/decode_*.cpp) take this
     call, else None; x (B, T, ...) is the layer's input or its queries. They run queries that each
-    attend like a one-token step: T == 1, or speculative verification's `exact_rows`. Eager, inference
-    only (no autograd), fp32 on the CPU, head_dim a multiple of 16, not Dual Chunk Attention."""
+    attend like a one-token step: T == 1, or speculative verification's `exact_rows`. Inference only
+    (no autograd), fp32 on the CPU, head_dim a multiple of 16, not Dual Chunk Attention. The compiled
+    decode step takes them too (opaque ops to inductor): it then computes eager's numbers bit for bit,
+    where its own fused attention over every masked slot would not (qwen2/compile.py)."""
     if cache is None or isinstance(mask, long_context.DualChunkContext):
         return None
     if x.shape[1] > 1 and not (isinstance(cache, KVCache) and cache.exact_rows):
         return None  # prefill: compute-bound, SDPA's flash kernel does it better
     if (x.device.type != "cpu" or x.dtype != torch.float32 or cache.k.dtype != torch.float32 or head_dim % 16
-            or x.requires_grad or torch.compiler.is_compiling()):
+            or x.requires_grad):
         return None
     return kernels.ops()
 
@@ -375,7 +409,8 @@ class Transformer(nn.Module):
         """One new token per row, input_ids (B, 1), written to cache slot `slot` (B rows at once), with
         every shape fixed by the cache: what torch.compile traces (see qwen2/compile.py). `valid`
         (B, max_len) must already mark the slot; positions (B,) are the new tokens' RoPE positions.
-        Equal to forward(input_ids, cache=...) up to the masked-out slots it also reads.
+        Equal to forward(input_ids, cache=...) bit for bit where the native decode ops take the step
+        (they skip the masked-out slots), else up to those slots, which SDPA also reads.
         exact_rows (eager, a (B,) slot of rows filled from slot 0, no sliding window): each row attends
         over its slots 0..slot[b] alone, unmasked, so its logits are bit for bit its one-row decode's."""
         x = self.model.embed_tokens(input_ids)  # (B, 1, C)
