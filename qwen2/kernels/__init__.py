@@ -83,7 +83,7 @@ def _build():
     os.makedirs(build_dir, exist_ok=True)
     built = os.path.exists(os.path.join(build_dir, "qwen2_kernels.so"))
     if not built:
-        notice("compiling the CPU kernels for this machine (once, 10-30 s)...")
+        notice("compiling the CPU kernels for this machine (once, 10-60 s)...")
     try:
         load(name="qwen2_kernels", sources=SOURCES, extra_cflags=cflags(), extra_ldflags=LDFLAGS,
              build_directory=build_dir, is_python_module=False, verbose=False)
