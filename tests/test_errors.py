@@ -363,3 +363,14 @@ def test_perplexity_context_zero_is_an_error(tiny_dir, tmp_path, capsys):
     (tmp_path / "t.txt").write_text("def add(a, b):\n    return a + b\n" * 3)
     line = cli_error(capsys, ["eval", "perplexity", str(tmp_path / "t.txt"), "--model", tiny_dir, "--context", "0"])
     assert "context >= 2" in line and "context=0" in line
+
+
+def test_group_size_help_and_error_name_the_same_sizes(capsys):
+    from qwen2.quantize import GROUP_SIZES, check_group_size
+
+    sizes = ", ".join(map(str, GROUP_SIZES))
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert f"int4 group size: {sizes}" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(Qwen2Error, match=f"must be one of {sizes}, not 48"):
+        check_group_size(48, {})
