@@ -97,7 +97,7 @@ def _print_stream(pieces) -> str:
             text += piece
             sys.stdout.write(piece)
             sys.stdout.flush()
-            answer_line_open(bool(text))
+            answer_line_open(bool(text) and not text.endswith("\n"))
     finally:
         answer_line_open(False)
     sys.stdout.write("\n")

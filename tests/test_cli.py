@@ -79,14 +79,17 @@ def test_a_notice_during_a_streamed_answer_starts_its_own_line(capsys):
     def answer():
         yield "Hello"
         notice("compiling something (once)...")
-        yield ", world"
+        yield ", world\n"
+        notice("at the start of a line")
+        yield "bye"
 
     notice("before any answer")
-    assert cli._print_stream(answer()) == "Hello, world"
+    assert cli._print_stream(answer()) == "Hello, world\nbye"
     notice("after the answer")
     out, err = capsys.readouterr()
-    assert out == "Hello, world\n"
-    assert err == "qwen2: before any answer\n\nqwen2: compiling something (once)...\nqwen2: after the answer\n"
+    assert out == "Hello, world\nbye\n"
+    assert err == ("qwen2: before any answer\n\nqwen2: compiling something (once)...\n"
+                   "qwen2: at the start of a line\nqwen2: after the answer\n")
 
 
 def test_the_kernels_are_built_when_a_model_loads(monkeypatch, tmp_path):
