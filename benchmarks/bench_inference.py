@@ -26,7 +26,7 @@ with --threads torch threads). Then every engine runs in a fresh subprocess of i
 Engines (--engines, comma-separated; the default is every one but the -compiled fp32/int8 ones and
 transformers-gguf):
   qwen2, qwen2-int8, qwen2-int4  `qwen2.load(...)` fp32 / quantize="int8" / quantize="int4", the static KV
-                                 cache and `qwen2.generate.decode_steps` (the path `Qwen2.generate` uses)
+                                 cache and `qwen2.runtime.generate.decode_steps` (the path `Qwen2.generate` uses)
   qwen2[-int8|-int4]-compiled    the same with `qwen2.load(..., compile=True)`; "not available" where this
                                  qwen2's load takes no compile option
   qwen2-int4-lookup              int4, decoding by prompt-lookup speculation (the steps
@@ -486,7 +486,7 @@ def convert_for_transformers(gguf: str, scratch: str) -> str:
 
 
 def greedy_params(n: int):
-    from qwen2.generate import SamplingParams
+    from qwen2.runtime.generate import SamplingParams
     return SamplingParams(max_new_tokens=n, temperature=0.0)
 
 
@@ -507,7 +507,7 @@ class Qwen2Engine(Engine):
     def greedy(self, ids, n):
         if self.speculative is None:
             return super().greedy(ids, n)
-        from qwen2.speculative import make_drafter, steps_with
+        from qwen2.runtime.speculative import make_drafter, steps_with
         self.drafter = make_drafter(self.speculative)
         steps = steps_with(self.drafter)(self.model, [ids], greedy_params(n), pad_id=self.pad_id)
         return (int(token[0]) for token in steps)
@@ -515,7 +515,7 @@ class Qwen2Engine(Engine):
     def batch_greedy(self, prompts, n):
         if self.speculative is not None:
             raise NotApplicable("speculative decoding takes one prompt at a time")
-        from qwen2.generate import decode_steps
+        from qwen2.runtime.generate import decode_steps
         return (token.tolist() for token in decode_steps(self.model, prompts, greedy_params(n), pad_id=self.pad_id))
 
     def decode_info(self):
@@ -547,7 +547,7 @@ def load_qwen2(source: str, load_kwargs: dict):
 
 
 def qwen2_weights(model, source: str, variant: Qwen2Variant) -> str:
-    from qwen2.quantize import describe
+    from qwen2.quant import describe
     quantised = getattr(model, "quantization", None) or {}
     from_dir = os.path.isdir(source)
     if not quantised:
@@ -571,7 +571,7 @@ def worker_qwen2(job: dict, name: str, variant: Qwen2Variant) -> dict:
     t0 = time.perf_counter()
     import torch  # noqa: F401
     import qwen2  # noqa: F401
-    import qwen2.generate  # noqa: F401
+    import qwen2.runtime.generate  # noqa: F401
     import_s = time.perf_counter() - t0
     set_torch_threads(job["threads"])
     m, load_s = load_qwen2(job["model"], variant.load)

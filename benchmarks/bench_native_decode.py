@@ -43,7 +43,7 @@ from bench_inference import machine_facts, set_torch_threads, wait_for_quiet, wr
 import qwen2  # noqa: E402
 from qwen2 import kernels  # noqa: E402
 from qwen2 import model as M  # noqa: E402
-from qwen2 import quantize as Q  # noqa: E402
+from qwen2 import quant as Q  # noqa: E402
 from qwen2.progress import progress_bar  # noqa: E402
 
 NATIVE, BLOCKS, ATTENTION, PYTORCH, SMALL_PAGES = "native", "native-blocks", "attention", "pytorch", "native-4k-pages"

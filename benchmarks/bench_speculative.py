@@ -5,7 +5,7 @@
 
 Rows (fp32, --threads torch threads, one process; every speculative row's tokens are checked
 equal to plain greedy's on the same model):
-  * plain greedy decode of the target (`qwen2.generate.decode_steps`)
+  * plain greedy decode of the target (`qwen2.runtime.generate.decode_steps`)
   * prompt lookup (`PromptLookupDrafter(max_ngram=3, k)`) on the 0.5B and, when installed, the 1.5B
   * draft model: Qwen2.5-Coder-0.5B drafting for Qwen2.5-Coder-1.5B (`DraftModelDrafter`), for each k
     of --draft-tokens; the row says "not installed" without the 1.5B weights
@@ -77,8 +77,8 @@ def prompt_ids(m) -> list[int]:
 
 
 def bench_target(m, label: str, args, draft=None) -> list[dict]:
-    from qwen2.generate import SamplingParams, decode_steps
-    from qwen2.speculative import DraftModelDrafter, PromptLookupDrafter, speculative_steps
+    from qwen2.runtime.generate import SamplingParams, decode_steps
+    from qwen2.runtime.speculative import DraftModelDrafter, PromptLookupDrafter, speculative_steps
 
     ids, n = prompt_ids(m), args.new_tokens
     params = SamplingParams(max_new_tokens=n)

@@ -40,7 +40,7 @@ def llama_cpp_generator(gguf: str, tokenizer, eos_ids, threads: int, batch: int)
     text, ended at an end token or the stop string, by the same `TextStream` our engine uses."""
     import llama_cpp
     from bench_inference import LlamaCppEngine
-    from qwen2.generate import TextStream
+    from qwen2.runtime.generate import TextStream
 
     llm = llama_cpp.Llama(model_path=gguf, n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
     engine = LlamaCppEngine(llm)

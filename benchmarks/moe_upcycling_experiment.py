@@ -46,7 +46,7 @@ sys.path.insert(0, REPO_ROOT)
 from qwen2.config import Qwen2Config  # noqa: E402
 from qwen2.fileio import atomic_file, write_text_atomic  # noqa: E402
 from qwen2.model import Transformer  # noqa: E402
-from qwen2.moe import upcycle  # noqa: E402
+from qwen2.checkpoint.upcycle import upcycle  # noqa: E402
 from qwen2.progress import progress_bar  # noqa: E402
 from qwen2.train.forward import forward, lm_loss_sum  # noqa: E402
 from qwen2.train.run import init_weights  # noqa: E402

@@ -60,7 +60,7 @@ from qwen2.checkpoint.registry import DEFAULT_MODEL, hf_dir  # noqa: E402
 from qwen2.errors import Qwen2Error  # noqa: E402
 from qwen2.eval.perplexity import perplexity  # noqa: E402
 from qwen2.fileio import atomic_file, write_text_atomic  # noqa: E402
-from qwen2.generate import SamplingParams  # noqa: E402
+from qwen2.runtime.generate import SamplingParams  # noqa: E402
 from qwen2.progress import progress_bar  # noqa: E402
 from qwen2.train.online import CodeTask, ExecutionReward  # noqa: E402
 

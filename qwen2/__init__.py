@@ -2,7 +2,7 @@
 from .api import Qwen2, load
 from .config import NAMED_CONFIGS, Qwen2Config, named_config
 from .errors import Qwen2Error
-from .generate import SamplingParams
+from .runtime.generate import SamplingParams
 from .model import KVCache, Transformer
 
 __version__ = "0.1.0"

@@ -9,7 +9,8 @@ import torch
 
 from .checkpoint import DEFAULT_MODEL, build_model, convert_gguf_exact, load_checkpoint
 from .errors import Qwen2Error
-from .generate import SamplingParams, generate_text, stream_rows
+from .runtime.executor import make_decoder
+from .runtime.generate import SamplingParams, generate_text, stream_rows
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -24,16 +25,25 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 class Qwen2:
-    """What `qwen2.load` returns: `.model` (nn.Module), `.tokenizer`, `.config`, `.generate`, `.chat`."""
+    """What `qwen2.load` returns: `.model` (the nn.Module), `.decoder` (the executor generation runs it
+    through: qwen2/runtime/executor.py), `.tokenizer`, `.config`, `.generate`, `.chat`."""
 
-    def __init__(self, model, tokenizer, generation_config: dict | None = None, source: str = ""):
+    def __init__(self, model, tokenizer, generation_config: dict | None = None, source: str = "", decoder=None):
         self.model = model
+        self._decoder = decoder
         self.config = model.config
         self.tokenizer = tokenizer
         self.generation_config = generation_config or {}
         self.source = source
         self._drafts: dict[str, Qwen2] = {}  # draft models loaded by name for speculative decoding
         self._checked_drafts = weakref.WeakSet()  # drafts whose tokenizer matched ours (a 151k-entry compare)
+
+    @property
+    def decoder(self):
+        """The executor over `.model` (made again, the fastest that applies, when `.model` is replaced)."""
+        if self._decoder is None or self._decoder.model is not self.model:
+            self._decoder = make_decoder(self.model)
+        return self._decoder
 
     @property
     def eos_ids(self) -> list[int]:
@@ -75,15 +85,15 @@ class Qwen2:
         if stream:
             if batch:
                 raise Qwen2Error("stream=True takes one prompt, not a list")
-            return (piece for _, piece in stream_rows(self.model, tokenizer, ids, params, self.eos_ids, steps=steps))
-        texts = generate_text(self.model, tokenizer, ids, params, self.eos_ids, steps=steps)
+            return (piece for _, piece in stream_rows(self.decoder, tokenizer, ids, params, self.eos_ids, steps=steps))
+        texts = generate_text(self.decoder, tokenizer, ids, params, self.eos_ids, steps=steps)
         return texts if batch else texts[0]
 
     def _speculative_steps(self, speculative, draft_model, num_draft_tokens, params: SamplingParams, batch: bool):
         """The steps factory for the speculative options (None without them), checked before any work."""
         if speculative is None and draft_model is None and num_draft_tokens is None:
             return None
-        from .speculative import check_greedy, check_vocab_compatible, make_drafter, steps_with
+        from .runtime.speculative import check_greedy, check_vocab_compatible, make_drafter, steps_with
 
         if batch:
             raise Qwen2Error("speculative decoding takes one prompt, not a list")
@@ -138,7 +148,7 @@ class Qwen2:
         c = self.config
         quantized = getattr(self.model, "quantization", None)
         if quantized:
-            from .quantize import describe
+            from .quant import describe
         return (f"Qwen2({self.source!r}, layers={c.num_hidden_layers}, hidden={c.hidden_size}, "
                 f"dtype={self.model.dtype}" + (f", quantize={describe(self.model)!r}" if quantized else "") + ")")
 
@@ -147,7 +157,7 @@ def load(source: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtype = t
          device: str | torch.device = "cpu", progress: bool = True, quantize: str | None = None,
          group_size: int | None = None, quantize_lm_head: bool | None = None, compile: bool = False,
          rope_scaling: str | dict | None = None, dca: bool | int | dict | None = None,
-         long_context: bool = False, expert_dtype: str | torch.dtype | None = None) -> Qwen2:
+         long_context: bool = False, expert_dtype: str | torch.dtype | None = None, executor: str = "auto") -> Qwen2:
     """Load a model by registry name (e.g. "qwen2.5-coder-0.5b-instruct"), HF directory or .gguf file.
 
     quantize="int8" (groups of 32), "int4" (group-wise, `group_size` 32/64/128, default 32;
@@ -159,8 +169,11 @@ def load(source: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtype = t
     (group size 32) Q4_K, and Q6_K for the layers that are int8, as their own super-blocks
     (`qwen2.kquant`), Q8_0 and Q5_0 as int8 (the layers that are int8). See `qwen2.quantize`.
 
-    compile=True runs decode steps through `torch.compile` (see `qwen2.compile`): the first step of
-    each batch size compiles (tens of seconds), and a failed compilation falls back to eager.
+    executor: how forwards run (`qwen2.runtime.executor`): "auto" (default: "native" on an fp32 CPU
+    model where the native kernels build, else "eager"), "native", "eager" (PyTorch ops only), or
+    "compiled": decode steps through `torch.compile` (`qwen2.runtime.compile`; compile=True says the
+    same): the first step of each batch size compiles (tens of seconds), and a failed compilation
+    falls back to eager.
 
     Long context (see `qwen2.long_context`; each overrides the checkpoint's own config):
     rope_scaling="yarn:4" (YaRN, factor 4 over the trained length; "yarn:4:32768" names that length),
@@ -175,11 +188,14 @@ def load(source: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtype = t
     (`qwen2.moe.set_expert_dtype`). The experts are built in bf16 directly: a bf16 checkpoint's
     are never held in fp32."""
     from . import long_context as lc
-    from . import quantize as q
+    from . import quant as q
+    from .runtime.executor import check_executor
+
+    executor = check_executor("compiled" if compile else executor)
 
     mode = q.check_mode(quantize)
     if expert_dtype is not None:
-        from .moe import check_expert_dtype
+        from .model.moe import check_expert_dtype
 
         expert_dtype = check_expert_dtype(parse_dtype(expert_dtype))  # a bad value fails before the weights are read
     if group_size is not None and not (mode or "").startswith("int4"):
@@ -194,7 +210,7 @@ def load(source: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtype = t
     if expert_dtype is not None and not config.num_experts:
         raise Qwen2Error(f"expert_dtype applies to mixture-of-experts models; {os.fspath(source)} has no experts "
                          "(drop expert_dtype, or use dtype= for the whole model)")
-    if compile and config.dual_chunk_attention_config is not None:
+    if executor == "compiled" and config.dual_chunk_attention_config is not None:
         raise Qwen2Error("compile=True does not apply with Dual Chunk Attention (its decode step runs eager); "
                          "drop one of them")
     model = build_model(config, state_dict, dtype=parse_dtype(dtype), device=device, expert_dtype=expert_dtype)
@@ -206,7 +222,4 @@ def load(source: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtype = t
     if model.device.type == "cpu":
         from . import kernels
         kernels.ops()  # built here, once per machine, so its notice comes before any answer, not inside one
-    if compile:
-        from .compile import compile_decode
-        compile_decode(model)
-    return Qwen2(model, tokenizer, generation_config, source=os.fspath(source))
+    return Qwen2(model, tokenizer, generation_config, source=os.fspath(source), decoder=make_decoder(model, executor))

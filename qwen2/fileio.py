@@ -90,3 +90,9 @@ def _replace_dir(src: str, dst: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(src, dst)
+
+
+def cache_dir() -> str:
+    """Where qwen2 keeps what it makes once per machine (converted models, built kernels):
+    `$QWEN2_CACHE`, default ~/.cache/qwen2."""
+    return os.environ.get("QWEN2_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qwen2")

@@ -19,7 +19,7 @@ from qwen2.checkpoint import registry
 from qwen2.checkpoint.hf import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, save_hf_dir
 from qwen2.cli import main
 from qwen2.errors import Qwen2Error
-from qwen2.generate import SamplingParams, decode_steps
+from qwen2.runtime.generate import SamplingParams, decode_steps
 from qwen2.tokenizer import Tokenizer
 
 from ggufs import (random_model, real_tokenizer_metadata, small_tokenizer_metadata, state_dict_of, tiny_config,

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.real_model
 
 @pytest.fixture
 def use_real_model(monkeypatch, real_model):
-    monkeypatch.setattr(cli, "_load", lambda args: real_model)
+    monkeypatch.setattr(cli.model_args, "load_model", lambda args: real_model)
     return real_model
 
 

@@ -1,14 +1,14 @@
-"""torch.compile of the decode step (qwen2/compile.py): the compiled static-shape step gives the
-eager model's logits bit for bit, hence its tokens, for a padded batch, for a quantised model and for
+"""torch.compile of the decode step (qwen2/runtime/compile.py): the compiled static-shape step gives the
+native (else eager) executor's logits bit for bit, hence its tokens, for a padded batch, for a quantised model and for
 the real int4 0.5B model, and a compilation that fails falls back to eager with the reason kept."""
 import pytest
 import torch
 
 from ggufs import random_model
-from qwen2 import compile as C
-from qwen2 import quantize as Q
+from qwen2.runtime.executor import make_decoder
+from qwen2 import quant as Q
 from qwen2.config import Qwen2Config
-from qwen2.generate import SamplingParams, decode_steps
+from qwen2.runtime.generate import SamplingParams, decode_steps
 from qwen2.model import Transformer
 
 
@@ -38,18 +38,17 @@ def test_compiled_decode_equals_eager_on_a_padded_batch():
     mask = torch.ones(3, 7, dtype=torch.long)
     mask[1, :3] = 0  # left padding
     mask[2, :6] = 0
-    eager = _decode_logits(model, ids, mask)
-    compiled = C.compile_decode(model)
-    assert model.compiled_step is compiled
-    got = _decode_logits(model, ids, mask)
+    eager = _decode_logits(make_decoder(model), ids, mask)
+    compiled = make_decoder(model, "compiled")
+    assert compiled.inner.name == "native"  # the executor it traces
+    got = _decode_logits(compiled, ids, mask)
     assert compiled.error is None, compiled.error
     assert compiled.compile_seconds > 0
     assert torch.equal(got, eager)
     # and through the generation loop, token for token
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
     params = SamplingParams(max_new_tokens=6, temperature=0.0)
-    with_compile = torch.stack(list(decode_steps(model, prompts, params)), 1)
-    model.compiled_step = None
+    with_compile = torch.stack(list(decode_steps(compiled, prompts, params)), 1)
     assert torch.equal(with_compile, torch.stack(list(decode_steps(model, prompts, params)), 1))
 
 
@@ -59,9 +58,9 @@ def test_compiled_decode_with_native_quantised_linears():
     model = Q.quantize_model(_tiny(1), "int4", group_size=32, lm_head=True)
     ids = torch.randint(0, 301, (1, 5), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(1, 5, dtype=torch.long)
-    eager = _decode_logits(model, ids, mask)
-    compiled = C.compile_decode(model)
-    got = _decode_logits(model, ids, mask)
+    eager = _decode_logits(make_decoder(model), ids, mask)
+    compiled = make_decoder(model, "compiled")
+    got = _decode_logits(compiled, ids, mask)
     assert compiled.error is None, compiled.error
     assert torch.equal(got, eager)
 
@@ -75,17 +74,16 @@ def test_failed_compilation_falls_back_to_eager(monkeypatch, capsys):
     monkeypatch.setattr(torch, "compile", broken)
     model = _tiny(2)
     ids, mask = torch.randint(0, 301, (2, 4)), torch.ones(2, 4, dtype=torch.long)
-    eager = _decode_logits(model, ids, mask)
-    compiled = C.compile_decode(model)
-    got = _decode_logits(model, ids, mask)
+    eager = _decode_logits(make_decoder(model), ids, mask)
+    compiled = make_decoder(model, "compiled")
+    got = _decode_logits(compiled, ids, mask)
     assert compiled.error == "RuntimeError: no C++ compiler"
     assert "running eager (RuntimeError: no C++ compiler)" in capsys.readouterr().err
     torch.testing.assert_close(got, eager, rtol=0, atol=1e-5)
 
 
 def test_compiled_step_refuses_a_full_cache():
-    model = _tiny(3)
-    C.compile_decode(model)
+    model = make_decoder(_tiny(3), "compiled")
     cache = model.new_cache(1, 3)
     with torch.inference_mode():
         model(torch.tensor([[1, 2, 3]]), cache=cache)
@@ -109,19 +107,16 @@ def test_real_int4_compiled_greedy_equals_eager_bit_for_bit(real_int4):
     it traced the PyTorch attention, softmax over every masked slot, and inductor's cos/sin and
     RMSNorm, each a few ulps off eager's native ops, and the int8-rounded activations of the MLP
     and head (one digit) grew that to ~0.3-0.6 in the logits, past near-ties of 0.001-0.007."""
-    model = real_int4.model
+    model = real_int4.model  # loaded with the default executor: native
     prompts = [torch.tensor([real_int4.tokenizer.encode(p)]) for p in REAL_PROMPTS]
     max_len = max(ids.shape[1] for ids in prompts) + 32  # one cache shape: one compilation for them all
 
-    def greedy_logits():
-        return [_decode_logits(model, ids, torch.ones_like(ids), steps=32, max_len=max_len)[0] for ids in prompts]
+    def greedy_logits(decoder):
+        return [_decode_logits(decoder, ids, torch.ones_like(ids), steps=32, max_len=max_len)[0] for ids in prompts]
 
-    eager = greedy_logits()
-    compiled = C.compile_decode(model)
-    try:
-        got = greedy_logits()
-    finally:
-        model.compiled_step = None
+    eager = greedy_logits(real_int4.decoder)
+    compiled = make_decoder(model, "compiled")
+    got = greedy_logits(compiled)
     assert compiled.error is None, compiled.error
     for prompt, e, g in zip(REAL_PROMPTS, eager, got):
         assert g.argmax(-1).tolist() == e.argmax(-1).tolist(), prompt

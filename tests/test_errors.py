@@ -366,7 +366,7 @@ def test_perplexity_context_zero_is_an_error(tiny_dir, tmp_path, capsys):
 
 
 def test_group_size_help_and_error_name_the_same_sizes(capsys):
-    from qwen2.quantize import GROUP_SIZES, check_group_size
+    from qwen2.quant import GROUP_SIZES, check_group_size
 
     sizes = ", ".join(map(str, GROUP_SIZES))
     with pytest.raises(SystemExit):

@@ -388,7 +388,7 @@ def test_real_model_perplexity_equals_transformers(real_model, hf_reference):
 def test_cli_perplexity(real_model, monkeypatch, capsys):
     from qwen2 import cli
 
-    monkeypatch.setattr(cli, "_load", lambda args: real_model)
+    monkeypatch.setattr(cli.model_args, "load_model", lambda args: real_model)
     path = os.path.join(DATA, "code_edit_function.py.txt")
     assert cli.main(["eval", "perplexity", path, "--context", "128", "--stride", "128"]) == 0
     expected = perplexity(real_model.model, real_model.tokenizer.encode(open(path, encoding="utf-8").read()), 128, 128)

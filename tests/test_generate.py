@@ -6,7 +6,7 @@ from transformers.generation import logits_process as hf
 
 from qwen2.config import Qwen2Config
 from qwen2.errors import Qwen2Error
-from qwen2.generate import (SamplingParams, TextStream, decode_steps, generate_text, next_token,
+from qwen2.runtime.generate import (SamplingParams, TextStream, decode_steps, generate_text, next_token,
                             sampling_distribution)
 from qwen2.model import Transformer
 
@@ -169,7 +169,7 @@ def test_generate_text_is_the_decoded_tokens(tiny, tokenizer):
 
 
 def test_greedy_choice_is_argmax_with_ties_and_nan():
-    from qwen2.generate import greedy_choice
+    from qwen2.runtime.generate import greedy_choice
 
     gen = torch.Generator().manual_seed(0)
     logits = torch.randint(0, 4, (5, 151936), generator=gen).float()  # many ties: the first must win

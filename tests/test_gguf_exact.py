@@ -10,9 +10,10 @@ from gguf import GGMLQuantizationType
 
 import qwen2
 from ggufs import random_model, small_tokenizer_metadata, state_dict_of, tiny_config, write_gguf
-from qwen2 import quantize as Q
-from qwen2.checkpoint.gguf import block_tensors, open_gguf, q4k_to_int4, q4k_to_packed_int4, q5_0_to_int8, q8_0_to_int8
-from qwen2.kquant import Q4KLinear, Q6KLinear
+from qwen2 import quant as Q
+from qwen2.checkpoint.gguf import block_tensors, open_gguf
+from qwen2.quant.gguf_blocks import q4k_to_int4, q4k_to_packed_int4, q5_0_to_int8, q8_0_to_int8
+from qwen2.quant.kquant import Q4KLinear, Q6KLinear
 
 
 def random_q4k_rows(rng: np.random.Generator, N: int, K: int, d_range: float | None = None) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Long context (qwen2/long_context.py): YaRN against transformers' YaRN, dynamic YaRN against plain
+"""Long context (qwen2/long_context.py, qwen2/model/rope.py, dca.py, masks.py): YaRN against transformers' YaRN, dynamic YaRN against plain
 RoPE and static YaRN, sliding-window attention against transformers, and Dual Chunk Attention
 against a slow reference that builds the full query/key position matrices explicitly."""
 import dataclasses
@@ -10,10 +10,12 @@ import torch
 
 import qwen2
 from qwen2 import long_context as lc
+from qwen2.model import dca
+from qwen2.model.rope import rope_frequencies
 from qwen2.cli import build_parser
 from qwen2.config import Qwen2Config
 from qwen2.errors import Qwen2Error
-from qwen2.model import RotaryEmbedding, Transformer, apply_rope
+from qwen2.model import RotaryEmbedding, StaticKV, Transformer, apply_rope
 
 transformers = pytest.importorskip("transformers")
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
@@ -67,13 +69,13 @@ YARN_CASES = [
 def test_yarn_inv_freq_and_attention_factor_equal_transformers(hs, theta, scaling, context):
     config = Qwen2Config(hidden_size=hs * 2, num_attention_heads=2, num_key_value_heads=1, rope_theta=theta,
                          max_position_embeddings=context, rope_scaling=dict(scaling))
-    inv_freq, factor = lc.rope_frequencies(config)
+    inv_freq, factor = rope_frequencies(config)
     hf_config = transformers.Qwen2Config(**config.to_hf_dict())
     hf_inv_freq, hf_factor = ROPE_INIT_FUNCTIONS["yarn"](hf_config, "cpu")
     assert inv_freq.shape == hf_inv_freq.shape == (hs // 2,)
     assert (inv_freq - hf_inv_freq).abs().max().item() <= 1e-5 * hf_inv_freq.abs().max().item()
     assert float(factor) == pytest.approx(float(hf_factor), abs=1e-6)  # floats: pytest 9.2's approx takes no 0-d tensor
-    plain, _ = lc.rope_frequencies(config, scaled=False)
+    plain, _ = rope_frequencies(config, scaled=False)
     if scaling["factor"] > 1:
         # high frequencies kept, the lowest divided by the factor: the NTK-by-parts shape
         assert inv_freq[0] == plain[0]
@@ -180,7 +182,7 @@ def test_sliding_window_left_padded_batch_and_static_decode_equal_transformers()
         ours(ids[:, :-1], attention_mask=mask[:, :-1], cache=cache)
         slot = cache.length
         cache.valid[:, slot] = True
-        step = ours.static_decode(ids[:, -1:], cache.k, cache.v, cache.valid, cache.positions, torch.tensor([slot]))
+        step = ours(ids[:, -1:], cache=StaticKV(cache.k, cache.v, cache.valid, cache.positions, torch.tensor([slot])))
         assert (step[:, 0] - expected[:, -1]).abs().max().item() <= 1e-4
 
 
@@ -231,8 +233,8 @@ def dca_rope(hs: int, scaling: dict | None = None) -> RotaryEmbedding:
 
 def use_tiled_attention(monkeypatch) -> None:
     """DCA's parts through the tiled PyTorch-ops attention (what runs off the CPU), not the flash kernel."""
-    monkeypatch.setattr(lc, "attention_with_lse", lambda q, k, v, causal, key_tile=lc.DCA_KEY_TILE:
-                        lc._tiled_attention_with_lse(q, k, v, causal, key_tile))
+    monkeypatch.setattr(dca, "attention_with_lse", lambda q, k, v, causal, key_tile=dca.DCA_KEY_TILE:
+                        dca._tiled_attention_with_lse(q, k, v, causal, key_tile))
 
 
 @pytest.mark.parametrize("chunk_size,local_size", [(8, 2), (10, 3), (7, 0), (12, 5)])
@@ -256,8 +258,8 @@ def test_dca_equals_the_explicit_position_matrix_reference(chunk_size, local_siz
     inv_freq, factor = 1.0 / 10000.0 ** (torch.arange(0, hs, 2).double() / hs), 1.0
     if scaling:
         inv_freq, factor = ROPE_INIT_FUNCTIONS["yarn"](transformers.Qwen2Config(**rope.config.to_hf_dict()), "cpu")
-    for query_block, key_tile in ((3, 4), (lc.DCA_QUERY_BLOCK, lc.DCA_KEY_TILE)):
-        got = lc.dual_chunk_attention(q, k_rotated, v, positions, real, rope, chunk_size, local_size,
+    for query_block, key_tile in ((3, 4), (dca.DCA_QUERY_BLOCK, dca.DCA_KEY_TILE)):
+        got = dca.dual_chunk_attention(q, k_rotated, v, positions, real, rope, chunk_size, local_size,
                                       query_block=query_block, key_tile=key_tile)
         for b in range(2):
             expected = reference_dca(q[b], k[b], v[b], chunk_size, local_size, inv_freq, factor)
@@ -320,7 +322,7 @@ def test_dca_memory_stays_linear(monkeypatch):
 
     def dca(T: int, chunk_size: int = 40, query_block: int = 16) -> None:
         q, k, v = torch.randn(1, 4, T, 16), torch.randn(1, 2, T, 16), torch.randn(1, 2, T, 16)
-        lc.dual_chunk_attention(q, k, v, torch.arange(T)[None], torch.ones(1, T, dtype=torch.bool), rope,
+        dca.dual_chunk_attention(q, k, v, torch.arange(T)[None], torch.ones(1, T, dtype=torch.bool), rope,
                                 chunk_size, 8, query_block=query_block, key_tile=32)
 
     for chunk_size, query_block in ((40, 16), (4096, 2048)):  # many chunks; one chunk, one causal block

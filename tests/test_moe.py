@@ -1,4 +1,4 @@
-"""Qwen2-MoE (qwen2/moe.py): the model against transformers' Qwen2MoeForCausalLM on the same random
+"""Qwen2-MoE (qwen2/model/moe.py): the model against transformers' Qwen2MoeForCausalLM on the same random
 weights (logits, load-balancing loss, padded batches, the KV cache), the fast expert dispatch against a
 naive per-token reference, HF checkpoints both ways, the 57B-A14B config, and upcycling."""
 import copy
@@ -9,7 +9,9 @@ import os
 import pytest
 import torch
 
-from qwen2 import cli, moe
+from qwen2 import cli
+from qwen2.checkpoint import upcycle as upcycling
+from qwen2.model import moe
 from qwen2.checkpoint import build_model, load_checkpoint
 from qwen2.checkpoint.hf import save_hf_dir
 from qwen2.config import Qwen2Config, named_config
@@ -217,7 +219,7 @@ def test_block_against_transformers_block_at_every_path():
 
 
 def test_quantising_a_moe_model_is_a_one_line_error():
-    from qwen2.quantize import quantize_model
+    from qwen2.quant import quantize_model
 
     with pytest.raises(Qwen2Error, match="mixture-of-experts"):
         quantize_model(random_model(moe_config("norm-topk")), "int8")
@@ -352,7 +354,7 @@ def test_upcycled_experts_are_permutation_slices_of_the_dense_ffn():
     dense = dense_model()
     sd = dense.state_dict()
     # 5 experts of 20 neurons need ceil(100 / 48) = 3 copies; a 60-wide shared expert 2 more
-    config, out = moe.upcycle(dense.config, sd, num_experts=5, top_k=2, expert_size=20, shared_expert_size=60,
+    config, out = upcycling.upcycle(dense.config, sd, num_experts=5, top_k=2, expert_size=20, shared_expert_size=60,
                               reinit_fraction=0.0, seed=7)
     for layer in range(2):
         d = mlp_of(sd, f"model.layers.{layer}.mlp")
@@ -368,7 +370,7 @@ def test_upcycled_experts_are_permutation_slices_of_the_dense_ffn():
 
 def test_shared_expert_of_dense_width_computes_the_dense_ffn():
     dense = dense_model()
-    config, out = moe.upcycle(dense.config, dense.state_dict(), num_experts=4, top_k=1, expert_size=12, seed=1)
+    config, out = upcycling.upcycle(dense.config, dense.state_dict(), num_experts=4, top_k=1, expert_size=12, seed=1)
     model = build_model(config, out)
     x = torch.randn(5, 32)
     with torch.no_grad():
@@ -380,8 +382,8 @@ def test_shared_expert_of_dense_width_computes_the_dense_ffn():
 def test_reinitialised_fraction_is_the_requested_one(fraction):
     dense = dense_model()
     kw = dict(num_experts=3, top_k=2, expert_size=30, seed=3)
-    _, kept = moe.upcycle(dense.config, dense.state_dict(), reinit_fraction=0.0, **kw)
-    _, out = moe.upcycle(dense.config, dense.state_dict(), reinit_fraction=fraction, **kw)
+    _, kept = upcycling.upcycle(dense.config, dense.state_dict(), reinit_fraction=0.0, **kw)
+    _, out = upcycling.upcycle(dense.config, dense.state_dict(), reinit_fraction=fraction, **kw)
     redrawn = []
     for name, w in out.items():
         if ".experts." in name:
@@ -541,7 +543,7 @@ def test_bf16_experts_on_the_real_model_upcycled(real_model):
     path = os.path.join(os.path.dirname(__file__), "data", "declaration_of_independence.txt")
     with open(path, encoding="utf-8") as f:
         ids = torch.tensor(real_model.tokenizer.encode(f.read())[:512])
-    config, state_dict = moe.upcycle(real_model.config, real_model.model.state_dict(), num_experts=8, top_k=2,
+    config, state_dict = upcycling.upcycle(real_model.config, real_model.model.state_dict(), num_experts=8, top_k=2,
                                      expert_size=608, reinit_fraction=0.0)
     model = build_model(config, state_dict)
     del state_dict

@@ -1,7 +1,8 @@
 """The native decode path: the decode attention (qwen2/kernels/decode_attention.cpp: RoPE, cache
 write and attention of one-token steps in one call) against the PyTorch ops it replaces, and the
 exactness it promises (a left-padded row equals the row alone bit for bit, a T-query call equals T
-one-query calls); the decode block (qwen2/kernels/decode_block.cpp) bit for bit the eager block."""
+one-query calls); the decode block (qwen2/kernels/decode_block.cpp) bit for bit the eager block; the
+native executor (qwen2/runtime/native.py) that runs them."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +10,9 @@ import torch.nn.functional as F
 from ggufs import random_model
 from qwen2 import kernels
 from qwen2 import model as M
-from qwen2 import quantize as Q
+from qwen2 import quant as Q
+from qwen2.runtime import native as N
+from qwen2.runtime.executor import make_decoder
 from qwen2.config import Qwen2Config
 
 
@@ -131,13 +134,12 @@ def decode(model, ids, mask=None, steps=5):
 
 def count_native_calls(monkeypatch) -> list:
     calls = []
-    real = M.native_decode_ops
+    real = N.NativeDecoder.takes
 
-    def spy(x, mask, cache, head_dim):
-        ops = real(x, mask, cache, head_dim)
-        calls.append(ops is not None)
-        return ops
-    monkeypatch.setattr(M, "native_decode_ops", spy)
+    def spy(self, input_ids, cache):
+        calls.append(real(self, input_ids, cache))
+        return calls[-1]
+    monkeypatch.setattr(N.NativeDecoder, "takes", spy)
     return calls
 
 
@@ -145,19 +147,18 @@ def test_model_decode_takes_the_native_path_and_equals_the_pytorch_one(monkeypat
     model = tiny()
     ids = torch.randint(0, 300, (2, 9))
     calls = count_native_calls(monkeypatch)
-    native = decode(model, ids)
-    # every decode step, once for both layers (the model asks, then runs them all); the prefill not
-    # (the model, then each layer's block and attention ask)
-    assert calls.count(True) == 5 and calls.count(False) == 1 + 2 * 2
-    monkeypatch.setattr(M.kernels, "ops", lambda: None)  # QWEN2_KERNELS=0: the PyTorch ops
-    torch.testing.assert_close(native, decode(model, ids), rtol=0, atol=1e-5)
+    native = decode(make_decoder(model, "native"), ids)
+    # every decode step, once for both layers (the executor asks, then runs them all); the prefill not
+    assert calls.count(True) == 5 and calls.count(False) == 1
+    torch.testing.assert_close(native, decode(model, ids), rtol=0, atol=1e-5)  # the model itself: PyTorch ops
 
 
 def test_model_padded_batch_decodes_bit_for_bit_as_each_row_alone():
     # quantised: the native linears compute each row alone too (fp32 GEMMs may round a 2-row batch
     # differently from one row)
-    model = Q.quantize_model(tiny(1, intermediate_size=128), "int4")
-    assert all(layer.kernel_ok for layer in Q.quantized_linears(model).values())
+    quantised = Q.quantize_model(tiny(1, intermediate_size=128), "int4")
+    assert all(layer.kernel_ok for layer in Q.quantized_linears(quantised).values())
+    model = make_decoder(quantised, "native")
     ids = torch.randint(0, 300, (2, 8))
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[1, :3] = 0
@@ -181,27 +182,42 @@ def test_model_padded_batch_decodes_bit_for_bit_as_each_row_alone():
 
 def test_grad_and_compile_keep_the_pytorch_path():
     model = tiny()
+    decoder = make_decoder(model, "native")
     cache = model.new_cache(1, 8)
-    q = torch.zeros(1, 1, 4, 16, requires_grad=True)
-    assert M.native_decode_ops(q, None, cache, 16) is None  # autograd: the native op has no backward
-    assert M.native_decode_ops(q.detach(), None, cache, 16) is not None
-    assert M.native_decode_ops(q.detach()[..., :8], None, cache, 8) is None  # head_dim 8
-    assert M.native_decode_ops(torch.zeros(1, 3, 4, 16), None, cache, 16) is None  # a prefill chunk
-    cache.exact_rows = True
-    assert M.native_decode_ops(torch.zeros(1, 3, 4, 16), None, cache, 16) is not None  # verification rows
+    step = torch.zeros(1, 1, dtype=torch.long)
+    with torch.enable_grad():
+        assert not decoder.takes(step, cache)  # autograd: the native op has no backward
+    with torch.no_grad():
+        assert decoder.takes(step, cache)
+        assert not decoder.takes(torch.zeros(1, 3, dtype=torch.long), cache)  # a prefill chunk
+        cache.exact_rows = True
+        assert decoder.takes(torch.zeros(1, 3, dtype=torch.long), cache)  # verification rows
+    narrow = random_model(Qwen2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      bos_token_id=None, eos_token_id=None))
+    assert "head_dim 8" in N.unavailable_reason(narrow)  # head_dim 8: the ops take multiples of 16
+    assert make_decoder(narrow).name == "eager"
 
 
 # ---- the whole block in one call ------------------------------------------------------------------
 
-def without_native_blocks(monkeypatch):
-    monkeypatch.setattr(M.Block, "native_weights", lambda self, rows: None)
+def spy_ops(decoder) -> dict:
+    """Count the native ops `decoder` calls from now on."""
+    counts = {"decode_layers": 0, "decode_block": 0, "decode_attention": 0}
+    real = decoder.ops
 
+    class Counting:
+        def __getattr__(self, name):
+            op = getattr(real, name)
+            if name not in counts:
+                return op
 
-def spy(monkeypatch, owner, name: str) -> list:
-    """Record what owner.name returns from now on."""
-    taken, real = [], getattr(owner, name)
-    monkeypatch.setattr(owner, name, lambda self, *a: taken.append(real(self, *a)) or taken[-1])
-    return taken
+            def call(*args):
+                counts[name] += 1
+                return op(*args)
+            return call
+    decoder.ops = Counting()
+    return counts
 
 
 @pytest.mark.parametrize("mode", [None, "int8", "int4"])
@@ -212,38 +228,43 @@ def test_native_layers_and_blocks_equal_the_eager_blocks_bit_for_bit(monkeypatch
     ids = torch.randint(0, 300, (2, 9))
     mask = torch.ones(2, 9, dtype=torch.long)
     mask[1, :4] = 0  # a padded row: the mask reaches the block's attention
-    layers = spy(monkeypatch, M.Transformer, "_native_layers")
-    all_layers = decode(model, ids, mask)
-    assert sum(t is not None for t in layers) == 5  # every decode step: both layers in one decode_layers call
-    monkeypatch.setattr(M.Transformer, "_native_layers", lambda self, x, mask, cache: None)
-    blocks = spy(monkeypatch, M.Block, "_native_args")
-    block_by_block = decode(model, ids, mask)
-    assert sum(t is not None for t in blocks) == 5 * 2  # every decode step of both layers: decode_block
-    without_native_blocks(monkeypatch)
-    eager = decode(model, ids, mask)
+    decoder = make_decoder(model, "native")
+    layers = spy_ops(decoder)
+    all_layers = decode(decoder, ids, mask)
+    assert layers["decode_layers"] == 5  # every decode step: both layers in one decode_layers call
+    monkeypatch.setattr(N.NativeDecoder, "one_call", lambda self, x, weights, masks: False)
+    decoder = make_decoder(model, "native")
+    blocks = spy_ops(decoder)
+    block_by_block = decode(decoder, ids, mask)
+    assert blocks["decode_block"] == 5 * 2  # every decode step of both layers: decode_block
+    monkeypatch.setattr(N, "block_weights", lambda block, rows: None)  # no native block: its own modules
+    decoder = make_decoder(model, "native")
+    attention_only = spy_ops(decoder)
+    eager = decode(decoder, ids, mask)
+    assert attention_only["decode_attention"] == 5 * 2 and attention_only["decode_block"] == 0
     assert torch.equal(all_layers, eager) and torch.equal(block_by_block, eager)
 
 
 def test_quantised_linear_layout_follows_its_settings():
     """The native layout a quantised linear keeps for decode is rebuilt when a setting changes."""
     layer = Q.quantize_model(tiny(6, intermediate_size=128), "int4").model.layers[0].self_attn.q_proj
-    kind, group_size, digits, tensors = Q.native_linear(layer, 1)
+    kind, group_size, digits, tensors = N.native_linear(layer, 1)
     assert (group_size, digits) == (32, 2) and tensors[0] is layer.weight
-    assert Q.native_linear(layer, layer.dense_rows) is None  # a prefill: forward dequantises
+    assert N.native_linear(layer, layer.dense_rows) is None  # a prefill: forward dequantises
     layer.activation_digits = 1
-    assert Q.native_linear(layer, 1)[2] == 1
+    assert N.native_linear(layer, 1)[2] == 1
     layer.backend = "kernel"
-    assert Q.native_linear(layer, layer.dense_rows) is not None
+    assert N.native_linear(layer, layer.dense_rows) is not None
     layer.backend = "reference"
-    assert Q.native_linear(layer, 1) is None
+    assert N.native_linear(layer, 1) is None
     layer.backend = "auto"
     layer.weight = layer.weight.clone()
-    assert Q.native_linear(layer, 1)[3][0] is layer.weight
+    assert N.native_linear(layer, 1)[3][0] is layer.weight
 
 
 def test_native_block_verifies_speculation_rows_as_steps(monkeypatch):
     """exact_rows: T new tokens through the block give each one's one-token step, bit for bit."""
-    model = Q.quantize_model(tiny(4, intermediate_size=128), "int4")
+    model = make_decoder(Q.quantize_model(tiny(4, intermediate_size=128), "int4"), "native")
     ids = torch.randint(0, 300, (1, 12))
     with torch.inference_mode():
         cache = model.new_cache(1, 16)
@@ -258,14 +279,14 @@ def test_native_block_verifies_speculation_rows_as_steps(monkeypatch):
 
 def test_native_block_steps_aside_where_it_does_not_apply():
     model = Q.quantize_model(tiny(5, intermediate_size=128), "int4")
+    decoder = make_decoder(model, "native")
     block = model.model.layers[0]
     cache = model.new_cache(1, 8)
-    x = torch.zeros(1, 1, 64)
     with torch.inference_mode():
-        assert block._native_args(x, None, cache) is not None
-        assert block._native_args(torch.zeros(1, 3, 64), None, cache) is None  # prefill
+        assert N.block_weights(block, 1) is not None
+        assert not decoder.takes(torch.zeros(1, 3, dtype=torch.long), cache)  # prefill
         Q.set_backend(model, "reference")  # a linear off its native kernel: the eager block
-        assert block._native_args(x, None, cache) is None
+        assert N.block_weights(block, 1) is None
         Q.set_backend(model, "auto")
         block.mlp.up_proj = torch.nn.Sequential(block.mlp.up_proj)  # a wrapper (LoRA-like) it cannot see into
-        assert block._native_args(x, None, cache) is None
+        assert N.block_weights(block, 1) is None

@@ -1,4 +1,4 @@
-"""GGUF Q4_K and Q6_K super-blocks kept byte for byte (qwen2/kquant.py) and their native decode
+"""GGUF Q4_K and Q6_K super-blocks kept byte for byte (qwen2/quant/kquant.py) and their native decode
 kernels (qwen2/kernels/quant_linear.cpp), issue 3 (fast inference): the dequantisation of the kept
 bytes bit-exact against gguf-py's (what qwen2/checkpoint/gguf.py dequantises with); the kernels
 against a float64 model of their own arithmetic and against the fp32 reference within the bound
@@ -25,10 +25,11 @@ from gguf import GGMLQuantizationType, quants
 import qwen2
 from ggufs import random_model, small_tokenizer_metadata, state_dict_of, tiny_config, write_gguf
 from qwen2 import kernels
-from qwen2 import quantize as Q
-from qwen2.checkpoint.gguf import config_from_metadata, dequantized_tensors, hf_tensor_name, open_gguf, q4k_to_int4
+from qwen2 import quant as Q
+from qwen2.checkpoint.gguf import config_from_metadata, dequantized_tensors, hf_tensor_name, open_gguf
+from qwen2.quant.gguf_blocks import q4k_to_int4
 from qwen2.errors import Qwen2Error
-from qwen2.kquant import Q4KLinear, Q6KLinear, q4k_dequantize, q6k_dequantize
+from qwen2.quant.kquant import Q4KLinear, Q6KLinear, q4k_dequantize, q6k_dequantize
 from qwen2.model import Block, RotaryEmbedding
 
 LAYERS = {"Q4_K": Q4KLinear, "Q6_K": Q6KLinear}
@@ -65,7 +66,7 @@ def gguf_dequantized(kind: str, rows: np.ndarray) -> torch.Tensor:
 
 def weight_parts(kind: str, rows: np.ndarray, weight: torch.Tensor | None = None):
     """(W_scaled, W_min) fp32 (N, K), W = W_scaled + W_min: Q4_K's d sc q and -dmin m as gguf.py's own
-    numpy decoder gives them (independent of qwen2/kquant.py); Q6_K has no min (None) and W_scaled is
+    numpy decoder gives them (independent of qwen2/quant/kquant.py); Q6_K has no min (None) and W_scaled is
     gguf-py's W (`weight` when already at hand)."""
     if kind == "Q4_K":
         q, scale, minimum = q4k_to_int4(rows)
@@ -304,13 +305,13 @@ def test_other_modes_keep_their_layouts(kquant_gguf):
 
 
 def test_compiled_decode_with_kquant_layers(kquant_gguf):
-    """torch.compile of the decode step takes the q4_k/q6_k ops (their fake shapes: qwen2/compile.py)
+    """torch.compile of the decode step takes the q4_k/q6_k ops (their fake shapes: qwen2/runtime/compile.py)
     and gives the eager step's logits, up to a quantisation step of the activations that fused fp32
     arithmetic can move (as tests/test_compile.py)."""
-    from qwen2 import compile as C
+    from qwen2.runtime.executor import make_decoder
 
     path, _ = kquant_gguf
-    model = qwen2.load(path, quantize="int4", progress=False).model
+    model = make_decoder(qwen2.load(path, quantize="int4", progress=False).model)
 
     def decode_logits(steps=5):
         out = []
@@ -323,7 +324,7 @@ def test_compiled_decode_with_kquant_layers(kquant_gguf):
         return torch.stack(out, 1)
 
     eager = decode_logits()
-    compiled = C.compile_decode(model)
+    model = compiled = make_decoder(model.model, "compiled")
     got = decode_logits()
     assert compiled.error is None, compiled.error
     assert float((got - eager).abs().max()) <= 1e-2 * float(eager.abs().max())

@@ -1,4 +1,4 @@
-"""Weight-only quantisation (qwen2/quantize.py, qwen2/kernels/): the quantisers, every compute path of
+"""Weight-only quantisation (qwen2/quant/, qwen2/kernels/): the quantisers, every compute path of
 the quantised linears against the dequantised fp32 reference, the native kernel against a PyTorch
 model of its integer arithmetic, whole-model conversion, and the real 0.5B model's greedy agreement
 and perplexity against fp32.
@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from qwen2 import kernels
-from qwen2 import quantize as Q
+from qwen2 import quant as Q
 from qwen2.config import Qwen2Config
 from qwen2.errors import Qwen2Error
 from qwen2.model import Transformer
@@ -375,7 +375,7 @@ PROMPTS = [
 
 
 def _greedy(model, prompts, n=32):
-    from qwen2.generate import SamplingParams, decode_steps
+    from qwen2.runtime.generate import SamplingParams, decode_steps
 
     steps = decode_steps(model, prompts, SamplingParams(max_new_tokens=n, temperature=0.0), pad_id=0)
     return torch.stack(list(steps), dim=1).tolist()  # (B, n)

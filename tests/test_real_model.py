@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from qwen2.generate import SamplingParams, decode_steps
+from qwen2.runtime.generate import SamplingParams, decode_steps
 
 pytestmark = pytest.mark.real_model
 

@@ -18,7 +18,8 @@ import torch
 from ggufs import random_model, tiny_config
 from qwen2 import cli
 from qwen2.api import Qwen2
-from qwen2.generate import SamplingParams
+from qwen2.model import StaticKV
+from qwen2.runtime.generate import SamplingParams
 from qwen2.serve.app import create_app, serve_in_background
 from qwen2.serve.engine import Delta, Engine, Finish, QueueFull, Request
 from qwen2.serve.protocol import ChatMessage
@@ -199,10 +200,10 @@ def test_concurrent_streams_equal_each_request_alone(tiny, server, client):
     assert engine.free_slots == engine.max_batch
 
 
-def test_static_decode_with_a_slot_per_row_equals_each_row_alone(tiny):
+def test_static_cache_with_a_slot_per_row_equals_each_row_alone(tiny):
     """`StaticKV.slot` of shape (B,): rows at different lengths write their own slot, see their own
     keys (`valid`) at their own RoPE position; each row's logits are its one-row decode's."""
-    model = tiny.model
+    model = tiny.decoder  # the executor the server runs
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
     nxt = torch.tensor([[20], [21], [22]])
     S, L = 12, model.config.num_hidden_layers
@@ -217,8 +218,8 @@ def test_static_decode_with_a_slot_per_row_equals_each_row_alone(tiny):
             alone.append(model(nxt[row:row + 1], cache=cache)[0, -1])
         lengths = torch.tensor([len(p) for p in prompts])
         valid = torch.arange(S)[None] <= lengths[:, None]
-        logits = model.static_decode(nxt, k.clone(), v.clone(), valid, lengths, lengths)[:, -1]
-        exact = model.static_decode(nxt, k, v, valid, lengths, lengths, exact_rows=True)[:, -1]  # as the server runs
+        logits = model(nxt, cache=StaticKV(k.clone(), v.clone(), valid, lengths, lengths))[:, -1]
+        exact = model(nxt, cache=StaticKV(k, v, valid, lengths, lengths, exact_rows=True))[:, -1]  # as the server runs
     torch.testing.assert_close(logits, torch.stack(alone), rtol=0, atol=1e-5)
     torch.testing.assert_close(exact, torch.stack(alone), rtol=0, atol=1e-5)
     assert all(bool(k[:, row, :, n].abs().sum() > 0) for row, n in enumerate(lengths.tolist()))  # written in place
@@ -736,7 +737,7 @@ def test_cli_serve(monkeypatch, tmp_path, tiny, capsys):
     import uvicorn as uv
 
     seen = {}
-    monkeypatch.setattr(cli, "_load", lambda args: tiny)
+    monkeypatch.setattr(cli.model_args, "load_model", lambda args: tiny)
     monkeypatch.setattr(uv.Server, "run", lambda server, sockets: seen.update(app=server.config.app,
                                                                                address=sockets[0].getsockname()))
     monkeypatch.setenv("QWEN2_API_KEY", "from-env")
@@ -752,7 +753,7 @@ def test_cli_serve(monkeypatch, tmp_path, tiny, capsys):
 
 
 def test_cli_serve_bad_port_fails_before_loading(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(cli.model_args, "load_model", lambda args: pytest.fail("the model was loaded"))
     for port in ("99999", "-1"):
         assert cli.main(["serve", "--port", port]) == 1
         assert capsys.readouterr().err == \
@@ -760,7 +761,7 @@ def test_cli_serve_bad_port_fails_before_loading(monkeypatch, capsys):
 
 
 def test_cli_serve_port_in_use_fails_before_loading(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(cli.model_args, "load_model", lambda args: pytest.fail("the model was loaded"))
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

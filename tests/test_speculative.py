@@ -1,4 +1,4 @@
-"""Speculative decoding (qwen2/speculative.py): whatever the drafter proposes, the tokens are plain
+"""Speculative decoding (qwen2/runtime/speculative.py): whatever the drafter proposes, the tokens are plain
 greedy decoding's. Tiny random models for the mechanics, the real 0.5B model on a code-editing
 prompt for the acceptance rate that makes it worth doing."""
 import pathlib
@@ -10,9 +10,9 @@ from qwen2 import cli
 from qwen2.api import Qwen2
 from qwen2.config import Qwen2Config
 from qwen2.errors import Qwen2Error
-from qwen2.generate import SamplingParams, decode_steps, generate_text
+from qwen2.runtime.generate import SamplingParams, decode_steps, generate_text
 from qwen2.model import Transformer
-from qwen2.speculative import (DraftModelDrafter, Drafter, PromptLookupDrafter, SpeculationStats, speculative_steps,
+from qwen2.runtime.speculative import (DraftModelDrafter, Drafter, PromptLookupDrafter, SpeculationStats, speculative_steps,
                                steps_with)
 
 
@@ -314,7 +314,7 @@ def test_real_int4_model_prompt_lookup_equals_its_plain_greedy(real_int4):
 def test_cli_speculative(real_model, monkeypatch, capsys):
     import qwen2.api
 
-    monkeypatch.setattr(cli, "_load", lambda args: real_model)
+    monkeypatch.setattr(cli.model_args, "load_model", lambda args: real_model)
     monkeypatch.setattr(qwen2.api, "load", lambda source, **kw: real_model)  # --draft-model loads through it
     expected = real_model.generate("def add(a, b):", max_new_tokens=12)
     for flags in (["--speculative", "prompt-lookup"], ["--draft-model", "x", "--num-draft-tokens", "3"]):

@@ -120,10 +120,10 @@ def _english() -> list[str]:
     """Real English prose with no download: the docstrings of this project's modules."""
     import qwen2.eval.perplexity
     import qwen2.long_context
-    import qwen2.moe
+    import qwen2.model.moe
     import qwen2.train.data
     import qwen2.train.loop
-    return [m.__doc__ for m in (qwen2.eval.perplexity, qwen2.long_context, qwen2.moe, qwen2.train.data,
+    return [m.__doc__ for m in (qwen2.eval.perplexity, qwen2.long_context, qwen2.model.moe, qwen2.train.data,
                                 qwen2.train.loop)]
 
 

@@ -111,7 +111,7 @@ def save_hf_dir(path: str, config: Qwen2Config, state_dict: dict[str, torch.Tens
     path = check_output_dir(path, overwrite)
     if not state_dict:
         raise Qwen2Error("no tensors to save: the state dict is empty")
-    from . import check_state_dict
+    from .build import check_state_dict
     check_state_dict(config, state_dict)  # never write a directory that would not load
     try:
         with atomic_dir(path) as tmp:

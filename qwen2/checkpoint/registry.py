@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 
 from ..errors import Qwen2Error
-from ..fileio import atomic_file
+from ..fileio import atomic_file, cache_dir
 
 
 @dataclass(frozen=True)
@@ -48,10 +48,6 @@ KNOWN_MODELS: dict[str, KnownModel] = {m.name: m for m in [
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 STAMP = "qwen2_source.json"  # written last into a converted directory: which GGUF, which converter
 CONVERTER_VERSION = 2  # bump when conversion output changes, so cached directories are redone
-
-
-def cache_dir() -> str:
-    return os.environ.get("QWEN2_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qwen2")
 
 
 def known_model(name: str) -> KnownModel:

@@ -270,7 +270,7 @@ def model_generator(m, batch: int = 8) -> Generator:
             **({"top_p": settings.top_p, "seed": settings.seed + index} if settings.temperature > 0 else {})),
             settings.samples) for index, prompt in jobs]
         longest = max(len(ids) for ids, _, _ in requests) + settings.max_new_tokens
-        engine = Engine(m.model, m.tokenizer, m.eos_ids, max_batch=max(batch, settings.samples),
+        engine = Engine(m.decoder, m.tokenizer, m.eos_ids, max_batch=max(batch, settings.samples),
                         max_model_len=min(longest, m.config.max_position_embeddings))
         for j, texts in complete_all(engine, requests):
             yield jobs[j][0], texts

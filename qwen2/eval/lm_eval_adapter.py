@@ -31,7 +31,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from ..checkpoint.registry import DEFAULT_MODEL
 from ..errors import Qwen2Error
-from ..generate import SamplingParams, generate_text
+from ..runtime.generate import SamplingParams, generate_text
 from ..progress import progress_bar
 
 
@@ -138,7 +138,7 @@ class Qwen2LM(TemplateLM):
             ids = self.tok_encode(context)[-max(1, self.max_length - max_new):]  # room for the reply
             params = SamplingParams(max_new_tokens=max_new, temperature=temperature, stop=tuple(until),
                                     top_p=float(kwargs.get("top_p", 1.0)), seed=kwargs.get("seed"))
-            reply = generate_text(self.m.model, self.tokenizer, [ids], params, self.m.eos_ids)[0]
+            reply = generate_text(self.m.decoder, self.tokenizer, [ids], params, self.m.eos_ids)[0]
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), reply)
             replies.append(reply)
         return replies

@@ -23,6 +23,7 @@ import threading
 import torch
 
 from ..errors import Qwen2Error
+from ..fileio import cache_dir
 from ..progress import notice
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quant_linear.cpp")
@@ -53,7 +54,6 @@ def _cpu_flags() -> str:
 
 
 def _build_dir() -> str:
-    from ..checkpoint.registry import cache_dir
     key = hashlib.sha256()
     sources = [open(source, "rb").read() for source in SOURCES]
     for part in (*sources, torch.__version__.encode(), " ".join(cflags()).encode(), _cpu_flags().encode(),

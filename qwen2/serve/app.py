@@ -171,7 +171,7 @@ def create_app(qwen, *, model_name: str | None = None, api_key: str | None = Non
     is being served (ASGI lifespan). api_key=None serves without authentication."""
     if qwen.tokenizer is None:
         raise Qwen2Error(f"{qwen.source} has no tokenizer files; the server needs them to read and write text")
-    engine = engine or E.Engine(qwen.model, qwen.tokenizer, qwen.eos_ids, max_batch=max_batch,
+    engine = engine or E.Engine(qwen.decoder, qwen.tokenizer, qwen.eos_ids, max_batch=max_batch,
                                 max_model_len=max_model_len, max_queue=max_queue)
     model_name = model_name or served_name(qwen.source)
     metrics = Metrics()

@@ -8,7 +8,7 @@
                                                     emit:  text pieces back to each request's callback
 
 The slot pool is one KV tensor (L, max_batch, nkv, max_model_len, hs). Rows 0..n-1 are the live
-sequences, each at its own length: a decode step is `Transformer.static_decode` over rows [:n] and
+sequences, each at its own length: a decode step is one forward through a `StaticKV` view of rows [:n] and
 the first S slots (S = longest live length + 1, not max_model_len), where each row writes its new
 key/value to its own slot (`StaticKV.slot` of shape (n,)), sees only its own slots through `valid`,
 and takes its own RoPE position. There is no padding in the pool (every row starts at slot 0), so a
@@ -31,8 +31,11 @@ from typing import Callable, Sequence
 
 import torch
 
+from .. import long_context
 from ..errors import Qwen2Error
-from ..generate import SamplingParams, TextStream, next_token
+from ..model.cache import StaticKV
+from ..runtime.executor import as_decoder
+from ..runtime.generate import SamplingParams, TextStream, next_token
 
 
 class QueueFull(Exception):
@@ -122,13 +125,14 @@ class Engine:
         if not isinstance(max_model_len, int) or not 2 <= max_model_len <= config.max_position_embeddings:
             raise Qwen2Error(f"max_model_len must be between 2 and the model's context length "
                              f"({config.max_position_embeddings}), got {max_model_len!r}")
-        self.model, self.tokenizer, self.eos_ids = model, tokenizer, list(eos_ids)
+        self.model = as_decoder(model)  # a bare model runs through its fastest executor
+        self.tokenizer, self.eos_ids = tokenizer, list(eos_ids)
         self.max_batch, self.max_model_len = max_batch, max_model_len
         self.max_queue = max_queue if max_queue is not None else 4 * max_batch
         self.prefill_budget = prefill_budget  # prompt tokens admitted per step (one longer prompt still goes alone)
         # Each row attends over its own keys, unmasked, as it would alone (B small SDPA calls per layer
         # instead of one masked one): greedy text then equals the request's alone, quantised models too.
-        self.exact_rows = not (getattr(model, "sliding_layers", None) or config.dual_chunk_attention_config)
+        self.exact_rows = not (long_context.sliding_layers(config) or config.dual_chunk_attention_config)
         shape = (config.num_hidden_layers, max_batch, config.num_key_value_heads, max_model_len, config.head_dim)
         with torch.inference_mode():  # pages are only touched as rows fill, so RSS grows with use
             self.k = torch.zeros(shape, dtype=model.dtype, device=model.device)  # (L, max_batch, nkv, max_len, hs)
@@ -295,8 +299,8 @@ class Engine:
         S = int(lengths.max()) + 1  # attend over the longest live row, not the whole pool
         valid = torch.arange(S, device=device)[None, :] <= lengths[:, None]  # (n, S)
         ids = torch.tensor([[s.pending] for s in self.rows], device=device)  # (n, 1)
-        logits = self.model.static_decode(ids, self.k[:, :n, :, :S], self.v[:, :n, :, :S], valid, lengths, lengths,
-                                          exact_rows=self.exact_rows)
+        cache = StaticKV(self.k[:, :n, :, :S], self.v[:, :n, :, :S], valid, lengths, lengths, exact_rows=self.exact_rows)
+        logits = self.model(ids, cache=cache)
         for seq in self.rows:
             seq.length += 1
         self.decode_steps += 1

@@ -25,7 +25,7 @@ import torch
 
 from ..eval.humaneval import extract_code
 from ..eval.sandbox import Limits, run_python
-from ..generate import SamplingParams, generate_text
+from ..runtime.generate import SamplingParams, generate_text
 from . import data as D
 from .dpo import DirectPreference, PreferenceBatch
 from .forward import forward, token_log_probs

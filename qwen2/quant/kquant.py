@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from . import kernels
-from .errors import Qwen2Error
-from .quantize import QuantLinear
+from .. import kernels
+from ..errors import Qwen2Error
+from .linear import QuantLinear
 
 SUPER_BLOCK = 256  # weights per super-block (and the kernels' unit along K)
 Q4K_BYTES = 144

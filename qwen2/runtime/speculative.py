@@ -29,9 +29,11 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .errors import Qwen2Error
+from ..errors import Qwen2Error
+from ..model import Transformer
+from .decoder import EagerDecoder
+from .executor import as_decoder
 from .generate import SamplingParams, check_fits, greedy_choice
-from .model import Transformer
 
 SPECULATIVE_METHODS = ("prompt-lookup",)
 DEFAULT_NUM_DRAFT_TOKENS = {"prompt-lookup": 10, "draft-model": 5}
@@ -106,10 +108,11 @@ class DraftModelDrafter(Drafter):
 
     def __init__(self, draft_model, num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS["draft-model"]):
         super().__init__(num_draft_tokens)
-        model = draft_model if isinstance(draft_model, Transformer) else getattr(draft_model, "model", None)
-        if not isinstance(model, Transformer):
+        model = draft_model if isinstance(draft_model, (Transformer, EagerDecoder)) else \
+            getattr(draft_model, "decoder", None)
+        if not isinstance(model, (Transformer, EagerDecoder)):
             raise Qwen2Error(f"draft_model must be a Qwen2 from qwen2.load (or a Transformer), not {type(draft_model).__name__}")
-        self.model = model
+        self.model = as_decoder(model)
         self.cache = None
         self.cached: list[int] = []  # the tokens in self.cache, slot by slot
 
@@ -162,6 +165,7 @@ def speculative_steps(model: Transformer, prompt_ids: Sequence[int], params: Sam
     Counts go to `drafter.stats` (reset at the start of each run)."""
     check_greedy(params)
     prompt = [int(t) for t in prompt_ids]
+    model = as_decoder(model)
     check_fits(model, [len(prompt)], params.max_new_tokens)
     stats = drafter.stats = SpeculationStats()
     device, vocab = model.device, model.config.vocab_size

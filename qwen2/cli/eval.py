@@ -1,5 +1,5 @@
 """`qwen2 eval ...`: humaneval, perplexity, passkey, needle, lm-eval (added to the `qwen2` parser by
-qwen2/cli.py). Heavy imports happen inside the commands."""
+qwen2/cli/__init__.py). Heavy imports happen inside the commands."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +7,7 @@ import json
 import sys
 
 from ..errors import Qwen2Error
+from . import model_args
 
 
 def _floats(text: str) -> list[float]:
@@ -24,16 +25,15 @@ def _ints(text: str) -> list[int]:
 
 
 def cmd_humaneval(args) -> None:
-    from . import humaneval
-    from .sandbox import Limits
-    from ..cli import _load
+    from ..eval import humaneval
+    from ..eval.sandbox import Limits
 
     settings = humaneval.Settings(model=args.model, samples=args.samples, temperature=args.temperature,
                                   top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
     ks = sorted({1, args.k or 1})
     problems = humaneval.load_problems(limit=args.limit)
     limits = Limits(timeout=args.timeout)
-    m = _load(args)
+    m = model_args.load_model(args)
     summary = humaneval.run(humaneval.model_generator(m, batch=args.batch), problems, args.out, settings, ks=ks, limits=limits,
                             tokenizer=m.tokenizer)
     rates = ", ".join(f"{k} {summary[k]:.3f}" for k in summary if k.startswith("pass@"))
@@ -43,21 +43,19 @@ def cmd_humaneval(args) -> None:
 
 def cmd_perplexity(args) -> None:
     from ..fileio import read_text
-    from .perplexity import perplexity
-    from ..cli import _load
+    from ..eval.perplexity import perplexity
 
     text = read_text(args.file)
-    m = _load(args)
+    m = model_args.load_model(args)
     r = perplexity(m.model, m.tokenizer.encode(text), context=args.context, stride=args.stride, progress=True)
     print(f"perplexity {r.perplexity:.4f} over {r.scored} scored tokens of {r.tokens} "
           f"({r.windows} windows of {r.context} tokens, stride {r.stride}; mean NLL {r.mean_nll:.4f} nats)")
 
 
 def cmd_retrieval(args) -> None:
-    from . import retrieval
-    from ..cli import _load
+    from ..eval import retrieval
 
-    m = _load(args)
+    m = model_args.load_model(args)
     chat = None if args.chat is None else args.chat == "on"
     records = retrieval.run(m, args.kind, args.lengths, args.depths, trials=args.trials, chat=chat,
                             max_new_tokens=args.max_new_tokens)
@@ -72,7 +70,7 @@ def cmd_retrieval(args) -> None:
 
 def cmd_lm_eval(args) -> None:
     try:
-        from .lm_eval_adapter import main
+        from ..eval.lm_eval_adapter import main
     except ImportError as e:
         raise Qwen2Error(f"qwen2 eval lm-eval needs lm-eval ({e.name} is missing): pip install -e '.[eval]'") from None
     code = main(args.args)

@@ -13,9 +13,9 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .errors import Qwen2Error
-from .long_context import context_length
-from .model import Transformer
+from ..errors import Qwen2Error
+from ..long_context import context_length
+from .executor import as_decoder
 
 MIN_TEMPERATURE = 1e-5  # sampling below it is sampling at it (see sampling_distribution)
 
@@ -114,7 +114,7 @@ def sampling_distribution(logits: torch.Tensor, params: SamplingParams, seen: to
     return logits.softmax(-1)
 
 
-def check_fits(model: Transformer, prompt_lengths: Sequence[int], max_new_tokens: int) -> None:
+def check_fits(model, prompt_lengths: Sequence[int], max_new_tokens: int) -> None:
     if any(n == 0 for n in prompt_lengths):
         raise Qwen2Error("empty prompt: give at least one token of text")
     context = context_length(model.config)  # more than max_position_embeddings under YaRN rope_scaling
@@ -124,10 +124,11 @@ def check_fits(model: Transformer, prompt_lengths: Sequence[int], max_new_tokens
                          f"length of {context} tokens; shorten the prompt or lower max_new_tokens")
 
 
-def decode_steps(model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams,
+def decode_steps(model, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  pad_id: int = 0) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,) per step, up to params.max_new_tokens steps.
     Prompts of different lengths are left-padded; the caller stops iterating when done."""
+    model = as_decoder(model)  # a bare model runs through its fastest executor
     check_fits(model, [len(p) for p in prompts], params.max_new_tokens)
     B, T = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -197,7 +198,7 @@ class TextStream:
         return text
 
 
-def stream_rows(model: Transformer, tokenizer, prompts: Sequence[Sequence[int]], params: SamplingParams,
+def stream_rows(model, tokenizer, prompts: Sequence[Sequence[int]], params: SamplingParams,
                 eos_ids: Sequence[int], steps=None) -> Iterator[tuple[int, str]]:
     """Yield (row, text piece) as tokens are generated, until every row has finished.
     `steps(model, prompts, params, pad_id=...)` makes the token stream; `decode_steps` by default
@@ -217,7 +218,7 @@ def stream_rows(model: Transformer, tokenizer, prompts: Sequence[Sequence[int]],
             yield row, piece
 
 
-def generate_text(model: Transformer, tokenizer, prompts: Sequence[Sequence[int]], params: SamplingParams,
+def generate_text(model, tokenizer, prompts: Sequence[Sequence[int]], params: SamplingParams,
                   eos_ids: Sequence[int], steps=None) -> list[str]:
     texts = [""] * len(prompts)
     for row, piece in stream_rows(model, tokenizer, prompts, params, eos_ids, steps=steps):

@@ -32,18 +32,16 @@ scale dtype, so |w - dequant| <= scale / 2. int4 min = the group's minimum round
 """
 from __future__ import annotations
 
-import ctypes
 import math
-import mmap
-import os
 from typing import Iterable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import kernels
-from .errors import Qwen2Error
+from .. import kernels
+from ..errors import Qwen2Error
+from .kinds import KIND_CODES, NO_TENSOR, bias_or_empty
 
 MODES = ("int8", "int4", "int4-pure")
 GROUP_SIZES = (32, 64, 128, 256)  # int4 choices (and what the kernel's 32-input blocks allow)
@@ -160,7 +158,7 @@ class QuantLinear(nn.Module):
         super().__setattr__(name, value)
 
     def native_layout(self, rows: int) -> tuple | None:
-        """`native_linear(self, rows)`: built once, as decode asks it of every layer at every step,
+        """`qwen2.runtime.native.native_linear(self, rows)`: built once, as decode asks it of every layer at every step,
         and forgotten whenever an attribute is set."""
         native = self.__dict__.get("_native")
         if native is None:
@@ -173,12 +171,12 @@ class QuantLinear(nn.Module):
         """(rows below which forward takes the kernel, the layout native_linear gives); `path` decides
         (and raises as forward would): a one-row forward on the kernel means "auto" below dense_rows
         rows, or "kernel" at any count."""
-        if self.mode not in NATIVE_KINDS or self.path(1) != "kernel":
+        if self.mode not in KIND_CODES or self.path(1) != "kernel":
             return 0, None
         buffers = self._buffers
-        layout = [buffers["weight"], buffers.get("scales", _NO_TENSOR), buffers.get("mins", _NO_TENSOR), _bias(self)]
+        layout = [buffers["weight"], buffers.get("scales", NO_TENSOR), buffers.get("mins", NO_TENSOR), bias_or_empty(self)]
         most_rows = self.dense_rows if self.backend == "auto" else math.inf
-        return most_rows, (NATIVE_KINDS[self.mode], self.group_size, self.activation_digits, layout)
+        return most_rows, (KIND_CODES[self.mode], self.group_size, self.activation_digits, layout)
 
     # subclasses: _kernel(x_fp32) -> (M, N) fp32, _dequant_rows(rows, dtype) -> (n, K) for `rows` a
     # slice or a 1-d index tensor of output rows
@@ -244,6 +242,19 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, {self.describe()}, "
                 f"bias={self.bias is not None}")
+
+
+def check_group_size(group_size: int, in_features: dict[str, int]) -> None:
+    """Raise Qwen2Error unless `group_size` is one the int4 kernel takes and divides every input width."""
+    if group_size not in GROUP_SIZES:
+        raise Qwen2Error(f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, not {group_size!r}")
+    bad = {name: k for name, k in in_features.items() if k % group_size}
+    if bad:
+        fits = [g for g in GROUP_SIZES if all(k % g == 0 for k in in_features.values())]
+        name, k = next(iter(bad.items()))
+        raise Qwen2Error(f"int4 group size {group_size} does not divide the {k} input features of {name}; "
+                         + (f"group sizes that fit: {', '.join(map(str, fits))}" if fits else
+                            "no int4 group size fits this model; use int8"))
 
 
 def int8_group_size(in_features: int) -> int:
@@ -342,26 +353,6 @@ class Int4Linear(QuantLinear):
         return (q * scales + mins).view(-1, self.in_features)
 
 
-_NO_TENSOR = torch.empty(0)
-NATIVE_KINDS = {"dense": 0, "int4": 1, "int8": 2, "q4_k": 3, "q6_k": 4}  # qwen2/kernels/decode_block.cpp's
-
-
-def native_linear(module: nn.Module, rows: int) -> tuple | None:
-    """How `decode_block` (qwen2/kernels/decode_block.cpp) computes `module` for `rows` rows of x as
-    its forward would: (kind, group_size, digits, [three layout tensors, bias]), unused ones empty;
-    None when the forward would take another path (a quantised linear's dense or reference
-    backend) or the module is neither nn.Linear nor one of our quantised linears (a LoRA wrapper)."""
-    if type(module) is nn.Linear:
-        if module.weight.dtype != torch.float32:
-            return None
-        return NATIVE_KINDS["dense"], 0, 0, [module.weight, _NO_TENSOR, _NO_TENSOR, _bias(module)]
-    return module.native_layout(rows) if isinstance(module, QuantLinear) else None
-
-
-def _bias(linear: nn.Module) -> torch.Tensor:
-    return _NO_TENSOR if linear.bias is None else linear.bias
-
-
 class QuantEmbedding(nn.Module):
     """The token embedding read from a quantised tied head's rows, as llama.cpp reads its token_embd:
     each looked-up row dequantised, so the model keeps no fp32 table (a second copy of the head's
@@ -383,236 +374,3 @@ class QuantEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, rows of the lm_head ({self.head.mode})"
-
-
-# --------------------------------------------------------------------------------------------------
-# Whole models
-# --------------------------------------------------------------------------------------------------
-
-def check_mode(mode: str | None) -> str | None:
-    if mode is None or mode in ("none", "fp32", ""):
-        return None
-    if mode not in MODES:
-        raise Qwen2Error(f"unknown quantization {mode!r}; use one of {', '.join(MODES)} (or none)")
-    return mode
-
-
-def check_group_size(group_size: int, in_features: dict[str, int]) -> None:
-    """Raise Qwen2Error unless `group_size` is one the int4 kernel takes and divides every input width."""
-    if group_size not in GROUP_SIZES:
-        raise Qwen2Error(f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, not {group_size!r}")
-    bad = {name: k for name, k in in_features.items() if k % group_size}
-    if bad:
-        fits = [g for g in GROUP_SIZES if all(k % g == 0 for k in in_features.values())]
-        name, k = next(iter(bad.items()))
-        raise Qwen2Error(f"int4 group size {group_size} does not divide the {k} input features of {name}; "
-                         + (f"group sizes that fit: {', '.join(map(str, fits))}" if fits else
-                            "no int4 group size fits this model; use int8"))
-
-
-def quantized_linears(model: nn.Module) -> dict[str, QuantLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-
-
-def quantize_model(model, mode: str, group_size: int = DEFAULT_GROUP_SIZE, lm_head: bool | None = None,
-                   release: bool = False):
-    """Replace the q/k/v/o and gate/up/down projections of every block (and, with `lm_head`, the
-    output head, always int8: see below) of a `Transformer` by quantised linears, in place; returns it.
-    mode "int8": all int8 (groups of 32, `int8_group_size`). "int4": group-wise int4, but v_proj and
-    down_proj int8 (see INT4_KEEP_INT8). "int4-pure": all seven int4.
-
-    `lm_head` None means the mode's default: int8 in the int4 modes, fp32 in int8 mode. The lm_head
-    is the largest single matrix of a small model (136 M of the 0.5B model's 494 M parameters), so
-    reading it in fp32 is a third of a decode step; but its errors go straight into the logits, where
-    they flip near-tie greedy choices: int8 mode is the accuracy mode, so it keeps the head exact.
-    When quantised it is int8, never int4 (errors ~16x smaller for ~60 MB more). A tied embedding
-    is left intact (the head gets a quantised copy; loading from a GGUF then reads the embedding's
-    rows from the head's exact blocks: `QuantEmbedding`).
-
-    `release`: the fp32 weights may live in a memory-mapped file (safetensors); drop their pages from
-    this process once quantised, so resident memory does not keep the fp32 model (load() uses it).
-    """
-    mode = check_mode(mode)
-    if mode is None:
-        return model
-    keep_int8 = INT4_KEEP_INT8 if mode == "int4" else ()
-    lm_head = mode != "int8" if lm_head is None else lm_head
-    if getattr(model, "quantization", None):
-        raise Qwen2Error(f"the model is already quantised ({describe(model)})")
-    if model.device.type != "cpu":
-        raise Qwen2Error(f"quantised linears run on the CPU only, not {model.device}")
-    config = model.config
-    if config.num_experts:
-        raise Qwen2Error("quantised linears do not cover mixture-of-experts layers yet; load this Qwen2-MoE model "
-                         "without quantize=")
-    if mode.startswith("int4"):
-        check_group_size(group_size, {
-            "q/k/v/gate/up_proj (hidden size)": config.hidden_size,
-            "o_proj (heads x head dim)": config.num_attention_heads * config.head_dim,
-            "down_proj (intermediate size)": config.intermediate_size})
-    mapped = _file_mappings() if release else []
-
-    def convert(linear: nn.Linear, as_mode: str) -> QuantLinear:
-        # each chunk's fp32 pages go as soon as it is quantised: never more than a chunk of them resident
-        release_chunk = None if not mapped else (lambda t: _release_pages(t, mapped))
-        w = linear.weight.detach()
-        if as_mode.startswith("int4"):
-            return Int4Linear.from_float(w, linear.bias, group_size, on_chunk=release_chunk)
-        return Int8Linear.from_float(w, linear.bias, on_chunk=release_chunk)
-
-    with torch.no_grad():
-        for block in model.model.layers:
-            for path in BLOCK_LINEARS:
-                parent_name, name = path.split(".")
-                parent = getattr(block, parent_name)
-                setattr(parent, name, convert(getattr(parent, name), "int8" if path in keep_int8 else mode))
-        if lm_head:
-            # A tied embedding's pages go too, as they are read: they belong to a file mapping (the
-            # only pages released), so a later lookup faults its row back in from the checkpoint,
-            # and a GGUF's exact head soon replaces the table altogether (QuantEmbedding).
-            model.lm_head = convert(model.lm_head, "int8")
-    for name, layer in quantized_linears(model).items():
-        layer.activation_digits = 2 if "self_attn" in name or mode == "int8" else 1
-        if mode == "int8":
-            # int8 mode is the accuracy mode: a bf16 prefill alone flips 1-2 of 20 greedy continuations
-            layer.dense_dtype = torch.float32
-    model.quantization = {"mode": mode, "group_size": group_size if mode.startswith("int4") else None,
-                          "int8": [p.split(".")[1] for p in keep_int8], "lm_head": "int8" if lm_head else None}
-    return model
-
-
-def describe(model) -> str:
-    """'int4 (group 32; v_proj, down_proj int8; exact from the GGUF: 197 Q4_K as q4_k, 29 Q6_K as q6_k),
-    lm_head q6_k' or 'none': GGUF block types taken exactly, each with the layout that holds it (q4_k
-    and q6_k: the GGUF's super-blocks kept as they are, `qwen2.kquant`)."""
-    q = getattr(model, "quantization", None)
-    if not q:
-        return "none"
-    layouts = q.get("gguf_layouts", {})
-    more = ([f"group {q['group_size']}"] if q.get("group_size") else []) + \
-        ([", ".join(q["int8"]) + " int8"] if q.get("int8") else []) + \
-        (["exact from the GGUF: " + ", ".join(f"{n} {t}" + (f" as {layouts[t]}" if t in layouts else "")
-                                              for t, n in sorted(q["gguf_exact"].items()))]
-         if q.get("gguf_exact") else [])
-    text = q["mode"] + (f" ({'; '.join(more)})" if more else "")
-    return text + (f", lm_head {q['lm_head']}" if q.get("lm_head") else ", lm_head fp32")
-
-
-def num_parameters(model: nn.Module) -> int:
-    """Logical parameter count: a quantised linear counts its in x out weights (and bias) once."""
-    seen, n = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            n += p.numel()
-    return n + sum(m.in_features * m.out_features for m in quantized_linears(model).values())
-
-
-def set_backend(model: nn.Module, backend: str) -> None:
-    """Use `backend` ("auto", "kernel", "dense", "reference") in every quantised linear of `model`."""
-    if backend not in BACKENDS:
-        raise Qwen2Error(f"unknown quantised-linear backend {backend!r}; use one of {', '.join(BACKENDS)}")
-    for m in quantized_linears(model).values():
-        m.backend = backend
-
-
-# --------------------------------------------------------------------------------------------------
-# Giving back the pages of memory-mapped fp32 weights
-# --------------------------------------------------------------------------------------------------
-
-def _file_mappings() -> list[tuple[int, int]]:
-    """(start, end) of this process's mappings of regular files (Linux; empty elsewhere)."""
-    spans = []
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                parts = line.split(maxsplit=5)
-                if len(parts) == 6 and parts[5].startswith("/") and "(deleted)" not in parts[5]:
-                    start, end = (int(x, 16) for x in parts[0].split("-"))
-                    spans.append((start, end))
-    except OSError:
-        pass
-    return spans
-
-
-_MADV_DONTNEED = 4
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def _release_pages(t: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
-    """Drop the whole pages under `t` from this process when they belong to a file mapping (a
-    memory-mapped checkpoint): re-reading them would fetch the file's bytes again, so nothing else
-    can lose data; anonymous memory is never touched (it is freed when its last tensor goes)."""
-    if not mapped or t.device.type != "cpu":
-        return
-    start = t.data_ptr()
-    end = start + t.numel() * t.element_size()
-    if not any(a <= start and end <= b for a, b in mapped):
-        return
-    first, last = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE
-    if last <= first:
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), ctypes.c_int(_MADV_DONTNEED))
-    except (OSError, AttributeError):
-        pass
-
-
-# --------------------------------------------------------------------------------------------------
-# The quantised weights in 2 MB pages
-# --------------------------------------------------------------------------------------------------
-
-_HUGE_PAGE = 2 << 20
-
-
-def into_huge_pages(model: nn.Module) -> int:
-    """Move every quantised linear's buffers (weights, scales, mins, bias) into one private anonymous
-    mapping advised for transparent huge pages (`MADV_HUGEPAGE`), in the model's order; returns the
-    bytes placed there (0 where the OS has no such advice: the buffers stay where they are).
-
-    Why: a decode step streams all of them from memory once per token, and with 4 KB pages a core
-    reads memory markedly slower here (`torch.ones(2**28).sum()`: 11.9 GB/s on one thread with 4 KB
-    pages, 15.0 with 2 MB ones); int4 decode steps took 25.2 instead of 27.9 ms on the 0.5B model and
-    57.8 instead of 59.5 on the 1.5B (`benchmarks/bench_native_decode.py`, alternating). Where
-    the kernel hands out no huge pages (THP "never"), the copy is all that happens. The copy is one
-    buffer at a time, each old one freed as its module takes the new and its memory handed back to
-    the OS every 32 MB (malloc keeps freed blocks for reuse otherwise: resident memory would grow by
-    the whole quantised model, 240 MB on the 0.5B), so memory grows by ~32 MB plus the largest buffer.
-    Cost: the first touch of fresh 2 MB pages, ~0.9 s for the 0.5B model's 367 MB on this VM."""
-    if not hasattr(mmap, "MADV_HUGEPAGE"):
-        return 0
-    # (module, name, bytes) only: holding the tensors here would keep every old buffer alive to the end
-    buffers = [(module, name, t.numel() * t.element_size()) for module in quantized_linears(model).values()
-               for name, t in module.named_buffers(recurse=False) if t.device.type == "cpu" and t.numel() > 0]
-    if not buffers:
-        return 0
-    padded = [-(-size // 64) * 64 for _, _, size in buffers]  # each cache-line aligned
-    region = mmap.mmap(-1, sum(padded) + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        region.madvise(mmap.MADV_HUGEPAGE)
-    except OSError:  # a kernel built without THP
-        region.close()
-        return 0
-    arena = torch.frombuffer(region, dtype=torch.uint8)  # its views keep `region` alive
-    start = offset = -arena.data_ptr() % _HUGE_PAGE  # from a 2 MB boundary: the first page can be huge too
-    unreturned = 0
-    for (module, name, size), step in zip(buffers, padded):
-        old = getattr(module, name)
-        setattr(module, name, arena[offset:offset + size].view(old.dtype).view(old.shape).copy_(old))
-        del old
-        offset += step
-        unreturned += size
-        if unreturned >= 32 << 20:
-            _return_freed_memory()
-            unreturned = 0
-    _return_freed_memory()
-    return offset - start
-
-
-def _return_freed_memory() -> None:
-    """Hand the pages of freed heap blocks back to the OS (glibc's malloc_trim; elsewhere nothing)."""
-    try:
-        ctypes.CDLL(None).malloc_trim(ctypes.c_size_t(0))
-    except (OSError, AttributeError):
-        pass

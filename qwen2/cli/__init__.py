@@ -5,40 +5,11 @@ import argparse
 import os
 import sys
 
-from .checkpoint.registry import DEFAULT_MODEL, KNOWN_MODELS
-from .errors import Qwen2Error
-from .progress import answer_line_open
-from .quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, MODES
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
-                   help=f"registry name, HF model directory or .gguf file (default: {DEFAULT_MODEL})")
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
-    p.add_argument("--expert-dtype", default=None, metavar="DTYPE",
-                   help="Qwen2-MoE: store and run the experts in bfloat16 (half their memory, faster on CPUs "
-                        "with bf16 units) while the rest stays in --dtype")
-    _add_quantize_args(p)
-
-
-def _add_quantize_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quantize", choices=MODES, default=None,
-                   help="weight-only quantised linears (CPU): int8 (groups of 32), int4 group-wise "
-                        "(v_proj/down_proj int8), int4-pure (all int4); lm_head int8 in the int4 modes")
-    p.add_argument("--group-size", type=int, default=None,
-                   help=f"int4 group size: {', '.join(map(str, GROUP_SIZES))} (default {DEFAULT_GROUP_SIZE})")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiles on first use)")
-
-
-def _add_long_context_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("long context (YaRN, Dual Chunk Attention; the usable context grows with them)")
-    g.add_argument("--rope-scaling", default=None, metavar="SPEC",
-                   help="yarn:FACTOR (e.g. yarn:4), dynamic-yarn:FACTOR (plain RoPE until a sequence outgrows "
-                        "the trained length), yarn:FACTOR:ORIGINAL_LENGTH, or none")
-    g.add_argument("--dca", nargs="?", type=int, const=True, default=None, metavar="CHUNK_SIZE",
-                   help="Dual Chunk Attention (chunk size default: the trained length, local size chunk/32)")
-    g.add_argument("--long-context", action="store_true",
-                   help="the Qwen2.5 model cards' setting: YaRN factor 4 plus DCA (e.g. 32K -> 128K)")
+from ..checkpoint.registry import DEFAULT_MODEL, KNOWN_MODELS
+from ..errors import Qwen2Error
+from ..progress import answer_line_open
+from . import model_args
+from .model_args import add_long_context_args, add_model_args, add_quantize_args
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -67,7 +38,7 @@ def _speculative(args, m) -> dict:
     """generate()'s speculative options; the draft model is loaded once, like the target."""
     options = {"speculative": args.speculative, "num_draft_tokens": args.num_draft_tokens}
     if args.draft_model is not None:
-        from .api import load
+        from ..api import load
 
         options["draft_model"] = load(args.draft_model, dtype=args.dtype)
     options = {k: v for k, v in options.items() if v is not None}
@@ -79,15 +50,6 @@ def _speculative(args, m) -> dict:
 def _sampling(args) -> dict:
     keys = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop")
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
-
-
-def _load(args):
-    from .api import load
-
-    return load(args.model, dtype=args.dtype, quantize=getattr(args, "quantize", None),
-                group_size=getattr(args, "group_size", None), compile=getattr(args, "compile", False),
-                rope_scaling=getattr(args, "rope_scaling", None), dca=getattr(args, "dca", None),
-                long_context=getattr(args, "long_context", False), expert_dtype=getattr(args, "expert_dtype", None))
 
 
 def _print_stream(pieces) -> str:
@@ -106,14 +68,14 @@ def _print_stream(pieces) -> str:
 
 
 def cmd_generate(args) -> None:
-    m = _load(args)
+    m = model_args.load_model(args)
     m.sampling(**_sampling(args))  # validate options before any work
     speculative = _speculative(args, m)
     _print_stream(m.generate(args.prompt, stream=True, **_sampling(args), **speculative))
 
 
 def cmd_chat(args) -> None:
-    m = _load(args)
+    m = model_args.load_model(args)
     sampling = _sampling(args)
     m.sampling(**sampling)
     sampling.update(_speculative(args, m))
@@ -155,9 +117,9 @@ def cmd_chat(args) -> None:
 
 def _write_hf_dir(source: str, output: str, dtype: str, force: bool, transform=None) -> None:
     """Load `source`, transform its (config, state_dict) if asked, cast to `dtype`, write an HF directory."""
-    from .api import parse_dtype
-    from .checkpoint import load_checkpoint
-    from .checkpoint.hf import check_output_dir, save_hf_dir
+    from ..api import parse_dtype
+    from ..checkpoint import load_checkpoint
+    from ..checkpoint.hf import check_output_dir, save_hf_dir
 
     check_output_dir(output, overwrite=force)  # before minutes of loading, not after
     dtype = parse_dtype(dtype)
@@ -174,7 +136,7 @@ def cmd_convert(args) -> None:
 
 
 def cmd_upcycle(args) -> None:
-    from .moe import check_upcycle_options, upcycle
+    from ..checkpoint.upcycle import check_upcycle_options, upcycle
 
     check_upcycle_options(args.num_experts, args.top_k, args.expert_size, args.shared_expert_size,
                           args.reinit_fraction, args.seed)  # before minutes of loading
@@ -193,12 +155,12 @@ def _disk_size(path: str) -> int:
 
 
 def cmd_info(args) -> None:
-    from .checkpoint import resolve
+    from ..checkpoint import resolve
 
     path = resolve(args.model)
-    m = _load(argparse.Namespace(model=path, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size))
+    m = model_args.load_model(argparse.Namespace(model=path, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size))
     c = m.config
-    from .quantize import describe, num_parameters
+    from ..quant import describe, num_parameters
 
     n_params = num_parameters(m.model)  # tied weights count once; quantised ones by their logical size
     parameters = f"{n_params:,} ({n_params / 1e9:.2f} B)"
@@ -226,13 +188,13 @@ def cmd_serve(args) -> None:
     try:
         import uvicorn
 
-        from .serve.app import create_app, listening_socket
+        from ..serve.app import create_app, listening_socket
     except ImportError as e:
         raise Qwen2Error(f"qwen2 serve needs fastapi and uvicorn ({e.name} is missing); "
                          "install them with pip install -e '.[serve]'") from None
     api_key = args.api_key or os.environ.get("QWEN2_API_KEY") or None
     with listening_socket(args.host, args.port) as sock:  # a bad or busy port fails now, not after loading
-        m = _load(args)
+        m = model_args.load_model(args)
         app = create_app(m, api_key=api_key, max_batch=args.max_batch, max_model_len=args.max_model_len,
                          max_queue=args.max_queue)
         engine = app.state.engine
@@ -261,8 +223,8 @@ def _train_options_parser(task: str) -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> None:
-    from .train.config import load_config
-    from .train.run import TASK_FUNCTIONS
+    from ..train.config import load_config
+    from ..train.run import TASK_FUNCTIONS
 
     options = _train_options_parser(args.task).parse_intermixed_args(args.options)
     overrides = options.overrides + (["resume=true"] if options.resume else [])
@@ -281,19 +243,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="continue a prompt (streams to stdout)")
     p.add_argument("prompt")
-    _add_model_args(p)
+    add_model_args(p)
     _add_sampling_args(p)
     _add_speculative_args(p)
-    _add_long_context_args(p)
+    add_long_context_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="chat with the model (interactive, or one MESSAGE, or lines on stdin)")
     p.add_argument("message", nargs="?", help="answer this one message and exit")
     p.add_argument("--system", default=None, help="system prompt (default: the chat template's)")
-    _add_model_args(p)
+    add_model_args(p)
     _add_sampling_args(p)
     _add_speculative_args(p)
-    _add_long_context_args(p)
+    add_long_context_args(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("convert", help="convert a GGUF file (or any loadable model) to an HF directory")
@@ -322,11 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="config, parameter count, dtype and size on disk of a model")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     p.add_argument("--dtype", default="float32")
-    _add_quantize_args(p)
+    add_quantize_args(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a chat page")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on, 0-65535 (default 8000; 0 = any free one)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: env QWEN2_API_KEY)")
@@ -348,8 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("options", nargs=argparse.REMAINDER, metavar="[--config FILE] [--resume] [key=value ...]")
     p.set_defaults(func=cmd_train)
 
-    from .eval.cli import add_eval_parser  # qwen2 eval humaneval / perplexity / passkey / needle / lm-eval
-    add_eval_parser(sub, _add_model_args)
+    from .eval import add_eval_parser  # qwen2 eval humaneval / perplexity / passkey / needle / lm-eval
+    add_eval_parser(sub, add_model_args)
     return parser
 
 

@@ -1,6 +1,6 @@
 """Optional `torch.compile` of the decode step (one new token per row through the KV cache).
 
-The traced function is `Transformer.static_decode` (inductor, `fullgraph=True`, static shapes): it
+The traced function is `CompiledDecoder.static_step` (a forward through a `StaticKV` cache) (inductor, `fullgraph=True`, static shapes): it
 takes the cache slot as a tensor and the cache's `valid` mask, so one graph serves every step of a
 cache of that shape (a new batch size or cache length compiles again). Prefill and multi-token
 verification (speculation) stay eager.
@@ -8,7 +8,7 @@ verification (speculation) stay eager.
 The compiled step computes the eager step's logits bit for bit, so greedy decoding gives the same
 tokens. Where eager decode runs natively (`qwen2/kernels/decode_block.cpp`: every block in one call,
 its attention skipping the keys a query may not see), the graph calls those very ops, opaque to
-inductor; RoPE's cos/sin and the final RMSNorm run as ATen computes them (`model.aten_when_compiled`);
+inductor; RoPE's cos/sin and the final RMSNorm run as ATen computes them (`model.layers.aten_when_compiled`);
 what inductor still fuses (the embedding lookup, RoPE's angles: one fp32 product, the masks) rounds
 as ATen does. Why so strict: traced as PyTorch ops, the attention (a softmax over every masked
 slot), inductor's cos/sin and its RMSNorm (another summation order) each differ from eager in the
@@ -19,7 +19,7 @@ logits, past the near-ties greedy decoding meets (top-2 gaps of 0.001-0.007 with
 their tokens held. Where the native ops do not apply (bf16, no kernels), inductor fuses the PyTorch
 path and compiled logits may differ from eager's in the last bits.
 
-`compile_decode(model)` installs it; the model's forward then routes decode steps through it. The
+`make_decoder(model, "compiled")` (or `qwen2.load(..., executor="compiled")`) makes the executor. The
 first step compiles (tens of seconds: counted in `CompiledDecode.compile_seconds`, never in a
 throughput). If compiling fails (no C++ compiler, an unsupported op), the step falls back to eager
 for good, warns once, and says why in `CompiledDecode.error`.
@@ -30,9 +30,12 @@ import time
 
 import torch
 
-from . import kernels
-from .errors import Qwen2Error
-from .progress import notice
+from .. import kernels
+from ..errors import Qwen2Error
+from ..model.cache import KVCache, StaticKV
+from ..progress import notice
+from ..quant.kinds import LAYER_KINDS
+from .decoder import EagerDecoder
 
 
 def _register_fake_kernels() -> None:
@@ -42,12 +45,10 @@ def _register_fake_kernels() -> None:
     ops = kernels.ops()
     if ops is None or getattr(_register_fake_kernels, "done", False):
         return
-    torch.library.register_fake("qwen2_kernels::int4_linear")(
-        lambda x, q, scale, mins, group_size, digits: x.new_empty(x.shape[0], q.shape[0]))
-    torch.library.register_fake("qwen2_kernels::int8_linear")(
-        lambda x, q, scale, group_size, digits: x.new_empty(x.shape[0], q.shape[0]))
-    for op in ("q4k_linear", "q6k_linear"):  # GGUF super-blocks kept as they are (qwen2/kquant.py)
-        torch.library.register_fake(f"qwen2_kernels::{op}")(lambda x, w, digits: x.new_empty(x.shape[0], w.shape[0]))
+    for kind in LAYER_KINDS:  # each quantised layout's own op: y (M, N) for x (M, K), weight rows (N, ...)
+        if kind.linear_op:
+            torch.library.register_fake(f"qwen2_kernels::{kind.linear_op}")(
+                lambda x, weight, *layout: x.new_empty(x.shape[0], weight.shape[0]))
     torch.library.register_fake("qwen2_kernels::decode_attention")(
         lambda q, k, v, cos, sin, cache_k, cache_v, slots, key_mask, scale: q.new_empty(q.shape).transpose(1, 2))
     for op in ("decode_block", "decode_layers"):  # qwen2/kernels/decode_block.cpp
@@ -68,17 +69,28 @@ def _inductor_options() -> dict:
     return {"cpp.simdlen": pick_vec_isa().bit_width()}
 
 
-class CompiledDecode:
-    """Callable (input_ids (B, 1), cache) -> logits (B, 1, V), advancing the cache like forward."""
+class CompiledDecoder(EagerDecoder):
+    """An executor whose decode steps (one new token per row through a `KVCache`) run compiled; every
+    other forward runs through `inner` (native or eager), which the compiled step also traces."""
 
-    def __init__(self, model):
-        self.model = model
-        self.compiled = torch.compile(model.static_decode, fullgraph=True, dynamic=False, options=_inductor_options())
+    name = "compiled"
+
+    def __init__(self, inner: EagerDecoder):
+        super().__init__(inner.model)
+        self.inner = inner
+        self.compiled = torch.compile(self.static_step, fullgraph=True, dynamic=False, options=_inductor_options())
         self.compile_seconds = 0.0
         self.error: str | None = None
         self._shapes: set = set()
 
-    def __call__(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
+    def static_step(self, input_ids, k, v, valid, positions, slot) -> torch.Tensor:
+        """What is traced: one step with every shape fixed by the cache (see `StaticKV`)."""
+        return self.inner(input_ids, cache=StaticKV(k, v, valid, positions, slot))
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None, last_only=False):
+        if not (isinstance(cache, KVCache) and input_ids.shape[1] == 1 and attention_mask is None
+                and position_ids is None):
+            return self.inner(input_ids, attention_mask, position_ids, cache, last_only)
         if cache.length >= cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} tokens; {cache.length} cached + 1 new do not fit")
         slot = cache.length
@@ -107,14 +119,16 @@ class CompiledDecode:
                     self._shapes.add(key)
                     self.compile_seconds += time.perf_counter() - start
                 return logits
-        return self.model.static_decode(*args)
+        return self.static_step(*args)
 
 
-def compile_decode(model) -> CompiledDecode:
-    """Route `model`'s decode steps through a compiled `static_decode`; returns the wrapper (also at
-    `model.compiled_step`). Raises Qwen2Error where torch.compile cannot exist at all."""
+def compile_decode(inner: EagerDecoder) -> CompiledDecoder:
+    """A compiled executor over `inner` (native or eager: `make_decoder(model, "compiled")` picks it).
+    Raises Qwen2Error where torch.compile cannot exist at all, or for Dual Chunk Attention."""
     if not hasattr(torch, "compile"):
         raise Qwen2Error(f"torch {torch.__version__} has no torch.compile; load without compile=True")
+    if inner.config.dual_chunk_attention_config is not None:
+        raise Qwen2Error("compile=True does not apply with Dual Chunk Attention (its decode step runs eager); "
+                         "drop one of them")
     _register_fake_kernels()
-    model.compiled_step = CompiledDecode(model)
-    return model.compiled_step
+    return CompiledDecoder(inner)
