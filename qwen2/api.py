@@ -5,31 +5,22 @@ import os
 import weakref
 from typing import Iterator, Sequence
 
-import torch
-
-from .checkpoint import DEFAULT_MODEL, build_model, convert_gguf_exact, load_checkpoint
+from .checkpoint import DEFAULT_MODEL, build_model, build_quantized, load_checkpoint
 from .errors import Qwen2Error
+from .options import LoadOptions, parse_dtype
 from .runtime.executor import make_decoder
 from .runtime.generate import SamplingParams, generate_text, stream_rows
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise Qwen2Error(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
 
 
 class Qwen2:
     """What `qwen2.load` returns: `.model` (the nn.Module), `.decoder` (the executor generation runs it
-    through: qwen2/runtime/executor.py), `.tokenizer`, `.config`, `.generate`, `.chat`."""
+    through: qwen2/runtime/executor.py), `.tokenizer`, `.config`, `.generate`, `.chat`, and `.options`,
+    the `LoadOptions` it was loaded with."""
 
-    def __init__(self, model, tokenizer, generation_config: dict | None = None, source: str = "", decoder=None):
+    def __init__(self, model, tokenizer, generation_config: dict | None = None, source: str = "", decoder=None,
+                 options: LoadOptions | None = None):
         self.model = model
+        self._options = options
         self._decoder = decoder
         self.config = model.config
         self.tokenizer = tokenizer
@@ -44,6 +35,13 @@ class Qwen2:
         if self._decoder is None or self._decoder.model is not self.model:
             self._decoder = make_decoder(self.model)
         return self._decoder
+
+    @property
+    def options(self) -> LoadOptions:
+        """The options `qwen2.load` built this model with; for one made directly, its dtype and device."""
+        if self._options is None:
+            return LoadOptions(dtype=self.model.dtype, device=self.model.device)
+        return self._options
 
     @property
     def eos_ids(self) -> list[int]:
@@ -70,7 +68,7 @@ class Qwen2:
         Sampling options: max_new_tokens, temperature (0 = greedy), top_k, top_p, min_p,
         repetition_penalty, seed, stop. With stream=True (single prompt), an iterator of text pieces.
         Speculative decoding (greedy, one prompt; the same text as plain greedy decoding, faster):
-        speculative="prompt-lookup" (or a `qwen2.speculative` Drafter, whose `.stats` then holds the
+        speculative="prompt-lookup" (or a `qwen2.runtime.speculative` Drafter, whose `.stats` then holds the
         acceptance counts), or draft_model= a smaller Qwen2 with the same vocabulary (a loaded one,
         a registry name or a path); num_draft_tokens= tokens drafted per target forward.
         """
@@ -109,10 +107,11 @@ class Qwen2:
         return steps_with(make_drafter(speculative, draft_model, num_draft_tokens))
 
     def _load_draft(self, source) -> "Qwen2":
-        """A draft model by name or path, loaded once per target (same dtype and device)."""
+        """A draft model by name or path, loaded once per target (the target's dtype, device and progress)."""
         key = os.fspath(source)
         if key not in self._drafts:
-            self._drafts[key] = load(key, dtype=self.model.dtype, device=self.model.device)
+            o = self.options
+            self._drafts[key] = load(key, options=LoadOptions(dtype=o.dtype, device=o.device, progress=o.progress))
         return self._drafts[key]
 
     def _check_draft_tokenizer(self, draft: "Qwen2") -> None:
@@ -153,12 +152,13 @@ class Qwen2:
                 f"dtype={self.model.dtype}" + (f", quantize={describe(self.model)!r}" if quantized else "") + ")")
 
 
-def load(source: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtype = torch.float32,
-         device: str | torch.device = "cpu", progress: bool = True, quantize: str | None = None,
-         group_size: int | None = None, quantize_lm_head: bool | None = None, compile: bool = False,
-         rope_scaling: str | dict | None = None, dca: bool | int | dict | None = None,
-         long_context: bool = False, expert_dtype: str | torch.dtype | None = None, executor: str = "auto") -> Qwen2:
+def load(source: str | os.PathLike = DEFAULT_MODEL, options: LoadOptions | None = None, **kwargs) -> Qwen2:
     """Load a model by registry name (e.g. "qwen2.5-coder-0.5b-instruct"), HF directory or .gguf file.
+
+    How: `options`, a `qwen2.LoadOptions`, or its fields as keywords (over `options` when both):
+    dtype ("float32", default; "bfloat16", "float16"), device ("cpu"), progress (True), quantize,
+    group_size, quantize_lm_head, executor (or compile=True), rope_scaling, dca, long_context,
+    expert_dtype. They are checked before anything is read; the model keeps them (`.options`).
 
     quantize="int8" (groups of 32), "int4" (group-wise, `group_size` 32/64/128, default 32;
     v_proj and down_proj stay int8) or "int4-pure" (all int4) turns the block linears into
@@ -167,7 +167,7 @@ def load(source: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtype = t
     quantize_lm_head=True/False overrides that. From a GGUF (a registry model's too), tensors whose
     blocks our layouts hold exactly are taken as they are instead of requantised: in the int4 modes
     (group size 32) Q4_K, and Q6_K for the layers that are int8, as their own super-blocks
-    (`qwen2.kquant`), Q8_0 and Q5_0 as int8 (the layers that are int8). See `qwen2.quantize`.
+    (`qwen2.quant.kquant`), Q8_0 and Q5_0 as int8 (the layers that are int8). See `qwen2.quant`.
 
     executor: how forwards run (`qwen2.runtime.executor`): "auto" (default: "native" on an fp32 CPU
     model where the native kernels build, else "eager"), "native", "eager" (PyTorch ops only), or
@@ -185,27 +185,18 @@ def load(source: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtype = t
     expert_dtype="bfloat16" (Qwen2-MoE models): the experts, routed and shared, are stored and run in
     bf16 while the rest stays in `dtype`: half their memory and, on CPUs with bf16 units, several
     times faster expert matmuls, for rounding the experts' inputs and outputs to bf16
-    (`qwen2.moe.set_expert_dtype`). The experts are built in bf16 directly: a bf16 checkpoint's
+    (`qwen2.model.moe.set_expert_dtype`). The experts are built in bf16 directly: a bf16 checkpoint's
     are never held in fp32."""
     from . import long_context as lc
     from . import quant as q
-    from .runtime.executor import check_executor
 
-    executor = check_executor("compiled" if compile else executor)
-
-    mode = q.check_mode(quantize)
-    if expert_dtype is not None:
-        from .model.moe import check_expert_dtype
-
-        expert_dtype = check_expert_dtype(parse_dtype(expert_dtype))  # a bad value fails before the weights are read
-    if group_size is not None and not (mode or "").startswith("int4"):
-        raise Qwen2Error("group_size applies to quantize='int4' (or 'int4-pure') only")
-    group_size = q.DEFAULT_GROUP_SIZE if group_size is None else group_size
-    if (mode or "").startswith("int4"):
-        q.check_group_size(group_size, {})  # a bad value fails before the weights are read
-    if mode is not None and torch.device(device).type != "cpu":
-        raise Qwen2Error(f"quantize={mode!r} runs on the CPU only, not {device}")
-    config, state_dict, tokenizer, generation_config = load_checkpoint(source, progress=progress)
+    options = LoadOptions.from_kwargs(options, **kwargs)  # every value checked here, before any file is read
+    dtype, device, progress, executor = options.dtype, options.device, options.progress, options.executor
+    mode, quantize_lm_head, expert_dtype = options.quantize, options.quantize_lm_head, options.expert_dtype
+    group_size = q.DEFAULT_GROUP_SIZE if options.group_size is None else options.group_size
+    rope_scaling, dca, long_context = options.rope_scaling, options.dca, options.long_context
+    config, state_dict, tokenizer, generation_config = load_checkpoint(
+        source, progress=progress, quantize=mode, group_size=group_size, lm_head=quantize_lm_head, dtype=dtype)
     config = lc.extend_config(config, rope_scaling=rope_scaling, dca=dca, preset=long_context)
     if expert_dtype is not None and not config.num_experts:
         raise Qwen2Error(f"expert_dtype applies to mixture-of-experts models; {os.fspath(source)} has no experts "
@@ -213,13 +204,15 @@ def load(source: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtype = t
     if executor == "compiled" and config.dual_chunk_attention_config is not None:
         raise Qwen2Error("compile=True does not apply with Dual Chunk Attention (its decode step runs eager); "
                          "drop one of them")
-    model = build_model(config, state_dict, dtype=parse_dtype(dtype), device=device, expert_dtype=expert_dtype)
-    del state_dict  # the model holds the weights now: quantising can free each fp32 one as it goes
-    if mode is not None:
-        q.quantize_model(model, mode, group_size=group_size, lm_head=quantize_lm_head, release=True)
-        convert_gguf_exact(model, source, progress)  # a GGUF's own blocks where exact, not requantised
+    if mode is None:
+        model = build_model(config, state_dict, dtype=parse_dtype(dtype), device=device, expert_dtype=expert_dtype)
+    else:  # from a GGUF, the quantised layers straight from its blocks (qwen2/checkpoint/quantized.py)
+        model = build_quantized(config, state_dict, mode, group_size=group_size, lm_head=quantize_lm_head,
+                                dtype=parse_dtype(dtype), expert_dtype=expert_dtype, progress=progress)
         q.into_huge_pages(model)  # decode streams them from memory every token: 2 MB pages read faster
+    del state_dict
     if model.device.type == "cpu":
         from . import kernels
         kernels.ops()  # built here, once per machine, so its notice comes before any answer, not inside one
-    return Qwen2(model, tokenizer, generation_config, source=os.fspath(source), decoder=make_decoder(model, executor))
+    return Qwen2(model, tokenizer, generation_config, source=os.fspath(source), decoder=make_decoder(model, executor),
+                 options=options)

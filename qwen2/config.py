@@ -35,7 +35,7 @@ class Qwen2Config:
     sliding_window: int | None = None
     max_window_layers: int = 28
     dual_chunk_attention_config: dict | None = None
-    # Mixture of experts (qwen2/moe.py, the Qwen2-57B-A14B design; names as HF's Qwen2MoeConfig).
+    # Mixture of experts (qwen2/model/moe.py, the Qwen2-57B-A14B design; names as HF's Qwen2MoeConfig).
     # num_experts 0 is the dense model and the other fields are then unused.
     num_experts: int = 0
     num_experts_per_tok: int = 0  # k: routed experts per token

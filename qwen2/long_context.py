@@ -1,32 +1,14 @@
 """Long context, as in the Qwen2 report (§ "Long-context training"): YaRN, Dual Chunk Attention (DCA)
-and sliding-window attention. This module is their configuration (checks, presets, the lengths they open); the computations are
-the model's strategies: `qwen2/model/rope.py` (YaRN), `qwen2/model/dca.py`, `qwen2/model/masks.py`.
-
-YaRN (Peng et al. 2023) rescales RoPE "by parts": dimensions that turn many times over the trained
-length (high frequency, local order) keep their frequency, dimensions that turn less than once
-(low frequency, absolute position) are divided by the factor s, with a linear ramp in between; cos
-and sin are multiplied by the attention factor 0.1·ln(s) + 1, which sharpens attention back
-(the dot products scale by its square). Computed exactly as transformers' `_compute_yarn_parameters`.
+and sliding-window attention: their configuration (checks, presets, the context they open). What
+they compute are the model's strategies, chosen when it is built: YaRN's frequencies in
+qwen2/model/yarn.py (dynamic YaRN in qwen2/model/rope.py), DCA in qwen2/model/dca.py, the sliding
+window's mask in qwen2/model/masks.py.
 
 Dynamic YaRN (ours, opt-in with `"dynamic": true` in rope_scaling): plain RoPE when the sequence fits
-in the trained length, YaRN when it does not. Keys are cached already rotated, so the choice is made
-once per sequence, from the length it may reach (the KV cache's `max_len`, i.e. prompt +
-max_new_tokens in `generate`; the number of tokens in a cacheless forward): every key and query of a
-sequence then uses one set of frequencies.
-
-DCA (An et al. 2024) keeps every relative position the model sees below `chunk_size`. With
-L = chunk_size - local_size, keys are rotated once at p mod L. A query at position p, in chunk
-n = p // L, attends to
-  its own chunk (causal)        as position p mod L                      (exact distances < L)
-  the previous chunk n-1        as position min(L + p mod L, chunk_size) (exact up to chunk_size)
-  every earlier chunk (< n-1)   as position chunk_size                   (distances in (local_size, chunk_size])
-and one softmax spans all three: their partial results are merged by their log-sum-exp in fp32.
-Queries are processed in blocks that never cross a chunk, keys in tiles, so memory stays linear in
-the sequence length (no T×T matrix or position table is ever built).
+in the trained length, YaRN when it does not (chosen once per sequence).
 
 Sliding window (transformers' Qwen2 semantics): with `use_sliding_window`, layers with index >=
-`max_window_layers` let a query see only the `sliding_window` slots ending at its own (key slot >
-query slot - window). The KV cache still keeps every key; the mask does the restricting.
+`max_window_layers` let a query see only the `sliding_window` slots ending at its own.
 """
 from __future__ import annotations
 
@@ -140,24 +122,54 @@ def parse_rope_scaling(spec: str | dict | None, config: "Qwen2Config") -> dict |
     the config's max_position_embeddings."""
     if spec is None or isinstance(spec, dict):
         return spec
-    if not isinstance(spec, str):
-        raise Qwen2Error(f"rope_scaling must be a string like 'yarn:4' or a dict, got {spec!r}")
     if spec in ("none", "default"):
         return None
+    kind, factor, original = _yarn_spec(spec)
+    scaling = {"rope_type": "yarn", "factor": factor,
+               "original_max_position_embeddings": trained_length(config) if original is None else original}
+    if kind == "dynamic-yarn":
+        scaling["dynamic"] = True
+    return scaling
+
+
+def _yarn_spec(spec) -> tuple[str, float, int | None]:
+    """("yarn" or "dynamic-yarn", factor, original length or None) of a rope_scaling string."""
+    if not isinstance(spec, str):
+        raise Qwen2Error(f"rope_scaling must be a string like 'yarn:4' or a dict, got {spec!r}")
     kind, _, rest = spec.partition(":")
     parts = rest.split(":") if rest else []
     try:
         factor = float(parts[0]) if parts else None
-        original = int(parts[1]) if len(parts) > 1 else trained_length(config)
+        original = int(parts[1]) if len(parts) > 1 else None
     except ValueError:
-        factor = None
+        factor = original = None
     if kind not in ("yarn", "dynamic-yarn") or factor is None or len(parts) > 2:
         raise Qwen2Error(f"rope scaling {spec!r} not understood; use yarn:FACTOR, dynamic-yarn:FACTOR or "
                          "yarn:FACTOR:ORIGINAL_LENGTH (e.g. yarn:4)")
-    scaling = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original}
-    if kind == "dynamic-yarn":
-        scaling["dynamic"] = True
-    return scaling
+    return kind, factor, original
+
+
+def check_rope_scaling(spec: str | dict | None) -> None:
+    """A one-line error unless `spec` is a rope_scaling option `parse_rope_scaling` takes; needs no
+    config, so a bad one fails before the weights are read (a dict is checked with the config)."""
+    if spec is None or isinstance(spec, dict) or spec in ("none", "default"):
+        return
+    _yarn_spec(spec)
+
+
+def check_dca(dca: bool | int | dict | None) -> None:
+    """A one-line error unless `dca` is an option `extend_config` takes: None, True/False, a chunk
+    size >= 2 or a dual_chunk_attention_config dict (checked with the config)."""
+    if dca is None or isinstance(dca, (bool, dict)):
+        return
+    if not _is_positive_int(dca):
+        raise Qwen2Error(f"dca must be True, a chunk size or a dual_chunk_attention_config dict, got {dca!r}")
+    _check_chunk_size(dca)
+
+
+def _check_chunk_size(chunk_size) -> None:
+    if not _is_positive_int(chunk_size) or chunk_size < 2:
+        raise Qwen2Error(f"DCA chunk size must be an integer >= 2, got {chunk_size!r}")
 
 
 def dca_config(chunk_size: int | None, config: "Qwen2Config", local_size: int | None = None) -> dict:
@@ -165,8 +177,7 @@ def dca_config(chunk_size: int | None, config: "Qwen2Config", local_size: int | 
     relative position the model has seen), local_size to chunk_size / 32 (the Qwen2.5-1M ratio)."""
     original = trained_length(config)
     chunk_size = original if chunk_size is None else chunk_size
-    if not _is_positive_int(chunk_size) or chunk_size < 2:
-        raise Qwen2Error(f"DCA chunk size must be an integer >= 2, got {chunk_size!r}")
+    _check_chunk_size(chunk_size)
     local_size = max(1, chunk_size // DCA_LOCAL_FRACTION) if local_size is None else local_size
     return {"chunk_size": chunk_size, "local_size": local_size, "original_max_position_embeddings": original}
 
@@ -199,12 +210,8 @@ def extend_config(config: "Qwen2Config", rope_scaling: str | dict | None = None,
     if dca is False:
         changes["dual_chunk_attention_config"] = None
     elif dca is not None:
-        if isinstance(dca, dict):
-            dca_dict = dict(dca)
-        elif dca is True or _is_positive_int(dca):
-            dca_dict = dca_config(None if dca is True else dca, config)
-        else:
-            raise Qwen2Error(f"dca must be True, a chunk size or a dual_chunk_attention_config dict, got {dca!r}")
+        check_dca(dca)
+        dca_dict = dict(dca) if isinstance(dca, dict) else dca_config(None if dca is True else dca, config)
         changes["dual_chunk_attention_config"] = dca_dict
         context = max(context, DCA_CONTEXT_FACTOR * dca_dict.get("original_max_position_embeddings", original))
     if not changes:

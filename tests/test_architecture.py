@@ -20,6 +20,7 @@ LAYERS = [
     ("qwen2.model", "qwen2.quant"),
     ("qwen2.checkpoint",),
     ("qwen2.runtime",),
+    ("qwen2.options",),  # LoadOptions: how load builds a model, checked once (api, cli, serve, eval share it)
     ("qwen2.api",),
     ("qwen2.serve",),
     ("qwen2.eval",),

@@ -1,5 +1,5 @@
-"""Long context (qwen2/long_context.py, qwen2/model/rope.py, dca.py, masks.py): YaRN against transformers' YaRN, dynamic YaRN against plain
-RoPE and static YaRN, sliding-window attention against transformers, and Dual Chunk Attention
+"""Long context (qwen2/long_context.py; qwen2/model/yarn.py, rope.py, dca.py, masks.py): YaRN against
+transformers' YaRN, dynamic YaRN against plain RoPE and static YaRN, sliding-window attention against transformers, and Dual Chunk Attention
 against a slow reference that builds the full query/key position matrices explicitly."""
 import dataclasses
 import json
@@ -10,8 +10,9 @@ import torch
 
 import qwen2
 from qwen2 import long_context as lc
-from qwen2.model import dca
-from qwen2.model.rope import rope_frequencies
+from qwen2.model import cache as cache_module
+from qwen2.model import dca as DCA
+from qwen2.model.yarn import rope_frequencies
 from qwen2.cli import build_parser
 from qwen2.config import Qwen2Config
 from qwen2.errors import Qwen2Error
@@ -233,8 +234,8 @@ def dca_rope(hs: int, scaling: dict | None = None) -> RotaryEmbedding:
 
 def use_tiled_attention(monkeypatch) -> None:
     """DCA's parts through the tiled PyTorch-ops attention (what runs off the CPU), not the flash kernel."""
-    monkeypatch.setattr(dca, "attention_with_lse", lambda q, k, v, causal, key_tile=dca.DCA_KEY_TILE:
-                        dca._tiled_attention_with_lse(q, k, v, causal, key_tile))
+    monkeypatch.setattr(DCA, "attention_with_lse", lambda q, k, v, causal, key_tile=DCA.DCA_KEY_TILE:
+                        DCA._tiled_attention_with_lse(q, k, v, causal, key_tile))
 
 
 @pytest.mark.parametrize("chunk_size,local_size", [(8, 2), (10, 3), (7, 0), (12, 5)])
@@ -258,8 +259,8 @@ def test_dca_equals_the_explicit_position_matrix_reference(chunk_size, local_siz
     inv_freq, factor = 1.0 / 10000.0 ** (torch.arange(0, hs, 2).double() / hs), 1.0
     if scaling:
         inv_freq, factor = ROPE_INIT_FUNCTIONS["yarn"](transformers.Qwen2Config(**rope.config.to_hf_dict()), "cpu")
-    for query_block, key_tile in ((3, 4), (dca.DCA_QUERY_BLOCK, dca.DCA_KEY_TILE)):
-        got = dca.dual_chunk_attention(q, k_rotated, v, positions, real, rope, chunk_size, local_size,
+    for query_block, key_tile in ((3, 4), (DCA.DCA_QUERY_BLOCK, DCA.DCA_KEY_TILE)):
+        got = DCA.dual_chunk_attention(q, k_rotated, v, positions, real, rope, chunk_size, local_size,
                                       query_block=query_block, key_tile=key_tile)
         for b in range(2):
             expected = reference_dca(q[b], k[b], v[b], chunk_size, local_size, inv_freq, factor)
@@ -322,7 +323,7 @@ def test_dca_memory_stays_linear(monkeypatch):
 
     def dca(T: int, chunk_size: int = 40, query_block: int = 16) -> None:
         q, k, v = torch.randn(1, 4, T, 16), torch.randn(1, 2, T, 16), torch.randn(1, 2, T, 16)
-        dca.dual_chunk_attention(q, k, v, torch.arange(T)[None], torch.ones(1, T, dtype=torch.bool), rope,
+        DCA.dual_chunk_attention(q, k, v, torch.arange(T)[None], torch.ones(1, T, dtype=torch.bool), rope,
                                 chunk_size, 8, query_block=query_block, key_tile=32)
 
     for chunk_size, query_block in ((40, 16), (4096, 2048)):  # many chunks; one chunk, one causal block
@@ -349,7 +350,7 @@ def test_dca_memory_stays_linear(monkeypatch):
         assert max(tiles) <= 4 * 16 * 32 < T * T
     monkeypatch.undo()
     model = ours_with(tiny_config(**DCA_MODEL))
-    monkeypatch.setattr(Transformer, "_attention_mask", lambda *a: pytest.fail("DCA must not build a T×S mask"))
+    monkeypatch.setattr(cache_module, "padded_causal_mask", lambda *a: pytest.fail("DCA must not build a T×S mask"))
     with torch.no_grad():
         model(torch.randint(0, TINY["vocab_size"], (1, 30)))
 

@@ -1,19 +1,17 @@
-"""The issue-4 benchmark scripts' own logic (benchmarks/long_context_extrapolation.py, passkey.py):
-the settings they evaluate are the ones they name, and the passkey bookkeeping (resume, merge,
-memory check) is right. Fast: no training, no real model."""
+"""The issue-4 experiments' own logic (benchmarks/experiments/long_context_extrapolation.py and
+passkey.py, imported as package modules) and the corpus they share (benchmarks/common.py): the settings
+they evaluate are the ones they name, and the passkey bookkeeping (resume, merge, memory check) is
+right. Fast: no training, no real model."""
 import json
-import pathlib
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "benchmarks"))
-import long_context_extrapolation as extrap  # noqa: E402
-import passkey  # noqa: E402
-
-from qwen2 import long_context as lc  # noqa: E402
-from qwen2.model import Transformer  # noqa: E402
+from benchmarks import common
+from benchmarks.experiments import long_context_extrapolation as extrap
+from benchmarks.experiments import passkey
+from qwen2 import long_context as lc
+from qwen2.model import Transformer
 
 
 def test_extrapolation_settings_are_what_they_say():
@@ -50,7 +48,7 @@ def test_extrapolation_model_round_trip_and_dca_within_one_chunk(tmp_path):
 
 def test_plain_text_drops_markdown():
     md = "# Hamlet\n\n## ACT I\n\n_Enter BERNARDO_\n\n**BERNARDO**  \nWho's there?  \nStand_fast.\n"
-    assert extrap._plain(md) == "Hamlet\n\nACT I\n\nEnter BERNARDO\n\nBERNARDO\nWho's there?\nStand_fast.\n"
+    assert common.plain_text(md) == "Hamlet\n\nACT I\n\nEnter BERNARDO\n\nBERNARDO\nWho's there?\nStand_fast.\n"
 
 
 def _run(setting, length, depth, peak, warm=2000.0, tokens=None):

@@ -30,7 +30,7 @@ from qwen2.checkpoint.gguf import config_from_metadata, dequantized_tensors, hf_
 from qwen2.quant.gguf_blocks import q4k_to_int4
 from qwen2.errors import Qwen2Error
 from qwen2.quant.kquant import Q4KLinear, Q6KLinear, q4k_dequantize, q6k_dequantize
-from qwen2.model import Block, RotaryEmbedding
+from qwen2.model import Block, NoCache, RotaryEmbedding
 
 LAYERS = {"Q4_K": Q4KLinear, "Q6_K": Q6KLinear}
 TORCH_DEQUANTIZE = {"Q4_K": q4k_dequantize, "Q6_K": q6k_dequantize}
@@ -340,7 +340,7 @@ def _run(blocks, config, x):
     cos, sin = RotaryEmbedding(config)(positions, x.dtype)
     with torch.inference_mode():
         for i, block in blocks:
-            x = block(x, cos, sin, None, None, i)
+            x = block(x, cos, sin, None, NoCache(), i)
     return x
 
 

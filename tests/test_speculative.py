@@ -297,10 +297,7 @@ def test_real_int4_model_prompt_lookup_equals_its_plain_greedy(real_int4):
     """With quantised linears the kernel rounds activations to int8, which turns last-bit differences
     between a multi-token verify forward and one-token steps into different logits: before verify
     attended row by row (`KVCache.exact_rows`), this 512-token prompt diverged at token 78 of 128."""
-    import sys
-
-    sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "benchmarks"))
-    from bench_inference import build_prompt_ids
+    from benchmarks.common import build_prompt_ids
 
     int4 = real_int4
     ids = build_prompt_ids(int4.tokenizer, 512)

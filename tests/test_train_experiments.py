@@ -1,27 +1,23 @@
-"""The issue-6 experiment scripts' own logic (benchmarks/train_pretrain_experiment.py,
-train_lora_sft_experiment.py): the arithmetic task and its scoring, the held-out split, the
+"""The issue-6 experiments' own logic (benchmarks/experiments/train_pretrain_experiment.py and
+train_lora_sft_experiment.py, imported as package modules; the corpus split and run bookkeeping they
+take from benchmarks/common.py): the arithmetic task and its scoring, the held-out split, the
 tokenizer trained for pre-training and the directory `pretrain` starts from, the held-out loss, the
 bookkeeping of reruns. Fast: no training run, no 0.5B model (only its tokenizer)."""
 import json
 import math
-import pathlib
 import re
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "benchmarks"))
-import train_lora_sft_experiment as sft_exp  # noqa: E402
-import train_pretrain_experiment as pt_exp  # noqa: E402
-
-from qwen2.errors import Qwen2Error  # noqa: E402
-from qwen2.tokenizer import Tokenizer  # noqa: E402
-from qwen2.train import data as D  # noqa: E402
-from qwen2.train.config import TrainConfig, from_dict, to_dict  # noqa: E402
-
-from ggufs import random_model, tiny_config  # noqa: E402
+from benchmarks.experiments import train_lora_sft_experiment as sft_exp
+from benchmarks.experiments import train_pretrain_experiment as pt_exp
+from ggufs import random_model, tiny_config
+from qwen2.errors import Qwen2Error
+from qwen2.tokenizer import Tokenizer
+from qwen2.train import data as D
+from qwen2.train.config import TrainConfig, from_dict, to_dict
 
 QUESTION = re.compile(r"What is (\d+) ([+-]) (\d+)\?")
 

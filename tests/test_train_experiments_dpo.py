@@ -1,5 +1,6 @@
-"""The DPO experiment's tasks and bookkeeping (benchmarks/train_dpo_experiment.py,
-benchmarks/data/dpo_tasks_*.jsonl). Fast: the sandbox runs the reference solutions, no model is loaded.
+"""The DPO experiment's tasks and bookkeeping (benchmarks/experiments/train_dpo_experiment.py, imported as a
+package module; benchmarks/data/dpo_tasks_*.jsonl). Fast: the sandbox runs the reference solutions, no model
+is loaded.
 
 - the task files read cleanly with online DPO's own reader, 40 train / 20 held out, no overlap;
 - every reference solution passes all of its tests in the sandbox, and a wrong solution fails them;
@@ -11,17 +12,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import pathlib
-import sys
 
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "benchmarks"))
-import train_dpo_experiment as X  # noqa: E402
-
-from qwen2.eval.sandbox import Limits, run_python  # noqa: E402
-from qwen2.train import data as D  # noqa: E402
-from qwen2.train.online import ExecutionReward, code_tasks  # noqa: E402
+from benchmarks.experiments import train_dpo_experiment as X
+from qwen2.eval.sandbox import Limits, run_python
+from qwen2.train import data as D
+from qwen2.train.online import ExecutionReward, code_tasks
 
 TRAIN, HELDOUT = X.read_tasks(X.TRAIN_TASKS), X.read_tasks(X.HELDOUT_TASKS)
 ALL = TRAIN + HELDOUT

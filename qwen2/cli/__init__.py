@@ -8,8 +8,9 @@ import sys
 from ..checkpoint.registry import DEFAULT_MODEL, KNOWN_MODELS
 from ..errors import Qwen2Error
 from ..progress import answer_line_open
+from ..runtime.speculative import SPECULATIVE_METHODS
 from . import model_args
-from .model_args import add_long_context_args, add_model_args, add_quantize_args
+from .model_args import add_dtype_arg, add_long_context_args, add_model_args, add_quantize_args
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -26,7 +27,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def _add_speculative_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("speculative decoding (greedy only; the same text as plain greedy decoding, faster)")
-    g.add_argument("--speculative", choices=["prompt-lookup"], default=None,
+    g.add_argument("--speculative", choices=SPECULATIVE_METHODS, default=None,
                    help="draft by n-gram lookup in the prompt and output (suits code editing)")
     g.add_argument("--draft-model", default=None, metavar="NAME_OR_PATH",
                    help="a smaller model with the same vocabulary drafts tokens (e.g. qwen2.5-coder-0.5b-instruct)")
@@ -35,12 +36,10 @@ def _add_speculative_args(p: argparse.ArgumentParser) -> None:
 
 
 def _speculative(args, m) -> dict:
-    """generate()'s speculative options; the draft model is loaded once, like the target."""
+    """generate()'s speculative options; the draft model is loaded once, like the target (with its options)."""
     options = {"speculative": args.speculative, "num_draft_tokens": args.num_draft_tokens}
     if args.draft_model is not None:
-        from ..api import load
-
-        options["draft_model"] = load(args.draft_model, dtype=args.dtype)
+        options["draft_model"] = m._load_draft(args.draft_model)
     options = {k: v for k, v in options.items() if v is not None}
     m._speculative_steps(options.get("speculative"), options.get("draft_model"), options.get("num_draft_tokens"),
                          m.sampling(**_sampling(args)), batch=False)  # validate before any work
@@ -117,9 +116,9 @@ def cmd_chat(args) -> None:
 
 def _write_hf_dir(source: str, output: str, dtype: str, force: bool, transform=None) -> None:
     """Load `source`, transform its (config, state_dict) if asked, cast to `dtype`, write an HF directory."""
-    from ..api import parse_dtype
     from ..checkpoint import load_checkpoint
     from ..checkpoint.hf import check_output_dir, save_hf_dir
+    from ..options import parse_dtype
 
     check_output_dir(output, overwrite=force)  # before minutes of loading, not after
     dtype = parse_dtype(dtype)
@@ -156,9 +155,11 @@ def _disk_size(path: str) -> int:
 
 def cmd_info(args) -> None:
     from ..checkpoint import resolve
+    from ..options import LoadOptions
 
+    LoadOptions.from_args(args)  # a bad option fails before the model is looked for
     path = resolve(args.model)
-    m = model_args.load_model(argparse.Namespace(model=path, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size))
+    m = model_args.load_model(argparse.Namespace(**{**vars(args), "model": path}))
     c = m.config
     from ..quant import describe, num_parameters
 
@@ -237,31 +238,33 @@ def cmd_train(args) -> None:
           + (f"; adapters in {result.adapter_dir}" if result.adapter_dir else ""))
 
 
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    """What generate and chat both take: the model, sampling, speculative decoding, long context."""
+    add_model_args(p)
+    _add_sampling_args(p)
+    _add_speculative_args(p)
+    add_long_context_args(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen2", description="Run Qwen2-architecture models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="continue a prompt (streams to stdout)")
     p.add_argument("prompt")
-    add_model_args(p)
-    _add_sampling_args(p)
-    _add_speculative_args(p)
-    add_long_context_args(p)
+    _add_generation_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="chat with the model (interactive, or one MESSAGE, or lines on stdin)")
     p.add_argument("message", nargs="?", help="answer this one message and exit")
     p.add_argument("--system", default=None, help="system prompt (default: the chat template's)")
-    add_model_args(p)
-    _add_sampling_args(p)
-    _add_speculative_args(p)
-    add_long_context_args(p)
+    _add_generation_args(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("convert", help="convert a GGUF file (or any loadable model) to an HF directory")
     p.add_argument("input")
     p.add_argument("output")
-    p.add_argument("--dtype", default="float32")
+    add_dtype_arg(p)
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=cmd_convert)
 
@@ -277,13 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reinit-fraction", type=float, default=0.5,
                    help="share of each routed expert's parameters redrawn at random (default 0.5, the report's)")
     p.add_argument("--seed", type=int, default=0, help="same seed, byte-identical output (default 0)")
-    p.add_argument("--dtype", default="float32")
+    add_dtype_arg(p)
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_upcycle)
 
     p = sub.add_parser("info", help="config, parameter count, dtype and size on disk of a model")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
-    p.add_argument("--dtype", default="float32")
+    add_dtype_arg(p)
     add_quantize_args(p)
     p.set_defaults(func=cmd_info)
 

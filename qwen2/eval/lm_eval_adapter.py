@@ -11,8 +11,11 @@ Three ways, all the same harness:
 
 (every option after `lm-eval` is lm_eval's own: --tasks, --include_path for local task YAMLs,
 --limit, --num_fewshot, --apply_chat_template, ...). model_args: pretrained (registry name, HF
-directory or .gguf; or a loaded `qwen2.Qwen2` when built in Python), dtype, quantize, group_size,
-max_length (default: the model's positions, capped at 4096), batch_size.
+directory or .gguf; or a loaded `qwen2.Qwen2` when built in Python), max_length (default: the
+model's positions, capped at 4096), batch_size, and `qwen2.load`'s options (`qwen2.LoadOptions`:
+dtype, quantize, group_size, quantize_lm_head, executor, compile, rope_scaling, dca, long_context,
+expert_dtype). Any other key is an error, not ignored. The model runs on the CPU: lm_eval passes its
+--device (default cuda:0) to every model, asked for or not, so it is not used.
 
 Scoring follows lm-eval's HF model: a context's trailing spaces move to the continuation, context +
 continuation is encoded whole and split at the context's length, an empty context is the end-of-text
@@ -35,19 +38,20 @@ from ..runtime.generate import SamplingParams, generate_text
 from ..progress import progress_bar
 
 
+# model_args keys the adapter reads itself (or lm_eval adds), beside the load options
+OWN_MODEL_ARGS = ("pretrained", "max_length", "batch_size", "max_batch_size", "device", "trust_remote_code")
+
+
 @register_model("qwen2")
 class Qwen2LM(TemplateLM):
-    def __init__(self, pretrained=DEFAULT_MODEL, dtype: str = "float32", quantize: str | None = None,
-                 group_size: int | None = None, max_length: int | None = None, batch_size=1, device=None,
-                 max_batch_size=None, **unused):
+    def __init__(self, pretrained=DEFAULT_MODEL, max_length: int | None = None, batch_size=1, max_batch_size=None,
+                 device=None, **load_options):
         super().__init__()
         from ..api import Qwen2, load
+        from ..options import LoadOptions
 
-        if isinstance(pretrained, Qwen2):
-            self.m = pretrained
-        else:
-            self.m = load(pretrained, dtype=dtype, quantize=quantize or None,
-                          group_size=int(group_size) if group_size else None)
+        options = LoadOptions.from_lm_eval(load_options, own=OWN_MODEL_ARGS)  # checked before any loading
+        self.m = pretrained if isinstance(pretrained, Qwen2) else load(pretrained, options=options)
         self.tokenizer = self.m._require_tokenizer()
         self._max_length = int(max_length) if max_length else min(self.m.config.max_position_embeddings, 4096)
         self.batch_size = 1 if batch_size in (None, "auto") or str(batch_size).startswith("auto") else int(batch_size)

@@ -1,5 +1,5 @@
 // One decoder block of a decode step in one call: the same ATen ops and qwen2 kernels, in the same
-// order, as the eager `Block.forward` (qwen2/model.py) runs them, so the result is bit for bit the
+// order, as the eager `Block.forward` (qwen2/model/transformer.py) runs them, so the result is bit for bit the
 // same; only the Python between them is gone.
 //
 // Why: a decode step of the 0.5B model makes ~40 op calls per layer, and from Python each costs a
@@ -13,9 +13,9 @@
 //   h = rms_norm(x, post_attention_layernorm)
 //   x = x + (silu(h @ Wg^T) * (h @ Wu^T)) @ Wd^T
 //
-// Each linear is one of the layouts `qwen2.quantize` / `qwen2.kquant` give it, called through its
+// Each linear is one of the layouts `qwen2.quant.linear` / `qwen2.quant.kquant` give it, called through its
 // op exactly as `QuantLinear.forward` calls it (then the bias added in place), or a plain fp32
-// nn.Linear (at::linear). Arguments, as `qwen2.model.Block.native_weights` lays them out:
+// nn.Linear (at::linear). Arguments, as `qwen2.runtime.native.block_weights` lays them out:
 //   tensors  [input_layernorm weight, post_attention_layernorm weight, then for each linear of
 //            q, k, v, o, gate, up, down: three layout tensors (unused ones empty) and its bias (or empty)]
 //   meta     [heads, kv heads, head_dim, then for each linear: kind, group_size, digits]
@@ -74,7 +74,7 @@ at::Tensor decode_block(const at::Tensor& x, at::TensorList tensors, at::IntArra
                         double scale) {
   TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous fp32 (B, T, C)");
   TORCH_CHECK(tensors.size() == 2 + 4 * kLinears && meta.size() == 3 + 3 * kLinears,
-              "decode_block takes 30 tensors and 24 ints (see qwen2.model.Block.native_weights)");
+              "decode_block takes 30 tensors and 24 ints (see qwen2.runtime.native.block_weights)");
   static auto attention = op<AttentionOp>("qwen2_kernels::decode_attention");
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2), nh = meta[0], nkv = meta[1], hs = meta[2];
   Linear lin[kLinears];

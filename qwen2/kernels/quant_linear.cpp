@@ -83,6 +83,14 @@ inline void prefetch(const uint8_t* p, int64_t bytes) {
     _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T1);
 }
 
+// Super-block s of a k-quant row (kBytes each), its counterpart kPrefetchRows rows ahead prefetched.
+template <int64_t kBytes>
+inline const uint8_t* super_block(const uint8_t* row, int64_t s, int64_t row_bytes) {
+  const uint8_t* block = row + s * kBytes;
+  prefetch(block + kPrefetchRows * row_bytes, kBytes);
+  return block;
+}
+
 // The 32 int4 weights of one block as 32 bytes in input order.
 inline __m256i unpack_int4(const uint8_t* p) {
   const __m128i low = _mm_set1_epi8(0x0F);
@@ -496,8 +504,7 @@ void q4k_rows(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* w, fl
     __m256 acc0[M], acc1[M], mins[M];  // even and odd sub-blocks; the min term apart
     for (int m = 0; m < M; ++m) acc0[m] = acc1[m] = mins[m] = _mm256_setzero_ps();
     for (int64_t s = 0; s < S; ++s) {
-      const uint8_t* block = row + s * kQ4KBytes;
-      prefetch(block + kPrefetchRows * row_bytes, kQ4KBytes);
+      const uint8_t* block = super_block<kQ4KBytes>(row, s, row_bytes);
       __m256 scale, min;
       q4k_scales(block, scale, min);
       alignas(32) float step[M][8];  // d sc_j xs'_j: the fp32 value of one unit of D_j, per row of x
@@ -548,8 +555,7 @@ void q6k_rows(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* w, fl
     __m256 acc0[M], acc1[M];
     for (int m = 0; m < M; ++m) acc0[m] = acc1[m] = _mm256_setzero_ps();
     for (int64_t s = 0; s < S; ++s) {
-      const uint8_t* block = row + s * kQ6KBytes;
-      prefetch(block + kPrefetchRows * row_bytes, kQ6KBytes);
+      const uint8_t* block = super_block<kQ6KBytes>(row, s, row_bytes);
       // the 16 scales times d, as fp32: half h's eight in halves[h]
       const __m256 d = _mm256_set1_ps(half_to_float(block + 208));
       const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 192));
@@ -611,8 +617,7 @@ void q4k_rows_wide(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* 
     __m256 mins[M];
     for (int m = 0; m < M; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps(), mins[m] = _mm256_setzero_ps();
     for (int64_t s = 0; s < S; ++s) {
-      const uint8_t* block = row + s * kQ4KBytes;
-      prefetch(block + kPrefetchRows * row_bytes, kQ4KBytes);
+      const uint8_t* block = super_block<kQ4KBytes>(row, s, row_bytes);
       __m256 scale, min;
       q4k_scales(block, scale, min);
       __m512 step[M];  // d sc_j xs'_j in lane j < 8
@@ -653,8 +658,7 @@ void q6k_rows_wide(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* 
     __m512 acc0[M], acc1[M];
     for (int m = 0; m < M; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps();
     for (int64_t s = 0; s < S; ++s) {
-      const uint8_t* block = row + s * kQ6KBytes;
-      prefetch(block + kPrefetchRows * row_bytes, kQ6KBytes);
+      const uint8_t* block = super_block<kQ6KBytes>(row, s, row_bytes);
       // the 16 scales times d and times x's step of their block: d sc_g xs'_(g / 2), per row of x
       const __m512 scales = _mm512_mul_ps(_mm512_set1_ps(half_to_float(block + 208)),
           _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 192)))));

@@ -26,7 +26,8 @@ def rotary_attention(q, k, v, cos, sin, mask, cache) -> torch.Tensor:
 class Attention(nn.Module):
     def __init__(self, config: Qwen2Config):
         super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.n_head, self.n_kv_head = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
         C = config.hidden_size
         # Qwen2 keeps a bias on q, k and v (the report credits it with better length extrapolation)
         # but none on the output projection.

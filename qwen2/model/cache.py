@@ -7,32 +7,44 @@
     first_slots(B)       each row's slot for its first new token (the native decode ops write there)
 
 `NoCache` is a forward without one (training, scoring), `KVCache` the growing cache of generation,
-`StaticKV` a cache seen with fixed shapes (the compiled decode step, the server's rows of different lengths).
+`StaticKV` (qwen2/model/static_cache.py) a cache seen with fixed shapes (the compiled decode step, the
+server's rows of different lengths).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from ..config import Qwen2Config
-from .masks import (document_mask, document_positions, padded_causal_mask, sliding_window_mask,
-                    static_sliding_mask)
+from .masks import document_mask, document_positions, padded_causal_mask, sliding_window_mask
 
 
 @dataclass
 class Frame:
     """One forward's view of its keys. real (B, T): False for left padding of the new tokens;
     positions (B, T): their RoPE positions unless the caller gives others; key_real (B, S): the key
-    slots that hold real tokens; mask (B, 1, T, S) or None (plain causal); span: the length the
-    sequence may reach (dynamic YaRN); window_mask(window): `mask` restricted to a sliding window."""
+    slots that hold real tokens; span: the length the sequence may reach (dynamic YaRN).
+    `mask` (B, 1, T, S) or None (plain causal) and `window_mask(window)` (restricted to a sliding
+    window) are made when first asked: attention that takes no mask (DCA) never builds one."""
     real: torch.Tensor
     positions: torch.Tensor
     key_real: torch.Tensor
-    mask: torch.Tensor | None
     span: int
-    window_mask: Callable[[int], torch.Tensor]
+    make_mask: Callable[[], torch.Tensor | None]
+    restrict_to_window: Callable[[torch.Tensor | None, int], torch.Tensor]
+    # the mask, once made (not a functools.cached_property: torch.compile cannot trace its lock)
+    made: list = field(default_factory=list)
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        if not self.made:
+            self.made.append(self.make_mask())
+        return self.made[0]
+
+    def window_mask(self, window: int) -> torch.Tensor:
+        return self.restrict_to_window(self.mask, window)
 
 
 def count_positions(real: torch.Tensor, offset=0) -> torch.Tensor:
@@ -53,11 +65,17 @@ class NoCache:
     def frame(self, real: torch.Tensor) -> Frame:
         T, docs = real.shape[1], self.document_ids
         if docs is None:
-            positions, mask = count_positions(real), padded_causal_mask(real, 0, T)
-        else:  # one unpadded document per row is plain causal attention: SDPA's faster is_causal path
+            positions = count_positions(real)
+
+            def mask():
+                return padded_causal_mask(real, 0, T)
+        else:
             positions = document_positions(docs)
-            mask = None if bool((docs == docs[:, :1]).all()) else document_mask(docs)
-        return Frame(real, positions, real, mask, T, lambda window: sliding_window_mask(mask, 0, T, T, window, real.device))
+
+            def mask():  # one unpadded document per row is plain causal attention: SDPA's faster is_causal path
+                return None if bool((docs == docs[:, :1]).all()) else document_mask(docs)
+        return Frame(real, positions, real, T, mask,
+                     lambda mask, window: sliding_window_mask(mask, 0, T, T, window, real.device))
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return k, v
@@ -102,9 +120,8 @@ class KVCache:
         positions = count_positions(real, self.positions[:, None])
         self.valid[:, start:start + T] = real
         key_real = self.valid[:, :start + T]  # (B, S)
-        mask = padded_causal_mask(key_real, start, T)
-        return Frame(real, positions, key_real, mask, self.max_len,
-                     lambda window: sliding_window_mask(mask, start, T, start + T, window, real.device))
+        return Frame(real, positions, key_real, self.max_len, lambda: padded_causal_mask(key_real, start, T),
+                     lambda mask, window: sliding_window_mask(mask, start, T, start + T, window, real.device))
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # the new keys into their slots; attention then runs over every slot used so far
@@ -154,46 +171,3 @@ def _rows_as_steps(q, k, v, mask, start: int, sdpa) -> torch.Tensor:
             row_mask = None
         rows.append(sdpa(q[:, :, t:t + 1], k[:, :, :S], v[:, :, :S], row_mask))
     return torch.cat(rows, dim=2)  # (B, nh, T, hs)
-
-
-class StaticKV:
-    """A KV cache seen with static shapes, one new token per row: the new key/value go to slot
-    `slot` (a 1-element long tensor, not a Python int, so one compiled graph serves every step) and
-    attention runs over all max_len slots, masked by `valid` (B, max_len), which must already mark
-    the slot; `positions` (B,) are the new tokens' RoPE positions. A (B,) `slot` gives each row its
-    own slot: rows of different lengths decode together (the server's continuous batching).
-    exact_rows (eager, a (B,) slot of rows filled from slot 0, no sliding window): each row attends
-    over its slots 0..slot[b] alone, unmasked, so its logits are bit for bit its one-row decode's."""
-
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor,
-                 slot: torch.Tensor, exact_rows: bool = False):
-        self.k, self.v, self.valid, self.positions, self.slot = k, v, valid, positions, slot  # k, v (L, B, nkv, max_len, hs)
-        self.exact_rows = exact_rows
-        self.row_lengths = (slot + 1).tolist() if exact_rows else None
-
-    def frame(self, real: torch.Tensor) -> Frame:
-        mask = self.valid[:, None, None, :]  # (B, 1, 1, max_len)
-        return Frame(real, self.positions[:, None], self.valid, mask, self.k.shape[3],
-                     lambda window: static_sliding_mask(mask, self.slot, window))
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.slot.numel() == 1:
-            self.k[layer].index_copy_(2, self.slot, k)
-            self.v[layer].index_copy_(2, self.slot, v)
-        else:  # row b's one new key/value into its own slot[b]
-            rows = torch.arange(k.shape[0], device=k.device)
-            self.k[layer][rows, :, self.slot] = k[:, :, 0]  # (B, nkv, hs)
-            self.v[layer][rows, :, self.slot] = v[:, :, 0]
-        return self.k[layer], self.v[layer]  # (B, nkv, max_len, hs), unused slots masked out
-
-    def attend(self, q, k, v, mask, sdpa):
-        if self.row_lengths is None:
-            return sdpa(q, k, v, mask)
-        return torch.cat([sdpa(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], None)
-                          for b, n in enumerate(self.row_lengths)])  # (B, nh, 1, hs)
-
-    def commit(self, frame: Frame) -> None:
-        pass  # the caller owns `valid` and the slots
-
-    def first_slots(self, batch_size: int) -> torch.Tensor:
-        return self.slot.expand(batch_size)

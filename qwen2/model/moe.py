@@ -22,7 +22,7 @@ from .layers import FeedForward
 
 # At most this many tokens take the decode path (each token's k experts run on it directly) instead
 # of sorting the (token, expert) pairs by expert. The direct path reads an expert's weights once per
-# token that chose it, the sort once per expert: on the 57B-A14B layer / 4 (benchmarks/bench_moe.py)
+# token that chose it, the sort once per expert: on the 57B-A14B layer / 4 (benchmarks/speed/bench_moe.py)
 # the direct path was faster at 1 and 2 tokens, the sort from 4 on.
 FEW_TOKENS = 2
 
@@ -114,7 +114,7 @@ def set_expert_dtype(model: nn.Module, dtype: torch.dtype) -> int:
     returns the number of MoE layers. With bfloat16 (the published checkpoints' own dtype, so no
     weight is rounded when loading one) the experts take half the memory, and on CPUs with bf16
     dot-product or matrix units (AVX512-BF16, AMX) their matmuls run several times faster than fp32
-    (benchmarks/bench_moe.py); where bf16 matmul is emulated (plain AVX2: ~3x slower than fp32) it
+    (benchmarks/speed/bench_moe.py); where bf16 matmul is emulated (plain AVX2: ~3x slower than fp32) it
     saves memory and costs time.
     What it costs: each token is rounded to bf16 on its way into the experts (relative error up to
     2^-8 per entry), and each matmul's fp32 sums are rounded to bf16 on the way out. Everything else

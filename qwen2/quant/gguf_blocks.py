@@ -9,9 +9,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .. import kernels
 from ..errors import Qwen2Error
 from ..progress import progress_bar
-from .kquant import Q4KLinear, Q6KLinear, q4k_scales_mins
+from .kquant import Q4KLinear, Q6KLinear, q4k_dequantize, q4k_scales_mins, q6k_dequantize
 from .linear import Int4Linear, Int8Linear, QuantEmbedding, fill_in_row_chunks
 
 # --------------------------------------------------------------------------------------------------
@@ -58,7 +59,7 @@ def _q4k_fields(rows):
     blocks = rows.reshape(-1, _Q4K_BYTES)
     d = blocks[:, 0:2].view(np.float16).astype(np.float32)
     dmin = blocks[:, 2:4].view(np.float16).astype(np.float32)
-    sc, m = (t.numpy() for t in q4k_scales_mins(torch.from_numpy(blocks[:, 4:16])))
+    sc, m = (t.numpy() for t in q4k_scales_mins(torch.from_numpy(blocks[:, 4:16].copy())))
     scale = d * sc.astype(np.float32)  # the products gguf's dequantize forms, in the same dtype
     minimum = -(dmin * m.astype(np.float32))
     return blocks[:, 16:].reshape(-1, 4, 32), scale.reshape(N, -1), minimum.reshape(N, -1)
@@ -93,24 +94,64 @@ def q5_0_to_int8(rows):
 
 
 def _exact_converters(int4_mode: bool):
-    """GGUF block type -> (the quantised layer classes of the model it may replace, function (tensor,
-    bias) -> exact layer). In the int4 modes (group 32) Q4_K replaces int4 and int8 layers alike, and
+    """GGUF block type -> (the quantised layouts of the model it may replace, function (tensor, bias)
+    -> exact layer). In the int4 modes (group 32) Q4_K replaces int4 and int8 layers alike, and
     Q6_K the int8 ones (v_proj, down_proj, the lm_head), both as their super-blocks kept byte for byte
     (`qwen2.quant.kquant`: 4.5 and 6.5625 bits per weight, against 6 for Q4_K copied into int4 groups of 32
     with fp32 scales and 8.5 for Q6_K requantised to int8). Q8_0 and Q5_0 are int8 groups of 32 exactly."""
     from gguf import GGMLQuantizationType as T
 
-    return {T.Q4_K: ((Int4Linear, Int8Linear) if int4_mode else (), Q4KLinear.from_gguf),
-            T.Q6_K: ((Int8Linear,) if int4_mode else (), Q6KLinear.from_gguf),
-            T.Q8_0: ((Int8Linear,), lambda t, b: _int8_linear(t, b, q8_0_to_int8)),
-            T.Q5_0: ((Int8Linear,), lambda t, b: _int8_linear(t, b, q5_0_to_int8))}
+    return {T.Q4_K: (("int4", "int8") if int4_mode else (),
+                     lambda t, b, out=None: Q4KLinear(_raw_rows(t, out and out[0]), b)),
+            T.Q6_K: (("int8",) if int4_mode else (), lambda t, b, out=None: Q6KLinear(_raw_rows(t, out and out[0]), b)),
+            T.Q8_0: (("int8",), lambda t, b, out=None: _int8_linear(t, b, _q8_0_stored, out)),
+            T.Q5_0: (("int8",), lambda t, b, out=None: _int8_linear(t, b, _q5_0_stored, out))}
+
+
+def exact_buffer_shapes(tensor) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of each buffer of the exact layer `exact_converter` makes of this tensor, in the
+    order its `out=` takes them: Q4_K/Q6_K rows as they are, Q8_0/Q5_0 int8 values and fp32 scales."""
+    from gguf import GGMLQuantizationType as T
+
+    N, K = (int(n) for n in reversed(tensor.shape))
+    if tensor.tensor_type in (T.Q4_K, T.Q6_K):
+        return [((N, int(tensor.data.shape[-1])), torch.uint8)]
+    return [((N, K), torch.uint8), ((N, K // _INT8_BLOCK), torch.float32)]
+
+
+def _raw_rows(tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A GGUF tensor's raw block rows, uint8 (N, bytes per row), copied into `out` (or a new tensor):
+    read from its file where the tensor can (`read_into`: none of the file's pages mapped here)."""
+    if out is None:
+        out = torch.empty(tuple(tensor.data.shape), dtype=torch.uint8)
+    read_into = getattr(tensor, "read_into", None)
+    if read_into is not None and getattr(tensor, "path", ""):
+        read_into(out.numpy())
+    else:
+        out.numpy()[...] = tensor.data
+    return out
+
+
+def takes_q4k(mode: str, group_size: int | None) -> bool:
+    """Whether a model quantised to `mode` at `group_size` takes Q4_K (and Q6_K) super-blocks as they are:
+    the int4 modes at group size 32, Q4_K's sub-block."""
+    return mode.startswith("int4") and group_size == _Q4K_GROUP
+
+
+def exact_converter(tensor_type, layout: str, q4k: bool):
+    """The function (GGUF tensor, bias, out=None) -> exact layer that takes the place of a linear quantised to
+    `layout` ("int4" or "int8") from a tensor of `tensor_type`; None where that tensor's blocks are not
+    held exactly by a layer that may stand in for that layout. `q4k`: `takes_q4k` of the model's mode.
+    `out`: the layer's buffers (`exact_buffer_shapes`) to fill and keep instead of new tensors."""
+    rule = _exact_converters(q4k).get(tensor_type)
+    return rule[1] if rule is not None and layout in rule[0] else None
 
 
 def q4k_int4_linear(tensor, bias=None):
     """A `qwen2.quant.linear.Int4Linear` (group 32, fp32 scales and mins) computing exactly the weight
     of a Q4_K tensor, converted in row chunks so that temporaries stay small (an lm_head too).
     Loading now keeps Q4_K's super-blocks instead (`qwen2.quant.kquant.Q4KLinear`, 4.5 bits per weight
-    against these 6); this layout stays for comparison (benchmarks/bench_kquant_kernels.py)."""
+    against these 6); this layout stays for comparison (benchmarks/speed/bench_kquant_kernels.py)."""
     N, K = (int(n) for n in reversed(tensor.shape))
     groups = (N, K // _Q4K_GROUP)
     out = (torch.empty(N, K // 2, dtype=torch.uint8), torch.empty(groups, dtype=torch.float32),
@@ -119,17 +160,132 @@ def q4k_int4_linear(tensor, bias=None):
     return Int4Linear(*out, _Q4K_GROUP, bias)
 
 
-def _int8_linear(tensor, bias, to_int8):
+def _int8_linear(tensor, bias, stored, out=None):
     """A `qwen2.quant.linear.Int8Linear` (group 32, fp32 scales) computing exactly the weight of a
-    Q8_0/Q5_0 tensor (`to_int8` reads its blocks), in row chunks."""
-    def stored(rows):  # Int8Linear keeps the int8 value + 128
-        values, scale = to_int8(rows)
-        return (values.to(torch.int16) + 128).to(torch.uint8), scale
-
+    Q8_0/Q5_0 tensor (`stored` reads its blocks as Int8Linear keeps them), in row chunks."""
     N, K = (int(n) for n in reversed(tensor.shape))
-    out = (torch.empty(N, K, dtype=torch.uint8), torch.empty(N, K // _INT8_BLOCK, dtype=torch.float32))
+    out = out or (torch.empty(N, K, dtype=torch.uint8), torch.empty(N, K // _INT8_BLOCK, dtype=torch.float32))
     fill_in_row_chunks(tensor.data, stored, out, K)
     return Int8Linear(*out, _INT8_BLOCK, bias)
+
+
+def _q8_0_stored(rows):
+    """Raw Q8_0 rows -> (Int8Linear's stored bytes, the int8 value + 128: the byte with its top bit
+    flipped, (N, K) uint8; scale fp32 (N, K / 32)): `q8_0_to_int8` plus 128, in one pass."""
+    blocks = np.asarray(rows, dtype=np.uint8).reshape(-1, _Q8_0_BYTES)
+    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
+    return (torch.from_numpy(np.bitwise_xor(blocks[:, 2:], np.uint8(0x80)).reshape(rows.shape[0], -1)),
+            torch.from_numpy(d.reshape(rows.shape[0], -1)))
+
+
+def _q5_0_stored(rows):
+    """Raw Q5_0 rows -> (Int8Linear's stored bytes, `q5_0_to_int8`'s value + 128, (N, K) uint8; scale
+    fp32 (N, K / 32))."""
+    n = rows.shape[0]
+    blocks = torch.from_numpy(np.array(rows, dtype=np.uint8, copy=True)).view(-1, _Q5_0_BYTES)
+    d = blocks[:, :2].contiguous().view(torch.float16).float()
+    return (_q5_0_signed(blocks).view(torch.uint8) ^ 0x80).view(n, -1), d.view(n, -1)  # + 128: the top bit flipped
+
+
+# --------------------------------------------------------------------------------------------------
+# Dequantising GGUF tensors, a few rows at a time
+# --------------------------------------------------------------------------------------------------
+
+def dequantize_rows(tensor, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows start:stop of a GGUF tensor (a `GGUFTensor`-like: `data` its raw rows, innermost dim
+    last) as fp32 (stop - start, K), bit for bit what `gguf.quants.dequantize` gives them: Q8_0, Q5_0,
+    Q4_K and Q6_K decoded here (the products d * q are exact in fp32, so any order of computing them
+    gives the same bits; Q4_K's and Q6_K's decoders are `qwen2.quant.kquant`'s, natively when the
+    kernels are built), F32/F16 read directly, any other type by gguf-py. A 1-D tensor is one row.
+    `out`: an fp32 (stop - start, K) tensor to write them into (and return) instead of a new one."""
+    from gguf import GGMLQuantizationType as T
+
+    data = tensor.data.reshape(-1, tensor.data.shape[-1])  # (rows, raw row): a 1-D tensor is one row
+    rows = data[start:stop]
+    kind = tensor.tensor_type
+    if kind in (T.Q8_0, T.Q5_0):
+        raw = torch.from_numpy(np.array(rows, dtype=np.uint8, copy=True))  # the blocks, writable (a fraction of the result)
+        n = raw.shape[0]
+        blocks = raw.view(-1, _Q8_0_BYTES if kind == T.Q8_0 else _Q5_0_BYTES)
+        d = blocks[:, :2].contiguous().view(torch.float16).float()
+        q = blocks[:, 2:].view(torch.int8) if kind == T.Q8_0 else _q5_0_signed(blocks)
+        if out is None:
+            out = torch.empty(n, q.numel() // n, dtype=torch.float32)
+        torch.mul(q, d, out=out.view(-1, _INT8_BLOCK))  # int8 times fp32 in fp32: exact
+        return out
+    if kind == T.F32:
+        w = torch.from_numpy(np.array(rows, dtype=np.float32, copy=True))
+    elif kind == T.F16:
+        w = torch.from_numpy(rows.astype(np.float32))
+    elif kind in (T.Q4_K, T.Q6_K):
+        raw = torch.from_numpy(np.array(rows, dtype=np.uint8, copy=True))
+        ops = kernels.ops()
+        if kind == T.Q4_K:
+            w = ops.q4k_dequantize(raw) if ops is not None else q4k_dequantize(raw)
+        else:
+            w = ops.q6k_dequantize(raw) if ops is not None else q6k_dequantize(raw)
+    else:
+        from gguf import quants
+
+        try:
+            array = quants.dequantize(np.asarray(rows), kind)
+        except NotImplementedError:
+            raise Qwen2Error(f"tensor {tensor.name} has GGUF type {kind.name}, which the gguf package cannot "
+                             "dequantise; convert the model with another quantisation") from None
+        w = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32).reshape(stop - start, -1))
+    return w if out is None else out.copy_(w)
+
+
+def _q5_0_signed(blocks: torch.Tensor) -> torch.Tensor:
+    """Q5_0 blocks (n, 22) uint8 -> their values q5 - 16, int8 (n, 32) in [-16, 15]: the low nibbles
+    (byte j of the 16: weight j low, j + 16 high) plus, per weight, 0 where its fifth bit (bit i of the
+    little-endian uint32 before them) is set and -16 where not, looked up a byte (8 weights) at a time."""
+    q = _Q5_0_HIGH.index_select(0, blocks[:, 2:6].reshape(-1).int()).view(-1, 32)
+    nibbles = blocks[:, 6:]
+    q[:, :16] += (nibbles & 0x0F).view(torch.int8)
+    q[:, 16:] += (nibbles >> 4).view(torch.int8)
+    return q
+
+
+# byte -> its 8 bits as weights' fifth bits, low bit first: 0 where set (q5 - 16 = low nibble), -16 where not
+_Q5_0_HIGH = (((torch.arange(256)[:, None] >> torch.arange(8)) & 1).to(torch.int8) - 1) * 16
+
+
+class DequantizedRows:
+    """A 2-D GGUF tensor read as a float matrix (N, K) that only its rows asked for are dequantised of
+    (`dequantize_rows`), rounded to `dtype`: what `qwen2.quant.linear.fill_in_row_chunks` (and so
+    `Int4Linear.from_float`) takes, so a layer is quantised from its GGUF tensor a chunk of rows at a
+    time, never the whole tensor in fp32."""
+
+    def __init__(self, tensor, dtype: torch.dtype = torch.float32):
+        self.tensor, self.dtype = tensor, dtype
+        self.shape = tuple(int(n) for n in reversed(tensor.shape))
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        start, stop, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise IndexError("DequantizedRows takes contiguous row slices only")
+        w = dequantize_rows(self.tensor, start, stop)
+        return w if self.dtype == torch.float32 else w.to(self.dtype)
+
+
+def dequantize_tensor(tensor, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A whole GGUF tensor dequantised (`dequantize_rows`), in PyTorch's shape (its dims reversed) and
+    `dtype`, filled in row chunks into `out` (or a new tensor): the only full-size tensor made is the result."""
+    shape = tuple(int(n) for n in reversed(tensor.shape))
+    out = torch.empty(shape, dtype=dtype) if out is None else out.view(dtype).view(shape)
+    flat = out.view(-1, shape[-1])
+    step = max(1, _DEQUANT_CHUNK // shape[-1])
+    for a in range(0, flat.shape[0], step):
+        b = min(a + step, flat.shape[0])
+        if dtype == torch.float32:
+            dequantize_rows(tensor, a, b, out=flat[a:b])
+        else:
+            flat[a:b] = dequantize_rows(tensor, a, b)
+    return out
+
+
+_DEQUANT_CHUNK = 1 << 20  # weights per chunk: its temporaries stay in the cache
 
 
 def exact_block_types(model) -> set:
@@ -138,7 +294,7 @@ def exact_block_types(model) -> set:
 
 
 def _int4_at_q4k_group(model) -> bool:
-    return model.quantization["mode"].startswith("int4") and model.quantization.get("group_size") == _Q4K_GROUP
+    return takes_q4k(model.quantization["mode"], model.quantization.get("group_size"))
 
 
 def convert_exact_linears(model, tensors: dict, release=None, source: str = "the GGUF",
@@ -159,7 +315,8 @@ def convert_exact_linears(model, tensors: dict, release=None, source: str = "the
     if tied:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]  # a tied head is the embedding
     targets = [name for name, module in model.named_modules()
-               if f"{name}.weight" in tensors and isinstance(module, converters[tensors[f"{name}.weight"].tensor_type][0])]
+               if f"{name}.weight" in tensors and isinstance(module, (Int4Linear, Int8Linear))
+               and module.mode in converters[tensors[f"{name}.weight"].tensor_type][0]]
     counts: dict[str, int] = {}
     for name in progress_bar(targets, desc="taking exact GGUF blocks", unit="tensor", disable=not progress):
         tensor, module = tensors[f"{name}.weight"], model.get_submodule(name)

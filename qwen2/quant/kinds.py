@@ -2,7 +2,7 @@
 
 Each row: the layer's `mode` (what `QuantLinear.mode` says, "dense" for an fp32 nn.Linear), the code
 `qwen2/kernels/decode_block.cpp` switches on (its `enum Kind`, held equal to this table by
-tests/test_layering.py), and the layer's own `qwen2_kernels` op (what torch.compile is told the
+tests/test_architecture.py), and the layer's own `qwen2_kernels` op (what torch.compile is told the
 output shape of, qwen2/runtime/compile.py). A new layout is its QuantLinear class, its kernel and a row here.
 """
 from __future__ import annotations

@@ -77,6 +77,9 @@ class KQuantLinear(QuantLinear):
     block_bytes = 0
     bits_per_weight = 0.0
     gguf_type = ""
+    # like int4's measured crossover (the kernel re-reads the weights for every 4 rows of x); not
+    # re-measured for these layouts
+    dense_rows = 96
     linear_op = dequantize_op = ""  # its qwen2_kernels ops (names fixed here: decode calls ~200 per token)
 
     def __init__(self, rows: torch.Tensor, bias: torch.Tensor | None = None):
@@ -117,6 +120,10 @@ class KQuantLinear(QuantLinear):
     def _native_dequantize(self, rows: torch.Tensor) -> torch.Tensor:
         return getattr(self._ops, self.dequantize_op)(rows)
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.bits_per_weight = cls.block_bytes * 8 / SUPER_BLOCK
+
     def describe(self) -> str:
         return f"{self.mode}, GGUF {self.gguf_type} super-blocks as they are ({self.bits_per_weight:g} bits per weight)"
 
@@ -124,24 +131,14 @@ class KQuantLinear(QuantLinear):
 class Q4KLinear(KQuantLinear):
     """Q4_K: per 256 weights fp16 d and dmin, 6-bit scales and mins per 32, 4-bit quants."""
 
-    mode = "q4_k"
+    mode, gguf_type, block_bytes = "q4_k", "Q4_K", Q4K_BYTES
     linear_op, dequantize_op = "q4k_linear", "q4k_dequantize"
-    gguf_type = "Q4_K"
-    block_bytes = Q4K_BYTES
-    bits_per_weight = Q4K_BYTES * 8 / SUPER_BLOCK
-    # like int4's measured crossover (the kernel re-reads the weights for every 4 rows of x); not
-    # re-measured for these layouts
-    dense_rows = 96
     _dequantize = staticmethod(q4k_dequantize)
 
 
 class Q6KLinear(KQuantLinear):
     """Q6_K: per 256 weights an fp16 d, int8 scales per 16, 6-bit quants (4 + 2 bits)."""
 
-    mode = "q6_k"
+    mode, gguf_type, block_bytes = "q6_k", "Q6_K", Q6K_BYTES
     linear_op, dequantize_op = "q6k_linear", "q6k_dequantize"
-    gguf_type = "Q6_K"
-    block_bytes = Q6K_BYTES
-    bits_per_weight = Q6K_BYTES * 8 / SUPER_BLOCK
-    dense_rows = 96
     _dequantize = staticmethod(q6k_dequantize)

@@ -56,7 +56,10 @@ BACKENDS = ("auto", "kernel", "dense", "reference")
 BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _BLOCK = 32  # inputs per int4 packing block (and per activation block in the kernel)
-_CHUNK_ELEMENTS = 1 << 22  # weight elements dequantised (or quantised) at a time: bounds temporary memory
+_CHUNK_ELEMENTS = 1 << 22  # weight elements dequantised at a time for a GEMM: bounds temporary memory
+# weight elements quantised at a time (fill_in_row_chunks): a chunk's fp32 temporaries (4 MB) stay in the
+# caches; quantising the 0.5B model's int4 layers from its GGUF took 1.8 s in chunks of 1 << 22, ~1 s in these
+_FILL_CHUNK_ELEMENTS = 1 << 20
 
 
 def _bf16_gemm_is_fast() -> bool:
@@ -266,12 +269,23 @@ def int8_group_size(in_features: int) -> int:
     return INT8_GROUP_SIZE if in_features % INT8_GROUP_SIZE == 0 else in_features
 
 
+def buffer_shapes(layout: str, out_features: int, in_features: int, group_size: int | None = None,
+                  scale_dtype: torch.dtype | None = None) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of each buffer `Int4Linear.from_float` ("int4", at `group_size`) or
+    `Int8Linear.from_float` ("int8") makes for an (out_features, in_features) weight, in the order their
+    `out=` takes them: to place them before quantising (e.g. all in one region of 2 MB pages)."""
+    N, K, scale_dtype = out_features, in_features, scale_dtype or SCALE_DTYPE
+    if layout.startswith("int4"):
+        return [((N, K // 2), torch.uint8), ((N, K // group_size), scale_dtype), ((N, K // group_size), scale_dtype)]
+    return [((N, K), torch.uint8), ((N, K // (group_size or int8_group_size(K))), scale_dtype)]
+
+
 def fill_in_row_chunks(weight, quantizer, out: tuple, in_features: int, on_chunk=None):
     """Fill the row slices of the `out` tensors with `quantizer(weight[a:b])`, chunk by chunk, about
-    _CHUNK_ELEMENTS weights at a time (temporaries stay small even for the lm_head);
+    _FILL_CHUNK_ELEMENTS weights at a time (temporaries stay small even for the lm_head);
     `on_chunk(weight[a:b])` after each. `weight` is any row-indexable array of `in_features`-wide
     rows: an fp32 tensor, or a GGUF tensor's raw block rows."""
-    row_chunk = max(1, _CHUNK_ELEMENTS // in_features)
+    row_chunk = max(1, _FILL_CHUNK_ELEMENTS // in_features)
     for a in range(0, weight.shape[0], row_chunk):
         b = min(a + row_chunk, weight.shape[0])
         for target, value in zip(out, quantizer(weight[a:b])):
@@ -294,12 +308,12 @@ class Int8Linear(QuantLinear):
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int | None = None,
-                   on_chunk=None, scale_dtype: torch.dtype | None = None) -> "Int8Linear":
+                   on_chunk=None, scale_dtype: torch.dtype | None = None, out: tuple | None = None) -> "Int8Linear":
+        """`weight` (N, K) quantised. `out`: (q, scales) to fill and keep instead of new tensors (see `buffer_shapes`)."""
         N, K = weight.shape
         group_size = group_size or int8_group_size(K)
         scale_dtype = scale_dtype or SCALE_DTYPE
-        q = torch.empty(N, K, dtype=torch.uint8)
-        scales = torch.empty(N, K // group_size, dtype=scale_dtype)
+        q, scales = out or (torch.empty(N, K, dtype=torch.uint8), torch.empty(N, K // group_size, dtype=scale_dtype))
         fill_in_row_chunks(weight, lambda w: quantize_int8(w, group_size, scale_dtype), (q, scales), K, on_chunk)
         return cls(q, scales, group_size, bias)
 
@@ -329,13 +343,15 @@ class Int4Linear(QuantLinear):
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = DEFAULT_GROUP_SIZE,
-                   on_chunk=None, scale_dtype: torch.dtype | None = None) -> "Int4Linear":
+                   on_chunk=None, scale_dtype: torch.dtype | None = None, out: tuple | None = None) -> "Int4Linear":
+        """`weight` (N, K) quantised. `out`: (packed, scales, mins) to fill and keep instead of new
+        tensors (see `buffer_shapes`)."""
         N, K = weight.shape
         check_group_size(group_size, {"weight": K})
         scale_dtype = scale_dtype or SCALE_DTYPE
-        packed = torch.empty(N, K // 2, dtype=torch.uint8)
-        scales = torch.empty(N, K // group_size, dtype=scale_dtype)
-        mins = torch.empty_like(scales)
+        packed, scales, mins = out or (torch.empty(N, K // 2, dtype=torch.uint8),
+                                       torch.empty(N, K // group_size, dtype=scale_dtype),
+                                       torch.empty(N, K // group_size, dtype=scale_dtype))
 
         def quantize(w):
             q, s, m = quantize_int4(w, group_size, scale_dtype)
@@ -358,7 +374,7 @@ class QuantEmbedding(nn.Module):
     each looked-up row dequantised, so the model keeps no fp32 table (a second copy of the head's
     matrix: 544 MB at the 0.5B model's size). Used only where it is exact: when the head holds a
     tied GGUF's own token_embd blocks, whose dequantisation equals the fp32 table's bit for bit
-    (see `qwen2.checkpoint.gguf.convert_exact_linears`). The registry's GGUFs store output.weight
+    (see `qwen2.quant.gguf_blocks.convert_exact_linears`). The registry's GGUFs store output.weight
     apart from token_embd, so they load untied and keep their fp32 embedding."""
 
     def __init__(self, head: QuantLinear):

@@ -70,40 +70,71 @@ def into_huge_pages(model: nn.Module) -> int:
     Why: a decode step streams all of them from memory once per token, and with 4 KB pages a core
     reads memory markedly slower here (`torch.ones(2**28).sum()`: 11.9 GB/s on one thread with 4 KB
     pages, 15.0 with 2 MB ones); int4 decode steps took 25.2 instead of 27.9 ms on the 0.5B model and
-    57.8 instead of 59.5 on the 1.5B (`benchmarks/bench_native_decode.py`, alternating). Where
+    57.8 instead of 59.5 on the 1.5B (`benchmarks/speed/bench_native_decode.py`, alternating). Where
     the kernel hands out no huge pages (THP "never"), the copy is all that happens. The copy is one
     buffer at a time, each old one freed as its module takes the new and its memory handed back to
     the OS every 32 MB (malloc keeps freed blocks for reuse otherwise: resident memory would grow by
     the whole quantised model, 240 MB on the 0.5B), so memory grows by ~32 MB plus the largest buffer.
     Cost: the first touch of fresh 2 MB pages, ~0.9 s for the 0.5B model's 367 MB on this VM."""
-    if not hasattr(mmap, "MADV_HUGEPAGE"):
-        return 0
     # (module, name, bytes) only: holding the tensors here would keep every old buffer alive to the end
     buffers = [(module, name, t.numel() * t.element_size()) for module in _quantized_linears(model)
                for name, t in module.named_buffers(recurse=False) if t.device.type == "cpu" and t.numel() > 0]
-    if not buffers:
+    if not buffers or in_one_arena([getattr(module, name) for module, name, _ in buffers]):
+        return 0  # none, or already built in place (qwen2/checkpoint/quantized.py)
+    views = huge_page_arena([size for _, _, size in buffers])
+    if views is None:
         return 0
-    padded = [-(-size // 64) * 64 for _, _, size in buffers]  # each cache-line aligned
-    region = mmap.mmap(-1, sum(padded) + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        region.madvise(mmap.MADV_HUGEPAGE)
-    except OSError:  # a kernel built without THP
-        region.close()
-        return 0
-    arena = torch.frombuffer(region, dtype=torch.uint8)  # its views keep `region` alive
-    start = offset = -arena.data_ptr() % _HUGE_PAGE  # from a 2 MB boundary: the first page can be huge too
     unreturned = 0
-    for (module, name, size), step in zip(buffers, padded):
+    for (module, name, size), view in zip(buffers, views):
         old = getattr(module, name)
-        setattr(module, name, arena[offset:offset + size].view(old.dtype).view(old.shape).copy_(old))
+        setattr(module, name, view.view(old.dtype).view(old.shape).copy_(old))
         del old
-        offset += step
         unreturned += size
         if unreturned >= 32 << 20:
             _return_freed_memory()
             unreturned = 0
     _return_freed_memory()
-    return offset - start
+    return sum(-(-size // 64) * 64 for _, _, size in buffers)
+
+
+def huge_page_arena(sizes: list[int]) -> list[torch.Tensor] | None:
+    """One uint8 view per size, in order, each from a 64-byte boundary (the first from a 2 MB one), in one
+    private anonymous mapping advised for transparent huge pages: where `into_huge_pages` moves buffers,
+    or where buffers are made in place to begin with (their first touch then faults in 2 MB pages: ~10x
+    fewer faults than 4 KB ones, and no copy later). None where the OS has no such advice."""
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        return None
+    padded = [-(-size // 64) * 64 for size in sizes]  # each cache-line aligned
+    region = mmap.mmap(-1, sum(padded) + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        region.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # a kernel built without THP
+        region.close()
+        return None
+    arena = torch.frombuffer(region, dtype=torch.uint8)  # its views keep `region` alive
+    offset = -arena.data_ptr() % _HUGE_PAGE  # from a 2 MB boundary: the first page can be huge too
+    views = []
+    for size, step in zip(sizes, padded):
+        views.append(arena[offset:offset + size])
+        offset += step
+    return views
+
+
+def anonymous_buffer(nbytes: int) -> torch.Tensor:
+    """`nbytes` of fresh zeroed memory (uint8) in a private anonymous mapping of its own, like
+    `torch.empty` of a large size: its pages are returned to the OS when the last tensor on it goes
+    (not kept by malloc for reuse)."""
+    region = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(region, dtype=torch.uint8)[:nbytes]  # the view keeps `region` alive
+
+
+def in_one_arena(tensors: list[torch.Tensor]) -> bool:
+    """Whether these tensors lie in one storage, in this order, each from a 64-byte boundary and the first from a 2 MB one:
+    as `huge_page_arena` places them (a model built in place needs no move)."""
+    if not tensors or len({t.untyped_storage().data_ptr() for t in tensors}) != 1:
+        return False
+    starts = [t.data_ptr() for t in tensors]
+    return starts == sorted(starts) and all(p % 64 == 0 for p in starts) and starts[0] % _HUGE_PAGE == 0
 
 
 def _return_freed_memory() -> None:

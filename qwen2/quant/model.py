@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from ..errors import Qwen2Error
 from .linear import (BACKENDS, BLOCK_LINEARS, DEFAULT_GROUP_SIZE, INT4_KEEP_INT8, MODES, Int4Linear, Int8Linear,
-                     QuantLinear, check_group_size)
+                     QuantLinear, buffer_shapes, check_group_size)
 from .memory import file_mappings, release_pages
 
 
@@ -37,19 +37,45 @@ def quantize_model(model, mode: str, group_size: int = DEFAULT_GROUP_SIZE, lm_he
     is left intact (the head gets a quantised copy; loading from a GGUF then reads the embedding's
     rows from the head's exact blocks: `QuantEmbedding`).
 
+    Which layer gets which layout and settings is `linear_layouts` / `configure_linear` /
+    `quantization_record`, which loading a GGUF's blocks directly (qwen2/checkpoint/quantized.py) shares.
+
     `release`: the fp32 weights may live in a memory-mapped file (safetensors); drop their pages from
     this process once quantised, so resident memory does not keep the fp32 model (load() uses it).
     """
     mode = check_mode(mode)
     if mode is None:
         return model
-    keep_int8 = INT4_KEEP_INT8 if mode == "int4" else ()
-    lm_head = mode != "int8" if lm_head is None else lm_head
     if getattr(model, "quantization", None):
         raise Qwen2Error(f"the model is already quantised ({describe(model)})")
     if model.device.type != "cpu":
         raise Qwen2Error(f"quantised linears run on the CPU only, not {model.device}")
-    config = model.config
+    check_quantizable(model.config, mode, group_size)
+    layouts = linear_layouts(model.config, mode, lm_head)
+    mapped = file_mappings() if release else []
+    # each chunk's fp32 pages go as soon as it is quantised: never more than a chunk of them resident.
+    # A tied embedding's pages go too, as the head reads them: they belong to a file mapping (the only
+    # pages released), so a later lookup faults its row back in from the checkpoint, and a GGUF's exact
+    # head soon replaces the table altogether (QuantEmbedding).
+    release_chunk = None if not mapped else (lambda t: release_pages(t, mapped))
+    with torch.no_grad():
+        for name, layout in layouts.items():
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            linear = getattr(parent, attr)
+            layer = quantize_linear(linear.weight.detach(), linear.bias, layout, group_size, on_chunk=release_chunk)
+            setattr(parent, attr, configure_linear(layer, name, mode))
+    model.quantization = quantization_record(mode, group_size, lm_head)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Which layout for which linear: one set of rules, for quantising a model and for building one
+# straight from a GGUF's blocks
+# --------------------------------------------------------------------------------------------------
+
+def check_quantizable(config, mode: str, group_size: int) -> None:
+    """Raise Qwen2Error unless a model of `config` can be quantised to `mode` (a checked mode) at `group_size`."""
     if config.num_experts:
         raise Qwen2Error("quantised linears do not cover mixture-of-experts layers yet; load this Qwen2-MoE model "
                          "without quantize=")
@@ -58,41 +84,62 @@ def quantize_model(model, mode: str, group_size: int = DEFAULT_GROUP_SIZE, lm_he
             "q/k/v/gate/up_proj (hidden size)": config.hidden_size,
             "o_proj (heads x head dim)": config.num_attention_heads * config.head_dim,
             "down_proj (intermediate size)": config.intermediate_size})
-    mapped = file_mappings() if release else []
 
-    def convert(linear: nn.Linear, as_mode: str) -> QuantLinear:
-        # each chunk's fp32 pages go as soon as it is quantised: never more than a chunk of them resident
-        release_chunk = None if not mapped else (lambda t: release_pages(t, mapped))
-        w = linear.weight.detach()
-        if as_mode.startswith("int4"):
-            return Int4Linear.from_float(w, linear.bias, group_size, on_chunk=release_chunk)
-        return Int8Linear.from_float(w, linear.bias, on_chunk=release_chunk)
 
-    with torch.no_grad():
-        for block in model.model.layers:
-            for path in BLOCK_LINEARS:
-                parent_name, name = path.split(".")
-                parent = getattr(block, parent_name)
-                setattr(parent, name, convert(getattr(parent, name), "int8" if path in keep_int8 else mode))
-        if lm_head:
-            # A tied embedding's pages go too, as they are read: they belong to a file mapping (the
-            # only pages released), so a later lookup faults its row back in from the checkpoint,
-            # and a GGUF's exact head soon replaces the table altogether (QuantEmbedding).
-            model.lm_head = convert(model.lm_head, "int8")
-    for name, layer in quantized_linears(model).items():
-        layer.activation_digits = 2 if "self_attn" in name or mode == "int8" else 1
-        if mode == "int8":
-            # int8 mode is the accuracy mode: a bf16 prefill alone flips 1-2 of 20 greedy continuations
-            layer.dense_dtype = torch.float32
-    model.quantization = {"mode": mode, "group_size": group_size if mode.startswith("int4") else None,
-                          "int8": [p.split(".")[1] for p in keep_int8], "lm_head": "int8" if lm_head else None}
-    return model
+def lm_head_quantized(mode: str, lm_head: bool | None) -> bool:
+    """Whether the lm_head is quantised (int8): `lm_head`, or the mode's default (int4 modes yes, int8 no)."""
+    return mode != "int8" if lm_head is None else bool(lm_head)
+
+
+def linear_layouts(config, mode: str, lm_head: bool | None = None) -> dict[str, str]:
+    """Module name -> the layout `quantize_model` gives it ("int4" or "int8"), in the model's module
+    order: every block linear, then "lm_head" when it is quantised. Linears not named stay as they are."""
+    keep_int8 = INT4_KEEP_INT8 if mode == "int4" else ()
+    layouts = {f"model.layers.{i}.{path}": "int8" if path in keep_int8 else ("int4" if mode.startswith("int4") else "int8")
+               for i in range(config.num_hidden_layers) for path in BLOCK_LINEARS}
+    if lm_head_quantized(mode, lm_head):
+        layouts["lm_head"] = "int8"
+    return layouts
+
+
+def quantize_linear(weight, bias: torch.Tensor | None, layout: str, group_size: int, on_chunk=None,
+                    out: tuple | None = None) -> QuantLinear:
+    """A linear's weight (N, K) quantised to `layout` ("int4" at `group_size`, or "int8"). `weight`:
+    a float tensor, or anything `fill_in_row_chunks` reads rows of (e.g. a GGUF tensor's rows,
+    dequantised chunk by chunk); `on_chunk(rows)` after each chunk; `out`: the buffers to fill
+    (`quantized_buffer_shapes`) instead of new ones."""
+    if layout.startswith("int4"):
+        return Int4Linear.from_float(weight, bias, group_size, on_chunk=on_chunk, out=out)
+    return Int8Linear.from_float(weight, bias, on_chunk=on_chunk, out=out)
+
+
+def quantized_buffer_shapes(layout: str, out_features: int, in_features: int, group_size: int):
+    """(shape, dtype) of each buffer `quantize_linear` fills for this layout and weight shape."""
+    return buffer_shapes(layout, out_features, in_features, group_size if layout.startswith("int4") else None)
+
+
+def configure_linear(layer: QuantLinear, name: str, mode: str) -> QuantLinear:
+    """Set the kernel settings `quantize_model` gives the quantised layer at `name` in `mode`; returns it.
+    Two activation digits for the attention projections (and everywhere in int8 mode), one elsewhere;
+    int8 mode, the accuracy mode, prefills in fp32 (a bf16 prefill alone flips 1-2 of 20 greedy
+    continuations)."""
+    layer.activation_digits = 2 if "self_attn" in name or mode == "int8" else 1
+    if mode == "int8":
+        layer.dense_dtype = torch.float32
+    return layer
+
+
+def quantization_record(mode: str, group_size: int, lm_head: bool | None) -> dict:
+    """What a model quantised to `mode` says of itself (`model.quantization`), before any GGUF blocks are taken."""
+    keep_int8 = INT4_KEEP_INT8 if mode == "int4" else ()
+    return {"mode": mode, "group_size": group_size if mode.startswith("int4") else None,
+            "int8": [p.split(".")[1] for p in keep_int8], "lm_head": "int8" if lm_head_quantized(mode, lm_head) else None}
 
 
 def describe(model) -> str:
     """'int4 (group 32; v_proj, down_proj int8; exact from the GGUF: 197 Q4_K as q4_k, 29 Q6_K as q6_k),
     lm_head q6_k' or 'none': GGUF block types taken exactly, each with the layout that holds it (q4_k
-    and q6_k: the GGUF's super-blocks kept as they are, `qwen2.kquant`)."""
+    and q6_k: the GGUF's super-blocks kept as they are, `qwen2.quant.kquant`)."""
     q = getattr(model, "quantization", None)
     if not q:
         return "none"

@@ -1,13 +1,13 @@
 """Optional `torch.compile` of the decode step (one new token per row through the KV cache).
 
-The traced function is `CompiledDecoder.static_step` (a forward through a `StaticKV` cache) (inductor, `fullgraph=True`, static shapes): it
-takes the cache slot as a tensor and the cache's `valid` mask, so one graph serves every step of a
-cache of that shape (a new batch size or cache length compiles again). Prefill and multi-token
+The traced function is `CompiledDecoder.static_step`, a forward through a `StaticKV` cache (inductor,
+`fullgraph=True`, static shapes): it takes the cache slot as a tensor and the cache's `valid` mask, so
+one graph serves every step of a cache of that shape (a new batch size or cache length compiles again). Prefill and multi-token
 verification (speculation) stay eager.
 
 The compiled step computes the eager step's logits bit for bit, so greedy decoding gives the same
-tokens. Where eager decode runs natively (`qwen2/kernels/decode_block.cpp`: every block in one call,
-its attention skipping the keys a query may not see), the graph calls those very ops, opaque to
+tokens. Where decode runs natively (the native executor, `qwen2/kernels/decode_block.cpp`: every block in one
+call, its attention skipping the keys a query may not see), the graph calls those very ops, opaque to
 inductor; RoPE's cos/sin and the final RMSNorm run as ATen computes them (`model.layers.aten_when_compiled`);
 what inductor still fuses (the embedding lookup, RoPE's angles: one fp32 product, the masks) rounds
 as ATen does. Why so strict: traced as PyTorch ops, the attention (a softmax over every masked
@@ -32,7 +32,8 @@ import torch
 
 from .. import kernels
 from ..errors import Qwen2Error
-from ..model.cache import KVCache, StaticKV
+from ..model.cache import KVCache
+from ..model.static_cache import StaticKV
 from ..progress import notice
 from ..quant.kinds import LAYER_KINDS
 from .decoder import EagerDecoder

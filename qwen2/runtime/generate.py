@@ -202,7 +202,7 @@ def stream_rows(model, tokenizer, prompts: Sequence[Sequence[int]], params: Samp
                 eos_ids: Sequence[int], steps=None) -> Iterator[tuple[int, str]]:
     """Yield (row, text piece) as tokens are generated, until every row has finished.
     `steps(model, prompts, params, pad_id=...)` makes the token stream; `decode_steps` by default
-    (`qwen2.speculative` passes its own, with the same contract)."""
+    (`qwen2.runtime.speculative` passes its own, with the same contract)."""
     rows = [TextStream(tokenizer, eos_ids, params.stop) for _ in prompts]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for token in (steps or decode_steps)(model, prompts, params, pad_id=pad_id):

@@ -25,7 +25,8 @@ def unavailable_reason(model) -> str | None:
     """Why the native ops cannot run `model`'s decode steps, or None when they can."""
     config = model.config
     if model.device.type != "cpu" or model.dtype != torch.float32:
-        return f"it runs fp32 models on the CPU, this one is {str(model.dtype).removeprefix('torch.')} on {model.device}"
+        dtype = str(model.dtype).removeprefix("torch.")
+        return f"it runs fp32 models on the CPU, this one is {dtype} on {model.device}"
     if config.head_dim % 16:
         return f"head_dim {config.head_dim} is not a multiple of 16"
     if config.dual_chunk_attention_config is not None:

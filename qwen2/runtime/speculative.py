@@ -111,7 +111,8 @@ class DraftModelDrafter(Drafter):
         model = draft_model if isinstance(draft_model, (Transformer, EagerDecoder)) else \
             getattr(draft_model, "decoder", None)
         if not isinstance(model, (Transformer, EagerDecoder)):
-            raise Qwen2Error(f"draft_model must be a Qwen2 from qwen2.load (or a Transformer), not {type(draft_model).__name__}")
+            raise Qwen2Error("draft_model must be a Qwen2 from qwen2.load (or a Transformer), "
+                             f"not {type(draft_model).__name__}")
         self.model = as_decoder(model)
         self.cache = None
         self.cached: list[int] = []  # the tokens in self.cache, slot by slot

@@ -14,8 +14,8 @@ key/value to its own slot (`StaticKV.slot` of shape (n,)), sees only its own slo
 and takes its own RoPE position. There is no padding in the pool (every row starts at slot 0), so a
 row's slot is also its position.
 
-Sampling is per sequence, with `qwen2.generate`'s pieces: `next_token` with the request's
-SamplingParams and its own seeded generator (a seeded request samples what `qwen2.generate` samples
+Sampling is per sequence, with `qwen2.runtime.generate`'s pieces: `next_token` with the request's
+SamplingParams and its own seeded generator (a seeded request samples what `qwen2.runtime.generate` samples
 with that seed), and `TextStream` for end tokens, stop strings and whole UTF-8 characters.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 
 from .. import long_context
 from ..errors import Qwen2Error
-from ..model.cache import StaticKV
+from ..model.static_cache import StaticKV
 from ..runtime.executor import as_decoder
 from ..runtime.generate import SamplingParams, TextStream, next_token
 

@@ -1,26 +1,25 @@
-#!/usr/bin/env python
-"""The native decode path against the PyTorch ops it replaces, in one process, alternating, so a
-noisy moment of this shared machine falls on every path alike:
+"""The native decode executor against the eager one (PyTorch ops) it equals bit for bit, in one
+process, alternating, so a noisy moment of this shared machine falls on every path alike. Each path is
+an executor chosen by name (`qwen2.runtime.executor.make_decoder(model, name)`):
 
-  native     every decoder block of the step in one native call (`qwen2/kernels/decode_block.cpp`'s
-             `decode_layers`: the eager blocks' own ops and kernels, no Python between them)
-  native-blocks  a decoder block per native call (`decode_block`), from the Python loop over the blocks
-  attention  the eager block in Python, its attention native (`qwen2/kernels/decode_attention.cpp`:
-             RoPE, the cache write and attention in one call)
-  pytorch    the eager block in Python, attention by PyTorch ops (`Attention._attend`: two RoPEs,
-             two cache writes, SDPA)
+  native     `make_decoder(model, "native")`: a decode step's blocks in native calls
+             (`qwen2/kernels/decode_block.cpp`'s `decode_layers`: the eager blocks' own ops and kernels,
+             no Python between them)
+  eager      `make_decoder(model, "eager")`: the model's own forward, attention by PyTorch ops (RoPE,
+             the cache write, SDPA)
   native-4k-pages  native, but the quantised weights copied out of the 2 MB pages load() puts them
-             in (`qwen2.quantize.into_huge_pages`) into ordinary memory (4 KB pages, unless the OS
+             in (`qwen2.quant.into_huge_pages`) into ordinary memory (4 KB pages, unless the OS
              makes every allocation huge: transparent_hugepage=always)
 
 1. One layer's attention call, the model's head shapes, one new token after C cached ones
-   (C = --contexts): median µs of the native attention and of the PyTorch ops, outputs compared.
+   (C = --contexts): median µs of the native attention op (`qwen2/kernels/decode_attention.cpp`: RoPE,
+   the cache write and attention in one call) and of the PyTorch ops it replaces, outputs compared.
 2. Whole decode steps of the model (--quantize, default int4) after a 512-token prompt, each path in
    turn round after round, --steps greedy steps per round, the cache rewound after each: the median
    step of each round, the best round, and whether the paths pick the same greedy tokens.
 
-    python benchmarks/bench_native_decode.py --out benchmarks/results/native_decode.json
-    python benchmarks/bench_native_decode.py --model qwen2.5-coder-1.5b-instruct --out benchmarks/results/native_decode-1.5b.json
+    python -m benchmarks.speed.bench_native_decode --out benchmarks/results/native_decode.json
+    python -m benchmarks.speed.bench_native_decode --model qwen2.5-coder-1.5b-instruct --out benchmarks/results/native_decode-1.5b.json
 
 Results: printed, and with --out a JSON plus a markdown table beside it (written atomically).
 """
@@ -32,33 +31,23 @@ import statistics
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import qwen2
+from benchmarks.common import REPO_ROOT, command_line, machine_facts, set_torch_threads, wait_for_quiet, write_results
+from qwen2 import kernels
+from qwen2 import quant as Q
+from qwen2.model.attention import rotary_attention
+from qwen2.model.rope import apply_rope
+from qwen2.progress import progress_bar
+from qwen2.runtime.executor import make_decoder
 
-import torch  # noqa: E402
-from bench_inference import machine_facts, set_torch_threads, wait_for_quiet, write_results  # noqa: E402
-
-import qwen2  # noqa: E402
-from qwen2 import kernels  # noqa: E402
-from qwen2 import model as M  # noqa: E402
-from qwen2 import quant as Q  # noqa: E402
-from qwen2.progress import progress_bar  # noqa: E402
-
-NATIVE, BLOCKS, ATTENTION, PYTORCH, SMALL_PAGES = "native", "native-blocks", "attention", "pytorch", "native-4k-pages"
-PATHS = (NATIVE, BLOCKS, ATTENTION, PYTORCH, SMALL_PAGES)
+MODULE = "benchmarks.speed.bench_native_decode"
+NATIVE, EAGER, SMALL_PAGES = "native", "eager", "native-4k-pages"
+PATHS = (NATIVE, EAGER, SMALL_PAGES)
+EXECUTOR = {NATIVE: "native", EAGER: "eager", SMALL_PAGES: "native"}  # the executor each path runs
+ATTENTION, PYTORCH = "attention", "pytorch"  # the two ways of one layer's attention call (native op, PyTorch ops)
 _placements: dict = {}  # id(model) -> {True: buffers as loaded (2 MB pages), False: copies in ordinary memory}
-
-
-def use(path: str, model=None, ops=M.native_decode_ops, weights=M.Block.native_weights,
-        layers=M.Transformer._native_layers) -> None:
-    """Route the model's decode steps through `path` from the next forward on."""
-    M.native_decode_ops = ops if path != PYTORCH else (lambda x, mask, cache, head_dim: None)
-    M.Block.native_weights = weights if path in (NATIVE, BLOCKS, SMALL_PAGES) else (lambda self, rows: None)
-    M.Transformer._native_layers = layers if path != BLOCKS else (lambda self, x, mask, cache: None)
-    if model is not None:
-        place_weights(model, huge=path != SMALL_PAGES)
 
 
 def place_weights(model, huge: bool) -> None:
@@ -73,8 +62,8 @@ def place_weights(model, huge: bool) -> None:
 
 
 def op_timings(model, contexts: list[int], repeats: int) -> list[dict]:
-    """Per context length: one layer's decode attention by each path, median µs, max |difference|."""
-    attention, config = model.model.layers[0].self_attn, model.config
+    """Per context length: one layer's decode attention by each way, median µs, max |difference|."""
+    config = model.config
     nh, nkv, hs = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     rows = []
     gen = torch.Generator().manual_seed(0)
@@ -84,11 +73,16 @@ def op_timings(model, contexts: list[int], repeats: int) -> list[dict]:
         cache.length = context
         q, k, v = (torch.randn(1, 1, n, hs, generator=gen) for n in (nh, nkv, nkv))
         cos, sin = model.rope(torch.tensor([[context]]), torch.float32)
-        slots = cache.first_slots()
+        slots = cache.first_slots(1)
         ops = kernels.ops()
-        paths = {ATTENTION: lambda: ops.decode_attention(q, k, v, cos, sin, cache.k[0], cache.v[0], slots, None, hs ** -0.5),
-                 PYTORCH: lambda: attention._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                    cos, sin, None, cache, 0)}
+
+        def pytorch():  # what the eager attention does for one token: RoPE, the cache write, SDPA
+            keys, values = cache.write(0, apply_rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2))
+            return rotary_attention(q.transpose(1, 2), keys, values, cos, sin, None, cache)
+
+        paths = {ATTENTION: lambda: ops.decode_attention(q, k, v, cos, sin, cache.k[0], cache.v[0], slots, None,
+                                                         hs ** -0.5),
+                 PYTORCH: pytorch}
         times = {name: [] for name in paths}
         with torch.inference_mode():
             outputs = {name: f() for name, f in paths.items()}
@@ -107,7 +101,8 @@ def op_timings(model, contexts: list[int], repeats: int) -> list[dict]:
 def step_timings(loaded, rounds: int, steps: int) -> dict:
     """Median decode step per round and path after a 512-token prompt (this repository's README)."""
     model = loaded.model
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    decoders = {path: make_decoder(model, EXECUTOR[path]) for path in PATHS}
+    with open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8") as f:
         prompt = torch.tensor([loaded.tokenizer.encode(f.read())[:512]])
     medians = {path: [] for path in PATHS}
     tokens = {}
@@ -116,27 +111,27 @@ def step_timings(loaded, rounds: int, steps: int) -> dict:
         first = model(prompt, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
         for _ in progress_bar(range(rounds), desc="decode rounds", unit="round"):
             for path in PATHS:
-                use(path, model)
-                token, times, seen = first, [], []
+                place_weights(model, huge=path != SMALL_PAGES)
+                decoder, token, times, seen = decoders[path], first, [], []
                 for _ in range(steps):
                     start = time.perf_counter()
-                    token = model(token, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+                    token = decoder(token, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
                     times.append((time.perf_counter() - start) * 1e3)
                     seen.append(int(token))
                 cache.rewind(steps)
                 medians[path].append(statistics.median(times))
                 tokens[path] = seen
-    use(NATIVE, model)
+    place_weights(model, huge=True)
     best = {path: min(m) for path, m in medians.items()}
-    same = {path: f"{sum(a == b for a, b in zip(tokens[path], tokens[PYTORCH]))}/{steps}" for path in PATHS}
+    same = {path: f"{sum(a == b for a, b in zip(tokens[path], tokens[EAGER]))}/{steps}" for path in PATHS}
     return {"median_ms_per_round": medians, "best_ms": best,
-            "speedup": {path: best[PYTORCH] / best[path] for path in PATHS}, "same_greedy_tokens_as_pytorch": same}
+            "speedup": {path: best[EAGER] / best[path] for path in PATHS}, "same_greedy_tokens_as_eager": same}
 
 
 def markdown(data: dict) -> str:
     a = data["args"]
     m = data["machine"]
-    out = [f"# Native decode path vs PyTorch ops: {a['model']} (quantize={a['quantize']}), "
+    out = [f"# Native decode executor vs eager (PyTorch ops): {a['model']} (quantize={a['quantize']}), "
            f"{a['threads']} threads\n", f"`{data['command']}`\n",
            f"{m['cpu']} ({m['logical_cpus']} logical CPUs), torch {data['torch']}, {m['date']}; CPU taken by "
            f"other processes before the run: {data['cpu_taken_by_others_pct']:.0f} %\n",
@@ -147,13 +142,12 @@ def markdown(data: dict) -> str:
             f"{r['max_abs_diff']:.1e} |" for r in data["op"]]
     s = data["steps"]
     out += ["", f"## Whole decode steps after a 512-token prompt ({a['steps']} steps per round, {a['rounds']} rounds)\n",
-            "native: all decoder blocks in one native call; native-blocks: one native call per block; attention: "
-            "blocks in Python, attention native; pytorch: "
-            "neither; native-4k-pages: native, the quantised weights copied from the 2 MB pages load() gives them "
-            "into ordinary memory.\n",
-            "| path | best round ms / step | vs pytorch | greedy tokens = pytorch's | every round |",
+            "native: the native executor (a step's decoder blocks in native calls); eager: the model's own "
+            "forward, PyTorch ops; native-4k-pages: native, the quantised weights copied from the 2 MB pages "
+            "load() gives them into ordinary memory.\n",
+            "| path | best round ms / step | vs eager | greedy tokens = eager's | every round |",
             "| --- | ---: | ---: | ---: | --- |"]
-    out += [f"| {p} | {s['best_ms'][p]:.2f} | {s['speedup'][p]:.3f}× | {s['same_greedy_tokens_as_pytorch'][p]} | "
+    out += [f"| {p} | {s['best_ms'][p]:.2f} | {s['speedup'][p]:.3f}× | {s['same_greedy_tokens_as_eager'][p]} | "
             f"{', '.join(f'{x:.1f}' for x in s['median_ms_per_round'][p])} |" for p in PATHS]
     return "\n".join(out) + "\n"
 
@@ -175,7 +169,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"the native kernels are unavailable here: {kernels.status()}")
     loaded = qwen2.load(args.model, quantize=None if args.quantize == "none" else args.quantize)
     others = wait_for_quiet(args.wait_quiet)  # with 0, one 2-second look
-    data = {"args": vars(args), "command": "python benchmarks/bench_native_decode.py " + " ".join(argv or sys.argv[1:]),
+    data = {"args": vars(args), "command": command_line(MODULE, argv),
             "machine": machine_facts(args.threads), "torch": torch.__version__, "cpu_taken_by_others_pct": others,
             "op": op_timings(loaded.model, [int(c) for c in args.contexts.split(",")], args.repeats),
             "steps": step_timings(loaded, args.rounds, args.steps)}

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Side-by-side CPU inference benchmark: this project (fp32, int8, int4, compiled, prompt lookup) vs transformers
 vs llama.cpp, same weights, same prompt.
 
@@ -23,12 +22,13 @@ with --threads torch threads). Then every engine runs in a fresh subprocess of i
   achieved GB/s   weight bytes x decode forwards per second (batch 1), and its share of the measured read
                   bandwidth (KV-cache and activation traffic left out)
 
-Engines (--engines, comma-separated; the default is every one but the -compiled fp32/int8 ones and
-transformers-gguf):
-  qwen2, qwen2-int8, qwen2-int4  `qwen2.load(...)` fp32 / quantize="int8" / quantize="int4", the static KV
-                                 cache and `qwen2.runtime.generate.decode_steps` (the path `Qwen2.generate` uses)
-  qwen2[-int8|-int4]-compiled    the same with `qwen2.load(..., compile=True)`; "not available" where this
-                                 qwen2's load takes no compile option
+Engines (--engines, comma-separated; the default is every one but the -compiled fp32/int8 ones, the -eager
+ones and transformers-gguf):
+  qwen2, qwen2-int8, qwen2-int4  `qwen2.load(...)` fp32 / quantize="int8" / quantize="int4" with the default
+                                 executor ("auto": native decode steps where they apply), the static KV cache
+                                 and `qwen2.runtime.generate.decode_steps` (the path `Qwen2.generate` uses)
+  qwen2[-int8|-int4]-compiled    the same with `qwen2.load(..., executor="compiled")`
+  qwen2[-int8|-int4]-eager       the same with `qwen2.load(..., executor="eager")` (PyTorch ops only)
   qwen2-int4-lookup              int4, decoding by prompt-lookup speculation (the steps
                                  `Qwen2.generate(speculative="prompt-lookup")` builds); the same process also
                                  runs plain int4 greedy decoding and checks the tokens are the same
@@ -46,34 +46,34 @@ Before the engines, a first process times `qwen2.load(MODEL)` and reports whethe
 (the load assembled/converted the GGUF) or already warm; the qwen2 engine's own load, in a new process right
 after, is the second load. It also builds the prompts and reads the GGUF's tensor sizes.
 
-Usage:
-  python benchmarks/bench_inference.py                          # 0.5B registry model, the default engines
-  python benchmarks/bench_inference.py --cold                   # first load in an empty, temporary cache
-  python benchmarks/bench_inference.py --engines qwen2,llama.cpp --new-tokens 32 --batch-sizes ""
+Usage (from the repository root):
+  python -m benchmarks.speed.bench_inference                    # 0.5B registry model, the default engines
+  python -m benchmarks.speed.bench_inference --cold             # first load in an empty, temporary cache
+  python -m benchmarks.speed.bench_inference --engines qwen2,llama.cpp --new-tokens 32 --batch-sizes ""
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import importlib.util
 import itertools
 import json
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
-from qwen2.fileio import write_text_atomic
+from benchmarks.common import (RESULTS_DIR, Engine, LlamaCppEngine, NotApplicable, build_batch_prompts,
+                               build_prompt_ids, command_line, fmt, llama_cpp_installed, machine_facts,
+                               peak_rss_mb, progress, rss_mb, set_torch_threads, spawn, timed, wait_for_quiet,
+                               write_json, write_results)
 
+MODULE = "benchmarks.speed.bench_inference"
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WARMUP_STEPS = 4  # decode steps after the first full prefill, untimed: first-call (and compile) costs stay out
 BATCH_WARMUP_STEPS = 2  # untimed decode steps of each batch before its timed ones (a new batch size may compile)
 BANDWIDTH_REPEATS = 5
@@ -81,7 +81,7 @@ BANDWIDTH_REPEATS = 5
 
 @dataclass(frozen=True)
 class Qwen2Variant:
-    """One qwen2 engine: `qwen2.load` keyword arguments and how it decodes."""
+    """One qwen2 engine: `qwen2.load` keyword arguments (the executor among them) and how it decodes."""
     load: dict
     speculative: str | None = None  # a `Qwen2.generate(speculative=...)` method; None: plain greedy
 
@@ -89,7 +89,9 @@ class Qwen2Variant:
 def qwen2_variants() -> dict[str, Qwen2Variant]:
     base = {"qwen2": {}, "qwen2-int8": {"quantize": "int8"}, "qwen2-int4": {"quantize": "int4"}}
     variants = {name: Qwen2Variant(kwargs) for name, kwargs in base.items()}
-    variants |= {f"{name}-compiled": Qwen2Variant({**kwargs, "compile": True}) for name, kwargs in base.items()}
+    for executor in ("compiled", "eager"):
+        variants |= {f"{name}-{executor}": Qwen2Variant({**kwargs, "executor": executor})
+                     for name, kwargs in base.items()}
     variants["qwen2-int4-lookup"] = Qwen2Variant({"quantize": "int4"}, speculative="prompt-lookup")
     return variants
 
@@ -100,125 +102,14 @@ ENGINES = ("qwen2", "qwen2-int8", "qwen2-int4", "qwen2-int4-compiled", "qwen2-in
            "llama.cpp")  # the default: what the fast-inference issue asks to compare
 
 
-class NotApplicable(Exception):
-    """This engine has no such measurement (e.g. batches for a speculative decoder): 'n/a' in the table."""
-
-
 class NotAvailable(Exception):
-    """This engine cannot run with the installed code (e.g. qwen2.load without compile=): the row says why."""
-
-
-# --------------------------------------------------------------------------------------------------
-# The prompt
-# --------------------------------------------------------------------------------------------------
-
-# Varied, natural text (prose, code, a table, a log), not one token repeated: real prompts are like
-# this, and a degenerate prompt could make greedy decoding collapse into one repeated token.
-PROMPT_PIECES = [
-    "You are reviewing a pull request for a small Python service that caches HTTP responses.\n"
-    "Read the code below, then explain what it does, point out any bugs, and suggest improvements.\n\n",
-    "```python\nimport time\nfrom collections import OrderedDict\n\n\nclass LRUCache:\n"
-    "    \"\"\"A least-recently-used cache with a time-to-live for every entry.\"\"\"\n\n"
-    "    def __init__(self, capacity: int = 128, ttl: float = 60.0):\n"
-    "        self.capacity = capacity\n        self.ttl = ttl\n        self._data = OrderedDict()\n\n"
-    "    def get(self, key):\n        item = self._data.get(key)\n        if item is None:\n"
-    "            return None\n        value, stamp = item\n        if time.time() - stamp > self.ttl:\n"
-    "            del self._data[key]\n            return None\n        self._data.move_to_end(key)\n"
-    "        return value\n\n    def put(self, key, value):\n        self._data[key] = (value, time.time())\n"
-    "        self._data.move_to_end(key)\n        while len(self._data) > self.capacity:\n"
-    "            self._data.popitem(last=False)\n```\n\n",
-    "The service calls `fetch(url)` for every request. When the cache misses, it downloads the page, "
-    "parses the headers, and stores the body together with the moment it arrived. Operators noticed "
-    "that memory grows slowly over a week, that some users see stale prices after a deploy, and that "
-    "the hit rate drops sharply every night at 02:00 when a batch job scans the whole catalogue.\n\n",
-    "```python\nasync def fetch(session, cache, url, retries=3):\n    cached = cache.get(url)\n"
-    "    if cached is not None:\n        return cached\n    for attempt in range(retries):\n"
-    "        try:\n            async with session.get(url, timeout=10) as response:\n"
-    "                response.raise_for_status()\n                body = await response.text()\n"
-    "                cache.put(url, body)\n                return body\n"
-    "        except Exception as error:\n            log.warning(\"fetch %s failed (%d/%d): %s\", url, attempt + 1, retries, error)\n"
-    "            await asyncio.sleep(2 ** attempt)\n    raise RuntimeError(f\"giving up on {url}\")\n```\n\n",
-    "| metric | Monday | Tuesday | Wednesday |\n| --- | --- | --- | --- |\n"
-    "| requests | 1,204,331 | 1,187,902 | 1,250,118 |\n| hit rate | 0.83 | 0.81 | 0.62 |\n"
-    "| p99 latency ms | 184 | 191 | 407 |\n| resident memory MB | 512 | 548 | 611 |\n\n",
-    "2024-05-14 02:00:03 INFO batch: scanning 48,210 catalogue pages\n"
-    "2024-05-14 02:03:41 WARNING fetch https://shop.example/items/1193 failed (1/3): timeout\n"
-    "2024-05-14 02:17:26 INFO batch: done, 48,210 pages in 1043.2 s\n\n",
-    "Questions for the review: Is the cache safe to share between coroutines? Does the TTL check "
-    "use the right clock? What happens when `put` is called for a key that is already present? "
-    "How would you keep the nightly scan from evicting the entries that real users need? "
-    "Answer with concrete code changes and a short justification for each one.\n\n",
-]
-
-
-def prompt_text(min_chars: int, rotate: int = 0) -> str:
-    """The pieces above (starting at piece `rotate`), repeated with numbered sections until at least
-    `min_chars` long."""
-    r = rotate % len(PROMPT_PIECES)
-    pieces = PROMPT_PIECES[r:] + PROMPT_PIECES[:r]
-    parts, section = [], 1
-    while sum(map(len, parts)) < min_chars:
-        parts.append(f"## Part {section}\n\n" + "".join(pieces))
-        section += 1
-    return "".join(parts)
-
-
-def build_prompt_ids(tokenizer, n_tokens: int, rotate: int = 0) -> list[int]:
-    """Exactly `n_tokens` ids of natural text (cut at the end), tokenized by our tokenizer."""
-    chars = 4 * n_tokens  # about 3-4 characters a token for English and code; grown below if short
-    while True:
-        ids = list(tokenizer.encode(prompt_text(chars, rotate)))
-        if len(ids) >= n_tokens:
-            return ids[:n_tokens]
-        chars *= 2
-
-
-def build_batch_prompts(tokenizer, n_tokens: int, count: int) -> list[list[int]]:
-    """`count` different prompts for the batched runs. The first is the benchmark prompt itself; prompt i
-    starts at piece i of the prompt (the pieces rotated) and is cut shorter, down to about n_tokens / 2, so a
-    batch mixes lengths and every engine has to pad or track them."""
-    shrink = n_tokens // (2 * count) if count > 1 else 0
-    return [build_prompt_ids(tokenizer, n_tokens - i * shrink, rotate=i) for i in range(count)]
+    """This engine cannot run with the installed code (e.g. an executor this qwen2.load does not know): the row
+    says why."""
 
 
 # --------------------------------------------------------------------------------------------------
 # Measurements shared by the workers
 # --------------------------------------------------------------------------------------------------
-
-def peak_rss_mb() -> float:
-    """High-water RSS of this process in MB. VmHWM belongs to this process's own address space;
-    ru_maxrss is not used because Linux carries it over from the parent across fork/exec."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def timed(fn, *args, **kwargs):
-    """(result, seconds) of one call."""
-    start = time.perf_counter()
-    result = fn(*args, **kwargs)
-    return result, time.perf_counter() - start
-
-
-def progress(total: int, desc: str):
-    from tqdm import tqdm
-    # On stderr, updated at most twice a second: its cost inside a timed loop is microseconds a step.
-    return tqdm(total=total, desc=desc, file=sys.stderr, mininterval=0.5, leave=False, dynamic_ncols=True)
-
 
 def measure_prefill(prefill, n_tokens: int, repeats: int, desc: str) -> dict:
     """Time `prefill()` (one forward over the prompt into an empty cache) `repeats` times."""
@@ -249,11 +140,6 @@ def measure_decode(step, n_steps: int, desc: str) -> dict:
             "decode_median_step_tok_s": 1 / statistics.median(times), "decode_step_s": times}
 
 
-def set_torch_threads(threads: int) -> None:
-    import torch
-    torch.set_num_threads(threads)
-
-
 def same_prefix(tokens: Sequence[int], reference: Sequence[int]) -> int:
     """How many tokens, from the first, equal the reference's."""
     n = 0
@@ -262,34 +148,6 @@ def same_prefix(tokens: Sequence[int], reference: Sequence[int]) -> int:
             break
         n += 1
     return n
-
-
-class Engine:
-    """What the shared measuring code needs from one engine; one subclass per library.
-
-    `n` below always counts every greedy token, the first (from the prefill) included."""
-
-    bursty = False  # one forward may yield several tokens (speculation): a per-step median means nothing
-
-    def prefill(self, ids: list[int], n: int) -> None:
-        """One forward over `ids` into an empty KV cache sized as `greedy(ids, n)` sizes it."""
-        raise NotImplementedError
-
-    def greedy(self, ids: list[int], n: int) -> Iterator[int]:
-        """Prefill `ids`, yield its greedy token, then one token per decode step: n tokens in all."""
-        return (row[0] for row in self.batch_greedy([ids], n))
-
-    def batch_greedy(self, prompts: list[list[int]], n: int) -> Iterator[list[int]]:
-        """`greedy` for several prompts at once: each step yields every row's token."""
-        raise NotApplicable(f"{type(self).__name__} has no batched decoding")
-
-    def decode_info(self) -> dict:
-        """Facts about the latest `greedy` run; "forwards": model forwards its decode steps took."""
-        return {}
-
-    def extra(self, job: dict, tokens: list[int], desc: str) -> dict:
-        """Engine-specific measurements after the batch-1 decode (whose tokens are given)."""
-        return {}
 
 
 def measure_engine(engine: Engine, job: dict, desc: str) -> dict:
@@ -491,32 +349,33 @@ def greedy_params(n: int):
 
 
 class Qwen2Engine(Engine):
-    """This project: static KV cache, `decode_steps` (the path `generate` uses), or with `speculative` the
-    speculative steps `Qwen2.generate(speculative=...)` builds (one prompt only)."""
+    """This project through one executor (`Qwen2.decoder`, qwen2/runtime/executor.py): static KV cache,
+    `decode_steps` (the path `generate` uses), or with `speculative` the speculative steps
+    `Qwen2.generate(speculative=...)` builds (one prompt only)."""
 
-    def __init__(self, model, pad_id: int = 0, speculative: str | None = None):
-        self.model, self.pad_id, self.speculative = model, pad_id, speculative
+    def __init__(self, decoder, pad_id: int = 0, speculative: str | None = None):
+        self.decoder, self.pad_id, self.speculative = decoder, pad_id, speculative
         self.bursty = speculative is not None
         self.drafter = None
 
     def prefill(self, ids, n):
         import torch
         with torch.inference_mode():
-            self.model(torch.tensor([ids]), cache=self.model.new_cache(1, len(ids) + n), last_only=True)
+            self.decoder(torch.tensor([ids]), cache=self.decoder.new_cache(1, len(ids) + n), last_only=True)
 
     def greedy(self, ids, n):
         if self.speculative is None:
             return super().greedy(ids, n)
         from qwen2.runtime.speculative import make_drafter, steps_with
         self.drafter = make_drafter(self.speculative)
-        steps = steps_with(self.drafter)(self.model, [ids], greedy_params(n), pad_id=self.pad_id)
+        steps = steps_with(self.drafter)(self.decoder, [ids], greedy_params(n), pad_id=self.pad_id)
         return (int(token[0]) for token in steps)
 
     def batch_greedy(self, prompts, n):
         if self.speculative is not None:
             raise NotApplicable("speculative decoding takes one prompt at a time")
         from qwen2.runtime.generate import decode_steps
-        return (token.tolist() for token in decode_steps(self.model, prompts, greedy_params(n), pad_id=self.pad_id))
+        return (token.tolist() for token in decode_steps(self.decoder, prompts, greedy_params(n), pad_id=self.pad_id))
 
     def decode_info(self):
         if self.drafter is None:
@@ -530,19 +389,22 @@ class Qwen2Engine(Engine):
         same (speculation changes the number of forwards, never the text), and its speed is the baseline."""
         if self.speculative is None:
             return {}
-        plain = measure_greedy(Qwen2Engine(self.model, self.pad_id), job["prompt_ids"], len(tokens), f"{desc} plain")
+        plain = measure_greedy(Qwen2Engine(self.decoder, self.pad_id), job["prompt_ids"], len(tokens), f"{desc} plain")
         return {"plain_greedy": {"decode_tok_s": plain["decode_tok_s"], "tokens_equal": plain["tokens"] == tokens,
                                  "agreement": f"{same_prefix(tokens, plain['tokens'])}/{len(plain['tokens'])}"}}
 
 
 def load_qwen2(source: str, load_kwargs: dict):
-    """(Qwen2, seconds) of `qwen2.load(source, **load_kwargs)`; NotAvailable where a keyword is unknown."""
+    """(Qwen2, seconds) of `qwen2.load(source, **load_kwargs)`; NotAvailable where this qwen2 has no such
+    executor."""
     import qwen2
+    from qwen2.errors import Qwen2Error
     try:
         return timed(qwen2.load, source, progress=False, **load_kwargs)
-    except TypeError as error:
-        if "compile" in load_kwargs and "compile" in str(error):
-            raise NotAvailable(f"qwen2.load(compile=True) is not supported here ({error})") from None
+    except (TypeError, Qwen2Error) as error:
+        if "executor" in load_kwargs and "executor" in str(error):
+            raise NotAvailable(f"qwen2.load(executor={load_kwargs['executor']!r}) is not supported here "
+                               f"({error})") from None
         raise
 
 
@@ -558,7 +420,7 @@ def qwen2_weights(model, source: str, variant: Qwen2Variant) -> str:
         exact = quantised.get("gguf_q4k")  # linears whose int4 is the GGUF's Q4_K itself, not requantised
         if exact and "Q4_K" not in text:
             text += f" ({exact} linears exactly its Q4_K)"
-    if variant.load.get("compile"):
+    if variant.load.get("executor") == "compiled":
         text += ", torch.compile"
     if variant.speculative:
         text += f", {variant.speculative} speculative decoding"
@@ -567,7 +429,7 @@ def qwen2_weights(model, source: str, variant: Qwen2Variant) -> str:
 
 def worker_qwen2(job: dict, name: str, variant: Qwen2Variant) -> dict:
     """This project: `qwen2.load(model, **variant.load)` (quantize=int8/int4: weight-only quantised linears;
-    compile=True: compiled), measured by the shared code through `Qwen2Engine`."""
+    executor: how the forwards run), measured by the shared code through `Qwen2Engine` on `Qwen2.decoder`."""
     t0 = time.perf_counter()
     import torch  # noqa: F401
     import qwen2  # noqa: F401
@@ -577,9 +439,9 @@ def worker_qwen2(job: dict, name: str, variant: Qwen2Variant) -> dict:
     m, load_s = load_qwen2(job["model"], variant.load)
     load_rss = rss_mb()
     pad_id = m.tokenizer.pad_token_id if m.tokenizer is not None and m.tokenizer.pad_token_id is not None else 0
-    result = measure_engine(Qwen2Engine(m.model, pad_id, variant.speculative), job, name)
+    result = measure_engine(Qwen2Engine(m.decoder, pad_id, variant.speculative), job, name)
     return {**result, **linear_weight_bytes(m.model), "import_s": import_s, "load_s": load_s,
-            "rss_after_load_mb": load_rss, "load_kwargs": variant.load,
+            "rss_after_load_mb": load_rss, "load_kwargs": variant.load, "executor": m.decoder.name,
             "weights": qwen2_weights(m.model, job["model"], variant)}
 
 
@@ -654,79 +516,6 @@ def worker_transformers(job: dict, from_gguf: bool = False) -> dict:
             "attention": getattr(model.config, "_attn_implementation", None), "version": transformers.__version__}
 
 
-class LlamaCppEngine(Engine):
-    """llama.cpp (llama-cpp-python): batch 1 through `Llama.eval` (eval() of the prompt, then one eval() per
-    token); batches through the low-level API in a context of their own, one sequence id per prompt."""
-
-    def __init__(self, llm):
-        self.llm = llm
-
-    def logits(self, ctx, i: int = -1):
-        """Logits of batch position i, straight from the context (without logits_all only the positions
-        asked for have them; Llama.scores is a bookkeeping copy sized for n_batch rows)."""
-        import llama_cpp
-        import numpy as np
-        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(self.llm.n_vocab(),))
-
-    def prefill(self, ids, n):
-        self.llm.reset()  # n_tokens = 0; eval() then drops every cached position >= 0
-        self.llm.eval(ids)
-
-    def greedy(self, ids, n):
-        self.prefill(ids, n)
-        for step in range(n):
-            token = int(self.logits(self.llm.ctx).argmax())
-            yield token
-            if step + 1 < n:
-                self.llm.eval([token])
-
-    def batch_greedy(self, prompts, n):
-        import llama_cpp
-        total = sum(map(len, prompts))
-        ctx = self.batch_context(len(prompts), max(map(len, prompts)) + n, total)
-        batch = llama_cpp.llama_batch_init(total, 0, 1)
-        try:
-            tokens = self.decode(ctx, batch, [(t, pos, seq, pos == len(p) - 1)
-                                              for seq, p in enumerate(prompts) for pos, t in enumerate(p)])
-            for step in range(n):
-                yield tokens
-                if step + 1 < n:
-                    tokens = self.decode(ctx, batch, [(t, len(prompts[seq]) + step, seq, True)
-                                                      for seq, t in enumerate(tokens)])
-        finally:
-            llama_cpp.llama_batch_free(batch)
-            ctx.close()
-
-    def batch_context(self, n_seq: int, per_seq: int, n_batch: int):
-        """A context for n_seq sequences of up to per_seq tokens, one KV stream each (kv_unified off:
-        llama.cpp's advice for sequences that share no prefix), with the same threads as the batch-1 one."""
-        import llama_cpp
-        from llama_cpp._internals import LlamaContext
-        params = llama_cpp.llama_context_params.from_buffer_copy(self.llm.context_params)
-        params.n_seq_max = n_seq
-        params.kv_unified = False
-        params.n_ctx = n_seq * (-(-per_seq // 256) * 256)
-        params.n_batch = n_batch  # the whole batched prefill in one llama_decode call
-        params.n_ubatch = min(512, n_batch)
-        return LlamaContext(model=self.llm._model, params=params, verbose=False)
-
-    def decode(self, ctx, batch, entries) -> list[int]:
-        """llama_decode one batch of (token, position, sequence id, wants logits) entries; the greedy token
-        after each entry that wants logits, in order."""
-        import llama_cpp
-        batch.n_tokens = len(entries)
-        wanted = []
-        for i, (token, pos, seq, logits) in enumerate(entries):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
-            batch.seq_id[i][0] = seq
-            if logits:
-                wanted.append(i)
-        code = llama_cpp.llama_decode(ctx.ctx, batch)
-        if code != 0:
-            raise RuntimeError(f"llama_decode returned {code}")
-        return [int(self.logits(ctx.ctx, i).argmax()) for i in wanted]
-
-
 def worker_llama_cpp(job: dict) -> dict:
     """llama.cpp (llama-cpp-python) on the GGUF, measured by the shared code through `LlamaCppEngine`."""
     t0 = time.perf_counter()
@@ -775,106 +564,6 @@ def run_worker(name: str, job_file: str, result_file: str) -> None:
 # --------------------------------------------------------------------------------------------------
 # The parent: runs the workers one after another and reports
 # --------------------------------------------------------------------------------------------------
-
-def write_atomic(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_text_atomic(path, text)
-
-
-def write_json(path: str, obj) -> None:
-    write_atomic(path, json.dumps(obj, indent=1) + "\n")
-
-
-def write_results(out: str, data: dict, markdown: str) -> None:
-    """A benchmark's results: `out` (JSON) and the same name with .md beside it, then say so."""
-    md = os.path.splitext(out)[0] + ".md"
-    write_json(out, data)
-    write_atomic(md, markdown)
-    print(f"\nwrote {os.path.relpath(out)} and {os.path.relpath(md)}", file=sys.stderr)
-
-
-def spawn(name: str, job: dict, scratch: str, env: dict, timeout: float) -> dict:
-    """Run one worker in a fresh Python process and return its result."""
-    job_file, result_file = os.path.join(scratch, f"{name}.job.json"), os.path.join(scratch, f"{name}.result.json")
-    write_json(job_file, job)
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--job", job_file, "--result", result_file]
-    busy_before, ours_before, start = cpu_busy_s(), children_cpu_s(), time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"status": "error", "error": f"timed out after {timeout:.0f} s"}
-    wall = time.perf_counter() - start
-    # CPU time the whole machine spent minus what the worker spent: what other processes took
-    # while this engine was measured, as a share of all cores. Near 0 % means a quiet machine.
-    others = max(0.0, (cpu_busy_s() - busy_before) - (children_cpu_s() - ours_before))
-    contention = {"process_wall_s": wall, "others_cpu_pct": 100 * others / (wall * (os.cpu_count() or 1))}
-    if not os.path.isfile(result_file):
-        how = (f"crashed with signal {-proc.returncode}" if proc.returncode < 0
-               else f"exited with code {proc.returncode}")
-        return {"status": "error", "error": f"worker {how} and wrote no result"}
-    with open(result_file) as f:
-        return json.load(f) | contention
-
-
-def cpu_busy_s() -> float:
-    """Seconds of CPU time all cores have spent busy since boot (/proc/stat), 0 where unknown."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-    except OSError:
-        return 0.0
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # guest time is already in user
-
-
-def children_cpu_s() -> float:
-    t = os.times()
-    return t.children_user + t.children_system
-
-
-def wait_for_quiet(max_wait: float, threshold: float = 15.0) -> float:
-    """Wait up to `max_wait` s until other processes use under `threshold` % of the CPU over 2 s;
-    return the last share seen. llama.cpp's spinning thread barriers slow down many-fold when a
-    core is taken away from them, so a busy shared machine would make its numbers meaningless."""
-    deadline = time.monotonic() + max_wait
-    while True:
-        before, start = cpu_busy_s(), time.monotonic()
-        time.sleep(2)
-        share = 100 * (cpu_busy_s() - before) / ((time.monotonic() - start) * (os.cpu_count() or 1))
-        if share < threshold or time.monotonic() >= deadline:
-            return share
-
-
-def machine_facts(threads: int, bandwidth: dict | None = None) -> dict:
-    """CPU model, core count, threads, memory, versions and, when measured, the read bandwidth."""
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    facts = {"cpu": cpu, "logical_cpus": os.cpu_count(), "threads": threads, "python": platform.python_version(),
-             "platform": platform.platform(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
-    if bandwidth is not None:
-        facts["read_bandwidth_gb_s"] = bandwidth["read_bandwidth_gb_s"]
-        facts["read_bandwidth"] = bandwidth
-    try:
-        with open("/proc/meminfo") as f:
-            facts["memory_gb"] = round(int(f.readline().split()[1]) / 1024 ** 2, 1)
-    except OSError:
-        pass
-    for package in ("torch", "transformers", "llama_cpp"):
-        try:
-            from importlib.metadata import version
-            facts[package] = version({"llama_cpp": "llama_cpp_python"}.get(package, package))
-        except Exception:
-            facts[package] = None
-    return facts
-
-
-def fmt(value, spec: str = ".1f") -> str:
-    return "–" if value is None else format(value, spec)
-
 
 def ok(result: dict | None) -> bool:
     return bool(result) and result.get("status") == "ok"
@@ -1079,7 +768,7 @@ def parse_args(argv=None):
 
 def default_out(model: str) -> str:
     slug = os.path.basename(os.path.normpath(model)).removesuffix(".gguf") or "model"
-    return os.path.join(REPO_ROOT, "benchmarks", "results", f"{slug}.json")
+    return os.path.join(RESULTS_DIR, f"{slug}.json")
 
 
 def engine_line(r: dict) -> str:
@@ -1098,7 +787,7 @@ def main(argv=None) -> int:
         return 0
     out = args.out or default_out(args.model)
     scratch = tempfile.mkdtemp(prefix="qwen2-bench-")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ)
     if args.cold:
         env["QWEN2_CACHE"] = os.path.join(scratch, "cache")
     job = {"model": args.model, "threads": args.threads, "prompt_tokens": args.prompt_tokens,
@@ -1109,7 +798,7 @@ def main(argv=None) -> int:
         print(f"[1/{len(steps)}] first-load: qwen2.load({args.model!r}) and the {args.prompt_tokens}-token prompt",
               file=sys.stderr, flush=True)
         quiet = wait_for_quiet(args.wait_quiet) if args.wait_quiet > 0 else None
-        first = spawn("first-load", job, scratch, env, args.timeout) | {"others_cpu_pct_before": quiet}
+        first = spawn(MODULE, "first-load", job, scratch, env, args.timeout) | {"others_cpu_pct_before": quiet}
         if first.get("status") != "ok":
             print(f"first load failed: {first.get('error')}", file=sys.stderr)
             return 1
@@ -1134,7 +823,7 @@ def main(argv=None) -> int:
                          "warmup_decode_steps": WARMUP_STEPS, "threads": args.threads, "cold": args.cold,
                          "wait_quiet_s": args.wait_quiet, "prefill_statistic": "median", "hf_dir": job["hf_dir"],
                          "gguf": job["gguf"],
-                         "command": " ".join(["python", os.path.relpath(__file__, REPO_ROOT)] + (argv or sys.argv[1:]))},
+                         "command": command_line(MODULE, argv)},
             "machine": machine_facts(args.threads, bandwidth),
             "first_load": {k: v for k, v in first.items() if k not in ("prompt_ids", "batch_prompts")},
             "prompt_ids": job["prompt_ids"],
@@ -1149,7 +838,7 @@ def main(argv=None) -> int:
 def run_engine(engine: str, job: dict, scratch: str, env: dict, timeout: float) -> dict:
     """One engine's result, or why it has none."""
     if engine == "llama.cpp":
-        if importlib.util.find_spec("llama_cpp") is None:
+        if not llama_cpp_installed():
             return {"status": "not installed", "error": "import llama_cpp failed (pip install llama-cpp-python)"}
         if not job.get("gguf"):
             return {"status": "skipped", "error": "no GGUF file (pass --gguf)"}
@@ -1157,7 +846,7 @@ def run_engine(engine: str, job: dict, scratch: str, env: dict, timeout: float) 
         return {"status": "skipped", "error": "no GGUF file (pass --gguf)"}
     if engine.startswith("transformers") and importlib.util.find_spec("transformers") is None:
         return {"status": "not installed", "error": "pip install -e '.[test]'"}
-    return spawn(engine, job, scratch, env, timeout)
+    return spawn(MODULE, engine, job, scratch, env, timeout)
 
 
 if __name__ == "__main__":

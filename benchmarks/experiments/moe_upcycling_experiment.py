@@ -1,8 +1,8 @@
-"""Issue 5, point 5: does a Qwen2-MoE upcycled from a dense model (qwen2.moe.upcycle, report §2.2.2)
+"""Issue 5, point 5: does a Qwen2-MoE upcycled from a dense model (qwen2.checkpoint.upcycle, report §2.2.2)
 pull ahead of the dense model when both keep training on the same tokens?
 
-    python benchmarks/moe_upcycling_experiment.py                      # defaults: ~13 min on 1 thread
-    python benchmarks/moe_upcycling_experiment.py --pretrain-steps 50 --steps 50   # a quick look
+    python -m benchmarks.experiments.moe_upcycling_experiment          # defaults: ~13 min on 1 thread
+    python -m benchmarks.experiments.moe_upcycling_experiment --pretrain-steps 50 --steps 50   # a quick look
 
 1. Corpus: the docstrings of Python's standard library (every module, class and function docstring
    longer than 80 characters, tests left out), read with `ast` from this interpreter's own files,
@@ -22,7 +22,7 @@ pull ahead of the dense model when both keep training on the same tokens?
 The MoE runs more compute per token than the dense model (shared expert 512 wide plus 2 routed
 experts 128 wide: FFN width 768 active against 512; all printed as active parameters): the
 comparison is the report's (an upcycled MoE against the dense model it came from, on the same
-tokens), not a FLOP-matched one. Writes benchmarks/results/moe_upcycling.{json,md,png,svg}.
+tokens), not a FLOP-matched one. Writes benchmarks/results/moe_upcycling.{json,md,png}.
 """
 from __future__ import annotations
 
@@ -40,16 +40,14 @@ import zlib
 
 import torch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
-
-from qwen2.config import Qwen2Config  # noqa: E402
-from qwen2.fileio import atomic_file, write_text_atomic  # noqa: E402
-from qwen2.model import Transformer  # noqa: E402
-from qwen2.checkpoint.upcycle import upcycle  # noqa: E402
-from qwen2.progress import progress_bar  # noqa: E402
-from qwen2.train.forward import forward, lm_loss_sum  # noqa: E402
-from qwen2.train.run import init_weights  # noqa: E402
+from benchmarks.common import RESULTS_DIR, smooth
+from qwen2.checkpoint.upcycle import upcycle
+from qwen2.config import Qwen2Config
+from qwen2.fileio import atomic_file, write_text_atomic
+from qwen2.model import Transformer
+from qwen2.progress import progress_bar
+from qwen2.train.forward import forward, lm_loss_sum
+from qwen2.train.run import init_weights
 
 HELD_OUT_EVERY = 20  # every 20th document goes to the held-out set
 
@@ -242,52 +240,6 @@ def _png_bytes(img) -> bytes:
             + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
 
 
-def plot_svg(path: str, panels, width=1100, height=420):
-    """The same plot as an SVG, with titles, axis names and a legend (text the PNG has no font for)."""
-    pw = width // len(panels)
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-           f'font-size="12"><rect width="100%" height="100%" fill="white"/>']
-    for p, (title, series) in enumerate(panels):
-        left, right, top, bottom = p * pw + 55, (p + 1) * pw - 15, 30, height - 45
-        xs = [x for xv, _ in series.values() for x in xv]
-        ys = [y for _, yv in series.values() for y in yv]
-        x_lo, x_hi, y_lo, y_hi = min(xs), max(xs), min(ys), max(ys)
-        pad = 0.05 * (y_hi - y_lo or 1)
-        y_lo, y_hi = y_lo - pad, y_hi + pad
-
-        def to_px(x, y):
-            return (left + (x - x_lo) / (x_hi - x_lo or 1) * (right - left),
-                    bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top))
-        out.append(f'<text x="{(left + right) / 2}" y="18" text-anchor="middle">{title}</text>')
-        for k in range(6):
-            y = y_lo + (y_hi - y_lo) * k / 5
-            _, py = to_px(x_lo, y)
-            out.append(f'<line x1="{left}" y1="{py:.1f}" x2="{right}" y2="{py:.1f}" stroke="#ddd"/>'
-                       f'<text x="{left - 5}" y="{py + 4:.1f}" text-anchor="end">{y:.3f}</text>')
-        for k in range(5):
-            x = x_lo + (x_hi - x_lo) * k / 4
-            px, _ = to_px(x, y_lo)
-            out.append(f'<text x="{px:.1f}" y="{bottom + 16}" text-anchor="middle">{x:.0f}</text>')
-        out.append(f'<text x="{(left + right) / 2}" y="{height - 8}" text-anchor="middle">continuation step</text>')
-        for name, (xv, yv) in series.items():
-            pts = " ".join(f"{a:.1f},{b:.1f}" for a, b in (to_px(x, y) for x, y in zip(xv, yv)))
-            out.append(f'<polyline points="{pts}" fill="none" stroke="rgb{COLORS[name]}" stroke-width="1.5"/>')
-    for i, name in enumerate(COLORS):
-        out.append(f'<rect x="{width - 170}" y="{40 + 18 * i}" width="14" height="4" fill="rgb{COLORS[name]}"/>'
-                   f'<text x="{width - 150}" y="{46 + 18 * i}">{name}</text>')
-    out.append("</svg>")
-    write_text_atomic(path, "\n".join(out) + "\n")
-
-
-def smooth(values: list[float], window: int) -> list[float]:
-    """Trailing mean over `window` steps (the per-step loss is noisy at this batch size)."""
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += v - (values[i - window] if i >= window else 0.0)
-        out.append(acc / min(i + 1, window))
-    return out
-
-
 # ---- the experiment -----------------------------------------------------------------------------
 
 def parse_args(argv=None):
@@ -307,7 +259,7 @@ def parse_args(argv=None):
     p.add_argument("--reinit-fractions", default="0.5,0", help="one MoE per fraction")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=os.path.join(REPO_ROOT, "benchmarks", "results", "moe_upcycling.json"))
+    p.add_argument("--out", default=os.path.join(RESULTS_DIR, "moe_upcycling.json"))
     return p.parse_args(argv)
 
 
@@ -366,9 +318,8 @@ def main(argv=None) -> int:
                {n: (r["step"], smooth(r["loss"], window)) for n, r in results.items()}),
               ("held-out loss (nats/byte)", {n: (r["eval_step"], r["eval_loss"]) for n, r in results.items()})]
     plot_png(stem + ".png", panels)
-    plot_svg(stem + ".svg", panels)
     write_text_atomic(stem + ".md", markdown(data) + "\n")
-    print("\n" + markdown(data) + f"\n\nwrote {args.out}, .md, .png, .svg", flush=True)
+    print("\n" + markdown(data) + f"\n\nwrote {args.out}, .md, .png", flush=True)
     return 0
 
 

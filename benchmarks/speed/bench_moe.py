@@ -1,15 +1,15 @@
 """The Qwen2-MoE layer (qwen2/model/moe.py SparseMoeBlock) against transformers' Qwen2MoeSparseMoeBlock on the
 same weights, at 1, 16 and 512 tokens, side by side in one process.
 
-    python benchmarks/bench_moe.py                 # the 57B-A14B layer with every width divided by 4
-    python benchmarks/bench_moe.py --scale 1 --tokens 1,16    # its real shape (8 GB of fp32 experts per copy)
+    python -m benchmarks.speed.bench_moe                 # the 57B-A14B layer with every width divided by 4
+    python -m benchmarks.speed.bench_moe --scale 1 --tokens 1,16    # its real shape (8 GB of fp32 experts per copy)
 
 The layer: Qwen2-57B-A14B's MoE block (64 experts, 8 routed per token, norm_topk_prob false) with the
 hidden size, expert width and shared-expert width divided by --scale (default 4: hidden 896, experts
 640 wide, shared expert 5120), fp32, random weights (router N(0, 0.02^2), so routing is near uniform,
 as a load-balanced router's is). Rows, each timed on the same input:
   * qwen2: SparseMoeBlock.forward (the few-token path at 1 token, the sort-by-expert dispatch above)
-  * qwen2 bf16 experts: the same block after qwen2.moe.set_expert_dtype(bfloat16) (experts stored and
+  * qwen2 bf16 experts: the same block after qwen2.model.moe.set_expert_dtype(bfloat16) (experts stored and
     run in bf16; router, shared-expert gate and the weighted sum fp32)
   * transformers eager: Qwen2MoeSparseMoeBlock with experts_implementation "eager", the block's own
     loop over the experts hit (what a block built from a config runs)
@@ -31,13 +31,10 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_inference import cpu_busy_s, machine_facts, set_torch_threads, wait_for_quiet, write_results  # noqa: E402
+from benchmarks.common import RESULTS_DIR, CpuWatch, machine_facts, set_torch_threads, wait_for_quiet, write_results
+from qwen2.config import named_config
+from qwen2.model.moe import SparseMoeBlock, set_expert_dtype
 
-from qwen2.config import named_config  # noqa: E402
-from qwen2.model.moe import SparseMoeBlock, set_expert_dtype  # noqa: E402
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPEATS = {1: 40, 16: 15, 512: 5}  # more for the short calls, whose times vary more
 
 
@@ -106,14 +103,13 @@ def measure(n_tokens: int, blocks, hf_config, repeats: int, wait: float) -> dict
         assert all(e <= 2e-2 for e in rel_errors.values()), rel_errors
         waited = wait_for_quiet(wait)
         times = {name: [] for name in engines}
-        busy0, own0, wall0 = cpu_busy_s(), _own_cpu_s(), time.monotonic()
+        watch = CpuWatch()
         for _ in range(repeats):
             for name, run in engines.items():
                 start = time.perf_counter()
                 run()
                 times[name].append(time.perf_counter() - start)
-        wall = time.monotonic() - wall0
-    others = max(0.0, (cpu_busy_s() - busy0) - (_own_cpu_s() - own0)) / (wall * (os.cpu_count() or 1))
+    others = watch.others_share()
     tok_s = {name: n_tokens / statistics.median(t) for name, t in times.items()}
     row = {"tokens": n_tokens, "repeats": repeats, "times_s": times, "tok_s": tok_s, "max_abs_diff": diffs,
            "relative_error": rel_errors, "vs_eager": tok_s["qwen2"] / tok_s["transformers eager"],
@@ -126,11 +122,6 @@ def measure(n_tokens: int, blocks, hf_config, repeats: int, wait: float) -> dict
           + f"x{row['bf16_experts_vs_eager']:.2f} vs eager, x{row['bf16_experts_vs_eager_bf16']:.2f} vs eager bf16"
           + f" (others used {row['others_cpu_pct']}% of the CPU)", flush=True)
     return row
-
-
-def _own_cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system
 
 
 def table(rows: list[dict]) -> str:
@@ -156,7 +147,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed runs per engine (default 40/15/5 by size)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--wait-quiet", type=float, default=20.0, help="seconds to wait for a quiet machine per size")
-    p.add_argument("--out", default=os.path.join(REPO_ROOT, "benchmarks", "results", "moe.json"))
+    p.add_argument("--out", default=os.path.join(RESULTS_DIR, "moe.json"))
     return p.parse_args(argv)
 
 

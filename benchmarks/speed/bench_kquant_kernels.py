@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """The decode kernels alone, on one matrix: the GGUF's Q4_K / Q6_K super-blocks kept as they are
 (`qwen2/quant/kquant.py`) against the layouts that held those tensors before (Q4_K copied exactly into int4
 groups of 32 with fp32 scales and mins; Q6_K requantised to int8 groups of 32 with bf16 scales).
@@ -15,8 +14,8 @@ layer adding up to --stream-mb, more than that cache, so every call reads its we
 as a decode step does (the 1.5B model's linears are ~1 GB). Also timed: the prefill path's
 dequantisation of the whole matrix (to the dense GEMM's dtype).
 
-    python benchmarks/bench_kquant_kernels.py                 # 2 threads, 1 row, 3 repeats
-    python benchmarks/bench_kquant_kernels.py --rows 1,4,8 --threads 2
+    python -m benchmarks.speed.bench_kquant_kernels                 # 2 threads, 1 row, 3 repeats
+    python -m benchmarks.speed.bench_kquant_kernels --rows 1,4,8 --threads 2
 
 Results: benchmarks/results/kquant_kernels.json and .md (written atomically).
 """
@@ -32,19 +31,16 @@ import statistics
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from benchmarks.common import RESULTS_DIR, write_atomic
+from qwen2 import kernels
+from qwen2 import quant as Q
+from qwen2.checkpoint import gguf as G
+from qwen2.quant.gguf_blocks import q4k_int4_linear
+from qwen2.quant.kquant import Q4KLinear, Q6KLinear
 
-from qwen2 import kernels  # noqa: E402
-from qwen2 import quant as Q  # noqa: E402
-from qwen2.checkpoint import gguf as G  # noqa: E402
-from qwen2.fileio import write_text_atomic  # noqa: E402
-from qwen2.quant.kquant import Q4KLinear, Q6KLinear  # noqa: E402
-
-RESULTS = os.path.join(ROOT, "benchmarks", "results")
 MODEL = "qwen2.5-coder-1.5b-instruct"
 
 
@@ -83,7 +79,7 @@ def random_matrices():
 def layouts(tensor: G.GGUFTensor) -> dict[str, Q.QuantLinear]:
     """'before' and 'kept' layers of one tensor, both on the kernels with one activation digit."""
     if tensor.tensor_type.name == "Q4_K":
-        out = {"before: int4 g32, fp32 scale+min (exact)": G.q4k_int4_linear(tensor), "kept: q4_k": Q4KLinear.from_gguf(tensor)}
+        out = {"before: int4 g32, fp32 scale+min (exact)": q4k_int4_linear(tensor), "kept: q4_k": Q4KLinear.from_gguf(tensor)}
     else:
         kept = Q6KLinear.from_gguf(tensor)
         out = {"before: int8 g32, bf16 scales (requantised)": Q.Int8Linear.from_float(kept.dequantize()), "kept: q6_k": kept}
@@ -172,9 +168,8 @@ def main() -> None:
     lines += ["", meta["note"] + "."]
     text = "\n".join(lines) + "\n"
     print(text)
-    os.makedirs(RESULTS, exist_ok=True)
-    write_text_atomic(os.path.join(RESULTS, args.out + ".json"), json.dumps({**meta, "results": results}, indent=2) + "\n")
-    write_text_atomic(os.path.join(RESULTS, args.out + ".md"), text)
+    write_atomic(os.path.join(RESULTS_DIR, args.out + ".json"), json.dumps({**meta, "results": results}, indent=2) + "\n")
+    write_atomic(os.path.join(RESULTS_DIR, args.out + ".md"), text)
 
 
 if __name__ == "__main__":

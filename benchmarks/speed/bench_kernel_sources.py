@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Two or more versions of the decode kernels (`qwen2/kernels/quant_linear.cpp`), side by side, on a
 model's own quantised weights: for kernel work, "is this change faster, and where?".
 
@@ -10,13 +9,14 @@ shared machine falls on all of them. Outputs must equal the first source's bit f
 change that is only about speed must not change a number), or with --rtol differ by at most that
 fraction of the largest output (a change that adds the same products in another order). Per kind of layer: ms per decode step
 and GB/s (its weight bytes, scales included / time). Then whole decode steps, everything else
-included: `decode_steps` after a 512-token prompt, the model's layers switched from build to build
-(each block in Python: the native decoder block calls the installed build's ops whatever a layer holds),
+included: `decode_steps` after a 512-token prompt, the model's layers switched from build to build, through
+the eager executor (`make_decoder(model, "eager")`: each block in Python, so every linear calls its own
+layer's ops; the native executor calls the installed build's ops whatever a layer holds),
 --decode-steps steps per round, --rounds / 2 rounds; per source the median step of each round, and
 the best round.
 
-    python benchmarks/bench_kernel_sources.py git:HEAD~1 qwen2/kernels/quant_linear.cpp
-    python benchmarks/bench_kernel_sources.py --model qwen2.5-coder-0.5b-instruct git:HEAD~1 qwen2/kernels/quant_linear.cpp
+    python -m benchmarks.speed.bench_kernel_sources git:HEAD~1 qwen2/kernels/quant_linear.cpp
+    python -m benchmarks.speed.bench_kernel_sources --model qwen2.5-coder-0.5b-instruct git:HEAD~1 qwen2/kernels/quant_linear.cpp
 
 Results: printed, and with --out a JSON plus a markdown table beside it (written atomically).
 """
@@ -32,22 +32,20 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import torch
 
-import torch  # noqa: E402
-
-import qwen2  # noqa: E402
-from qwen2 import kernels  # noqa: E402
-from qwen2.checkpoint.registry import cache_dir  # noqa: E402
-from qwen2.fileio import write_text_atomic  # noqa: E402
-from qwen2.quant import QuantLinear  # noqa: E402
+import qwen2
+from benchmarks.common import REPO_ROOT
+from qwen2 import kernels
+from qwen2.checkpoint.registry import cache_dir
+from qwen2.fileio import write_text_atomic
+from qwen2.quant import QuantLinear
 
 NAMESPACE = "qwen2_kernels"
 
 
 def git(*args: str) -> str:
-    return subprocess.run(["git", "-C", ROOT, *args], check=True, capture_output=True, text=True).stdout
+    return subprocess.run(["git", "-C", REPO_ROOT, *args], check=True, capture_output=True, text=True).stdout
 
 
 def resolve(spec: str) -> str:
@@ -58,7 +56,7 @@ def resolve(spec: str) -> str:
 def read_source(spec: str) -> str:
     """The text of a kernel source: a path, or git:REV (the repository's kernel file at REV)."""
     if spec.startswith("git:"):
-        return git("show", f"{spec[4:]}:{os.path.relpath(kernels.SOURCE, ROOT)}")
+        return git("show", f"{spec[4:]}:{os.path.relpath(kernels.SOURCE, REPO_ROOT)}")
     with open(spec, encoding="utf-8") as f:
         return f.read()
 
@@ -156,32 +154,29 @@ def main(argv=None) -> int:
 
 def decode_step_ms(loaded, layers, builds, args) -> dict[str, list[float]]:
     """Per source, the median decode step (ms) of each round: greedy decoding after a 512-token prompt
-    (this repository's README), every round running each build in turn."""
-    from qwen2 import model as M
+    (this repository's README), every round running each build in turn, through the eager executor (every
+    linear through its layer's `_ops`)."""
+    from qwen2.runtime.executor import make_decoder
     from qwen2.runtime.generate import SamplingParams, decode_steps
 
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    with open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8") as f:
         prompt = loaded.tokenizer.encode(f.read())[:512]
     params = SamplingParams(max_new_tokens=args.decode_steps + 1, temperature=0.0)
     medians: dict[str, list[float]] = {spec: [] for spec, _ in builds}
-    native_block = M.Block.native_weights
-    M.Block.native_weights = lambda self, rows: None  # every linear through its layer's `_ops`
-    try:
-        for _ in range(args.rounds // 2):
-            for spec, ops in builds:
-                for _, layer in layers:
-                    layer._ops = ops
-                with torch.inference_mode():
-                    tokens = decode_steps(loaded.model, [prompt], params)
-                    next(tokens)  # the prefill's token
-                    times = []
-                    for _ in range(args.decode_steps):
-                        start = time.perf_counter()
-                        next(tokens)
-                        times.append((time.perf_counter() - start) * 1e3)
-                medians[spec].append(statistics.median(times))
-    finally:
-        M.Block.native_weights = native_block
+    eager = make_decoder(loaded.model, "eager")
+    for _ in range(args.rounds // 2):
+        for spec, ops in builds:
+            for _, layer in layers:
+                layer._ops = ops
+            with torch.inference_mode():
+                tokens = decode_steps(eager, [prompt], params)
+                next(tokens)  # the prefill's token
+                times = []
+                for _ in range(args.decode_steps):
+                    start = time.perf_counter()
+                    next(tokens)
+                    times.append((time.perf_counter() - start) * 1e3)
+            medians[spec].append(statistics.median(times))
     return medians
 
 

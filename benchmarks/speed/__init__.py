@@ -1,0 +1,1 @@
+"""Speed and memory against a reference (llama.cpp, transformers, PyTorch ops): see benchmarks/README.md."""
