@@ -78,7 +78,7 @@ STEPS_CHAT = [
     ("2", "options: LoadOptions.from_args, checked once"),
     ("3", "api.load(source, options)"),
     ("4", "checkpoint: load_checkpoint → build_model"),
-    ("5", "quant: quantize_model, convert_gguf_exact"),
+    ("5", "checkpoint.quantized: build_quantized"),
     ("6", "kernels.ops(): C++ ops built once"),
     ("7", "runtime.executor.make_decoder → Qwen2"),
     ("8", "Qwen2.chat → Qwen2.generate"),

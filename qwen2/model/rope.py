@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from .. import long_context
 from ..config import Qwen2Config
-from .layers import aten_when_compiled
+from .compiled_ops import aten_when_compiled
 from .yarn import rope_frequencies
 
 

@@ -4,14 +4,12 @@
                         RMSNorm -> SwiGLU MLP (or a sparse MoE block) -> +residual] x L
            -> RMSNorm -> lm_head -> logits
 
-Shapes in comments: B batch, T new tokens, S keys (cached + new), nh query heads,
-nkv key/value heads, hs head size, C hidden size, V vocabulary.
-
-One forward serves inference and training alike. What varies is chosen once, when the model is
-built: the attention inputs (`RotaryInputs`, or Dual Chunk Attention's), each layer's MLP (dense or
-MoE). What varies per call is the cache (qwen2/model/cache.py: none, growing, static), which owns the
-key slots and their masks. Fast paths (the native decode ops, torch.compile) are executors beside
-the model (qwen2/runtime/), built on `prepare` and `finish`.
+Shapes in comments: B batch, T new tokens, S keys (cached + new), nh query heads, nkv key/value heads,
+hs head size, C hidden size, V vocabulary. One forward serves inference and training alike; what varies
+is chosen once, when the model is built (the attention inputs: `RotaryInputs` or DCA's; each layer's
+MLP: dense or MoE), or is the cache a call passes (qwen2/model/cache.py), which owns the key slots and
+their masks. Fast paths (native decode ops, torch.compile) are executors beside the model
+(qwen2/runtime/), built on `prepare` and `finish`.
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ verification (speculation) stay eager.
 The compiled step computes the eager step's logits bit for bit, so greedy decoding gives the same
 tokens. Where decode runs natively (the native executor, `qwen2/kernels/decode_block.cpp`: every block in one
 call, its attention skipping the keys a query may not see), the graph calls those very ops, opaque to
-inductor; RoPE's cos/sin and the final RMSNorm run as ATen computes them (`model.layers.aten_when_compiled`);
+inductor; RoPE's cos/sin and the final RMSNorm run as ATen computes them (`model.compiled_ops.aten_when_compiled`);
 what inductor still fuses (the embedding lookup, RoPE's angles: one fp32 product, the masks) rounds
 as ATen does. Why so strict: traced as PyTorch ops, the attention (a softmax over every masked
 slot), inductor's cos/sin and its RMSNorm (another summation order) each differ from eager in the
