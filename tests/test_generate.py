@@ -178,3 +178,14 @@ def test_greedy_choice_is_argmax_with_ties_and_nan():
     logits[3, 5], logits[3, 6] = float("nan"), float("nan")
     assert torch.equal(greedy_choice(logits), logits.argmax(-1))
     assert greedy_choice(logits).tolist()[1:4] == [70000, 123, 5]
+
+
+@pytest.mark.parametrize("top_p", [5e-324, 1e-50])
+def test_a_top_p_that_rounds_to_zero_keeps_the_most_likely_token(top_p):
+    """A top_p below fp32's smallest number compares as 0: the most likely token must still stay
+    (the server's schema fuzzing sent 5e-324 and sampling raised on an all-masked distribution)."""
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.9]])
+    params = SamplingParams(temperature=1.24, top_p=top_p)
+    probs = sampling_distribution(logits, params)
+    assert probs.tolist() == [[0.0, 1.0, 0.0, 0.0]]
+    assert next_token(logits, params).tolist() == [1]

@@ -106,6 +106,7 @@ def sampling_distribution(logits: torch.Tensor, params: SamplingParams, seen: to
         sorted_probs = sorted_logits.softmax(-1)
         # drop a token once the tokens ranked above it already hold top_p of the mass; the first always stays
         drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
+        drop_sorted[..., 0] = False  # even for a top_p that rounds to 0 in fp32 (5e-324 does)
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), -math.inf)
     if params.min_p > 0:
         # keep tokens at least min_p times as likely as the most likely one
