@@ -72,25 +72,23 @@ _Q8_0_BYTES, _Q5_0_BYTES = 34, 22
 def q8_0_to_int8(rows):
     """Raw Q8_0 rows (N, K / 32 * 34 bytes) -> (q int8 (N, K), scale fp32 (N, K / 32)): per block an
     fp16 d and 32 int8 values, w = d * q, so int8 with scale d is the same weight exactly."""
-    rows = np.asarray(rows, dtype=np.uint8)
-    blocks = rows.reshape(-1, _Q8_0_BYTES)
-    d = blocks[:, :2].view(np.float16).astype(np.float32)
-    q = blocks[:, 2:].view(np.int8)
-    return torch.from_numpy(q.reshape(rows.shape[0], -1).copy()), torch.from_numpy(d.reshape(rows.shape[0], -1))
+    return _int8_rows(rows, _Q8_0_BYTES, lambda blocks: blocks[:, 2:].view(torch.int8))
 
 
 def q5_0_to_int8(rows):
     """Raw Q5_0 rows -> (q int8 (N, K) in [-16, 15], scale fp32 (N, K / 32)): per block an fp16 d,
     32 high bits and 16 bytes of low nibbles (byte j: weight j low, weight j + 16 high),
     w = d * (q5 - 16): an int8 with scale d, exactly."""
-    rows = np.asarray(rows, dtype=np.uint8)
-    blocks = rows.reshape(-1, _Q5_0_BYTES)
-    d = blocks[:, :2].view(np.float16).astype(np.float32)
-    high = blocks[:, 2:6].copy().view(np.uint32)[:, :1] >> np.arange(32, dtype=np.uint32)  # (n, 32)
-    nibbles = blocks[:, 6:]
-    low = np.concatenate((nibbles & 0x0F, nibbles >> 4), axis=1)  # weights 0-15, then 16-31
-    q = (low | ((high & 1).astype(np.uint8) << 4)).astype(np.int8) - np.int8(16)
-    return torch.from_numpy(q.reshape(rows.shape[0], -1)), torch.from_numpy(d.reshape(rows.shape[0], -1))
+    return _int8_rows(rows, _Q5_0_BYTES, _q5_0_signed)
+
+
+def _int8_rows(rows, block_bytes: int, values):
+    """(q int8 (N, K), d fp32 (N, K / 32)) of raw rows of 32-weight blocks that start with an fp16 d;
+    `values(blocks)`: a (n, 32) int8 tensor of the blocks' integers."""
+    n = rows.shape[0]
+    blocks = torch.from_numpy(np.array(rows, dtype=np.uint8, copy=True)).view(-1, block_bytes)  # writable
+    d = blocks[:, :2].contiguous().view(torch.float16).float()
+    return values(blocks).reshape(n, -1), d.view(n, -1)
 
 
 def _exact_converters(int4_mode: bool):
@@ -104,8 +102,8 @@ def _exact_converters(int4_mode: bool):
     return {T.Q4_K: (("int4", "int8") if int4_mode else (),
                      lambda t, b, out=None: Q4KLinear(_raw_rows(t, out and out[0]), b)),
             T.Q6_K: (("int8",) if int4_mode else (), lambda t, b, out=None: Q6KLinear(_raw_rows(t, out and out[0]), b)),
-            T.Q8_0: (("int8",), lambda t, b, out=None: _int8_linear(t, b, _q8_0_stored, out)),
-            T.Q5_0: (("int8",), lambda t, b, out=None: _int8_linear(t, b, _q5_0_stored, out))}
+            T.Q8_0: (("int8",), lambda t, b, out=None: _int8_linear(t, b, _stored_int8(q8_0_to_int8), out)),
+            T.Q5_0: (("int8",), lambda t, b, out=None: _int8_linear(t, b, _stored_int8(q5_0_to_int8), out))}
 
 
 def exact_buffer_shapes(tensor) -> list[tuple[tuple[int, ...], torch.dtype]]:
@@ -169,22 +167,13 @@ def _int8_linear(tensor, bias, stored, out=None):
     return Int8Linear(*out, _INT8_BLOCK, bias)
 
 
-def _q8_0_stored(rows):
-    """Raw Q8_0 rows -> (Int8Linear's stored bytes, the int8 value + 128: the byte with its top bit
-    flipped, (N, K) uint8; scale fp32 (N, K / 32)): `q8_0_to_int8` plus 128, in one pass."""
-    blocks = np.asarray(rows, dtype=np.uint8).reshape(-1, _Q8_0_BYTES)
-    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
-    return (torch.from_numpy(np.bitwise_xor(blocks[:, 2:], np.uint8(0x80)).reshape(rows.shape[0], -1)),
-            torch.from_numpy(d.reshape(rows.shape[0], -1)))
-
-
-def _q5_0_stored(rows):
-    """Raw Q5_0 rows -> (Int8Linear's stored bytes, `q5_0_to_int8`'s value + 128, (N, K) uint8; scale
-    fp32 (N, K / 32))."""
-    n = rows.shape[0]
-    blocks = torch.from_numpy(np.array(rows, dtype=np.uint8, copy=True)).view(-1, _Q5_0_BYTES)
-    d = blocks[:, :2].contiguous().view(torch.float16).float()
-    return (_q5_0_signed(blocks).view(torch.uint8) ^ 0x80).view(n, -1), d.view(n, -1)  # + 128: the top bit flipped
+def _stored_int8(to_int8):
+    """Raw rows -> Int8Linear's stored form of `to_int8`'s values: the int8 value + 128, i.e. the byte
+    with its top bit flipped, (N, K) uint8; and the scale fp32 (N, K / 32)."""
+    def stored(rows):
+        q, d = to_int8(rows)
+        return q.view(torch.uint8) ^ 0x80, d
+    return stored
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,14 +193,11 @@ def dequantize_rows(tensor, start: int, stop: int, out: torch.Tensor | None = No
     rows = data[start:stop]
     kind = tensor.tensor_type
     if kind in (T.Q8_0, T.Q5_0):
-        raw = torch.from_numpy(np.array(rows, dtype=np.uint8, copy=True))  # the blocks, writable (a fraction of the result)
-        n = raw.shape[0]
-        blocks = raw.view(-1, _Q8_0_BYTES if kind == T.Q8_0 else _Q5_0_BYTES)
-        d = blocks[:, :2].contiguous().view(torch.float16).float()
-        q = blocks[:, 2:].view(torch.int8) if kind == T.Q8_0 else _q5_0_signed(blocks)
+        q, d = (q8_0_to_int8 if kind == T.Q8_0 else q5_0_to_int8)(rows)  # (n, K), (n, K / 32)
         if out is None:
-            out = torch.empty(n, q.numel() // n, dtype=torch.float32)
-        torch.mul(q, d, out=out.view(-1, _INT8_BLOCK))  # int8 times fp32 in fp32: exact
+            out = torch.empty(q.shape, dtype=torch.float32)
+        # int8 times fp32, in fp32: exact
+        torch.mul(q.view(-1, _INT8_BLOCK), d.view(-1, 1), out=out.view(-1, _INT8_BLOCK))
         return out
     if kind == T.F32:
         w = torch.from_numpy(np.array(rows, dtype=np.float32, copy=True))

@@ -260,6 +260,10 @@ def check_group_size(group_size: int, in_features: dict[str, int]) -> None:
                             "no int4 group size fits this model; use int8"))
 
 
+def quantized_linears(model: nn.Module) -> dict[str, QuantLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
 def int8_group_size(in_features: int) -> int:
     """INT8_GROUP_SIZE when it divides the width, else one group per row (per output channel).
     Why groups of 32 and not one scale per output channel: per channel, one outlier weight coarsens

@@ -9,7 +9,7 @@ import os
 import torch
 import torch.nn as nn
 
-from .linear import QuantLinear
+from .linear import quantized_linears
 
 
 # --------------------------------------------------------------------------------------------------
@@ -77,7 +77,7 @@ def into_huge_pages(model: nn.Module) -> int:
     the whole quantised model, 240 MB on the 0.5B), so memory grows by ~32 MB plus the largest buffer.
     Cost: the first touch of fresh 2 MB pages, ~0.9 s for the 0.5B model's 367 MB on this VM."""
     # (module, name, bytes) only: holding the tensors here would keep every old buffer alive to the end
-    buffers = [(module, name, t.numel() * t.element_size()) for module in _quantized_linears(model)
+    buffers = [(module, name, t.numel() * t.element_size()) for module in quantized_linears(model).values()
                for name, t in module.named_buffers(recurse=False) if t.device.type == "cpu" and t.numel() > 0]
     if not buffers or in_one_arena([getattr(module, name) for module, name, _ in buffers]):
         return 0  # none, or already built in place (qwen2/checkpoint/quantized.py)
@@ -143,7 +143,3 @@ def _return_freed_memory() -> None:
         ctypes.CDLL(None).malloc_trim(ctypes.c_size_t(0))
     except (OSError, AttributeError):
         pass
-
-
-def _quantized_linears(model: nn.Module) -> list[QuantLinear]:
-    return [m for m in model.modules() if isinstance(m, QuantLinear)]

@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from ..errors import Qwen2Error
 from .linear import (BACKENDS, BLOCK_LINEARS, DEFAULT_GROUP_SIZE, INT4_KEEP_INT8, MODES, Int4Linear, Int8Linear,
-                     QuantLinear, buffer_shapes, check_group_size)
+                     QuantLinear, buffer_shapes, check_group_size, quantized_linears)
 from .memory import file_mappings, release_pages
 
 
@@ -16,10 +16,6 @@ def check_mode(mode: str | None) -> str | None:
     if mode not in MODES:
         raise Qwen2Error(f"unknown quantization {mode!r}; use one of {', '.join(MODES)} (or none)")
     return mode
-
-
-def quantized_linears(model: nn.Module) -> dict[str, QuantLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
 def quantize_model(model, mode: str, group_size: int = DEFAULT_GROUP_SIZE, lm_head: bool | None = None,
