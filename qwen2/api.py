@@ -7,7 +7,8 @@ from typing import Iterator, Sequence
 
 from .checkpoint import DEFAULT_MODEL, build_model, build_quantized, load_checkpoint
 from .errors import Qwen2Error
-from .options import LoadOptions, parse_dtype
+from .options import LoadOptions
+from .runtime.compile import check_compilable
 from .runtime.executor import make_decoder
 from .runtime.generate import SamplingParams, generate_text, stream_rows
 
@@ -191,28 +192,28 @@ def load(source: str | os.PathLike = DEFAULT_MODEL, options: LoadOptions | None 
     from . import quant as q
 
     options = LoadOptions.from_kwargs(options, **kwargs)  # every value checked here, before any file is read
-    dtype, device, progress, executor = options.dtype, options.device, options.progress, options.executor
-    mode, quantize_lm_head, expert_dtype = options.quantize, options.quantize_lm_head, options.expert_dtype
+    # the options' group_size is None outside the int4 modes
     group_size = q.DEFAULT_GROUP_SIZE if options.group_size is None else options.group_size
-    rope_scaling, dca, long_context = options.rope_scaling, options.dca, options.long_context
-    config, state_dict, tokenizer, generation_config = load_checkpoint(
-        source, progress=progress, quantize=mode, group_size=group_size, lm_head=quantize_lm_head, dtype=dtype)
-    config = lc.extend_config(config, rope_scaling=rope_scaling, dca=dca, preset=long_context)
-    if expert_dtype is not None and not config.num_experts:
+    config, weights, tokenizer, generation_config = load_checkpoint(
+        source, progress=options.progress, quantize=options.quantize, group_size=group_size,
+        lm_head=options.quantize_lm_head, dtype=options.dtype)
+    config = lc.extend_config(config, rope_scaling=options.rope_scaling, dca=options.dca, preset=options.long_context)
+    if options.expert_dtype is not None and not config.num_experts:
         raise Qwen2Error(f"expert_dtype applies to mixture-of-experts models; {os.fspath(source)} has no experts "
                          "(drop expert_dtype, or use dtype= for the whole model)")
-    if executor == "compiled" and config.dual_chunk_attention_config is not None:
-        raise Qwen2Error("compile=True does not apply with Dual Chunk Attention (its decode step runs eager); "
-                         "drop one of them")
-    if mode is None:
-        model = build_model(config, state_dict, dtype=parse_dtype(dtype), device=device, expert_dtype=expert_dtype)
+    if options.executor == "compiled":
+        check_compilable(config.dual_chunk_attention_config is not None)
+    if options.quantize is None:
+        model = build_model(config, weights, dtype=options.dtype, device=options.device,
+                            expert_dtype=options.expert_dtype)
     else:  # from a GGUF, the quantised layers straight from its blocks (qwen2/checkpoint/quantized.py)
-        model = build_quantized(config, state_dict, mode, group_size=group_size, lm_head=quantize_lm_head,
-                                dtype=parse_dtype(dtype), expert_dtype=expert_dtype, progress=progress)
+        model = build_quantized(config, weights, options.quantize, group_size=group_size,
+                                lm_head=options.quantize_lm_head, dtype=options.dtype,
+                                expert_dtype=options.expert_dtype, progress=options.progress)
         q.into_huge_pages(model)  # decode streams them from memory every token: 2 MB pages read faster
-    del state_dict
+    del weights
     if model.device.type == "cpu":
         from . import kernels
         kernels.ops()  # built here, once per machine, so its notice comes before any answer, not inside one
-    return Qwen2(model, tokenizer, generation_config, source=os.fspath(source), decoder=make_decoder(model, executor),
-                 options=options)
+    return Qwen2(model, tokenizer, generation_config, source=os.fspath(source),
+                 decoder=make_decoder(model, options.executor), options=options)

@@ -22,6 +22,7 @@ import torch
 from . import long_context as lc
 from .errors import Qwen2Error
 from .quant import DEFAULT_GROUP_SIZE, GROUP_SIZES, MODES, check_group_size, check_mode
+from .runtime.compile import check_compilable
 from .runtime.executor import EXECUTORS, check_executor
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -95,10 +96,8 @@ class LoadOptions:
         lc.check_rope_scaling(self.rope_scaling)
         lc.check_dca(self.dca)
         put("long_context", _flag("long_context", self.long_context))
-        dca_on = self.dca not in (None, False) or (self.long_context and self.dca is None)
-        if self.executor == "compiled" and dca_on:  # a checkpoint's own DCA is checked by load, with its config
-            raise Qwen2Error("compile=True does not apply with Dual Chunk Attention (its decode step runs eager); "
-                             "drop one of them")
+        if self.executor == "compiled":  # a checkpoint's own DCA is checked by load, with its config
+            check_compilable(self.dca not in (None, False) or (self.long_context and self.dca is None))
 
     def replace(self, **changes) -> "LoadOptions":
         """These options with `changes` (load's keywords, compile= included), checked again."""

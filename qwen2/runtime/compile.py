@@ -2,13 +2,14 @@
 
 The traced function is `CompiledDecoder.static_step`, a forward through a `StaticKV` cache (inductor,
 `fullgraph=True`, static shapes): it takes the cache slot as a tensor and the cache's `valid` mask, so
-one graph serves every step of a cache of that shape (a new batch size or cache length compiles again). Prefill and multi-token
-verification (speculation) stay eager.
+one graph serves every step of a cache of that shape (a new batch size or cache length compiles
+again). Prefill and multi-token verification (speculation) stay eager.
 
 The compiled step computes the eager step's logits bit for bit, so greedy decoding gives the same
-tokens. Where decode runs natively (the native executor, `qwen2/kernels/decode_block.cpp`: every block in one
-call, its attention skipping the keys a query may not see), the graph calls those very ops, opaque to
-inductor; RoPE's cos/sin and the final RMSNorm run as ATen computes them (`model.compiled_ops.aten_when_compiled`);
+tokens. Where decode runs natively (the native executor, `qwen2/kernels/decode_block.cpp`: every
+block in one call, its attention skipping the keys a query may not see), the graph calls those very
+ops, opaque to inductor; RoPE's cos/sin and the final RMSNorm run as ATen computes them
+(`model.compiled_ops.aten_when_compiled`);
 what inductor still fuses (the embedding lookup, RoPE's angles: one fp32 product, the masks) rounds
 as ATen does. Why so strict: traced as PyTorch ops, the attention (a softmax over every masked
 slot), inductor's cos/sin and its RMSNorm (another summation order) each differ from eager in the
@@ -128,8 +129,13 @@ def compile_decode(inner: EagerDecoder) -> CompiledDecoder:
     Raises Qwen2Error where torch.compile cannot exist at all, or for Dual Chunk Attention."""
     if not hasattr(torch, "compile"):
         raise Qwen2Error(f"torch {torch.__version__} has no torch.compile; load without compile=True")
-    if inner.config.dual_chunk_attention_config is not None:
-        raise Qwen2Error("compile=True does not apply with Dual Chunk Attention (its decode step runs eager); "
-                         "drop one of them")
+    check_compilable(inner.config.dual_chunk_attention_config is not None)
     _register_fake_kernels()
     return CompiledDecoder(inner)
+
+
+def check_compilable(dual_chunk_attention: bool) -> None:
+    """Raise Qwen2Error where a compiled decode step is asked for a model with Dual Chunk Attention."""
+    if dual_chunk_attention:
+        raise Qwen2Error("compile=True does not apply with Dual Chunk Attention (its decode step runs eager); "
+                         "drop one of them")
