@@ -53,3 +53,12 @@ def hf_reference(real_gguf):
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     return model.eval(), tokenizer
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Reading any checkpoint fails the test: bad options must be refused before the weights are read."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a checkpoint was read before the options were checked")
+    monkeypatch.setattr("qwen2.checkpoint.load_checkpoint", refuse)
+    monkeypatch.setattr("qwen2.api.load_checkpoint", refuse)

@@ -336,15 +336,6 @@ def test_chat_lines_that_are_not_utf8(tiny_dir):
 
 # ---- options checked before any model loads -----------------------------------------------------------
 
-@pytest.fixture
-def no_loading(monkeypatch):
-    """Loading any model fails the test: bad options must be refused before the weights are read."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the options were checked")
-    monkeypatch.setattr("qwen2.checkpoint.load_checkpoint", refuse)
-    monkeypatch.setattr("qwen2.api.load_checkpoint", refuse)
-
-
 @pytest.mark.parametrize("options, message", [
     (["--num-experts", "0", "--top-k", "1", "--expert-size", "8"], "--num-experts: num_experts must be an integer >= 1"),
     (["--num-experts", "4", "--top-k", "0", "--expert-size", "8"], "--top-k: num_experts_per_tok must be"),

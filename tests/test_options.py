@@ -16,15 +16,6 @@ from qwen2.runtime.speculative import SPECULATIVE_METHODS
 from qwen2.tokenizer import Tokenizer
 
 
-@pytest.fixture
-def no_loading(monkeypatch):
-    """Reading any checkpoint fails the test: bad options must be refused before the weights are read."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a checkpoint was read before the options were checked")
-    monkeypatch.setattr("qwen2.checkpoint.load_checkpoint", refuse)
-    monkeypatch.setattr("qwen2.api.load_checkpoint", refuse)
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> str:
     return save_random_model_dir(tmp_path_factory.mktemp("options") / "tiny",
