@@ -57,7 +57,6 @@ import argparse
 import functools
 import importlib.util
 import itertools
-import json
 import os
 import shutil
 import statistics
@@ -70,7 +69,8 @@ from typing import Sequence
 from benchmarks.common import (RESULTS_DIR, Engine, LlamaCppEngine, NotApplicable, build_batch_prompts,
                                build_prompt_ids, command_line, fmt, llama_cpp_installed, machine_facts,
                                peak_rss_mb, progress, rss_mb, set_torch_threads, spawn, timed, wait_for_quiet,
-                               write_json, write_results)
+                               write_results)
+from benchmarks.worker import run_worker
 
 MODULE = "benchmarks.speed.bench_inference"
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
@@ -544,23 +544,6 @@ WORKERS = {
 }
 
 
-def run_worker(name: str, job_file: str, result_file: str) -> None:
-    """Entry point of a worker process: the result (or the error) goes to `result_file`."""
-    with open(job_file) as f:
-        job = json.load(f)
-    try:
-        result = {"status": "ok", **WORKERS[name](job)}
-    except NotAvailable as why:
-        result = {"status": "not available", "error": str(why)}
-    except ImportError as error:
-        result = {"status": "not installed" if name == "llama.cpp" else "error", "error": repr(error)}
-    except Exception as error:  # reported in the table; the other engines still run
-        import traceback
-        traceback.print_exc()
-        result = {"status": "error", "error": repr(error)}
-    write_json(result_file, result)
-
-
 # --------------------------------------------------------------------------------------------------
 # The parent: runs the workers one after another and reports
 # --------------------------------------------------------------------------------------------------
@@ -783,7 +766,7 @@ def engine_line(r: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
-        run_worker(args.worker, args.job, args.result)
+        run_worker(WORKERS, args.worker, args.job, args.result, {NotAvailable: "not available"})
         return 0
     out = args.out or default_out(args.model)
     scratch = tempfile.mkdtemp(prefix="qwen2-bench-")

@@ -35,12 +35,13 @@ size ours has for a first token (tens of MB at most), so neither is charged for 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+
+from benchmarks.worker import run_worker  # the standard library only
 
 # benchmarks.common imports qwen2, hence torch: the workers import it only where they measure ours, so
 # that the llama.cpp process holds llama.cpp alone (torch alone is ~230 MB of RSS)
@@ -173,21 +174,6 @@ def worker_llama_cpp(job: dict) -> dict:
 
 WORKERS = {"qwen2": worker_qwen2, "qwen2-old": lambda job: worker_qwen2(job, old=True),
            "qwen2-before": lambda job: worker_qwen2(job, before=True), "llama.cpp": worker_llama_cpp}
-
-
-def run_worker(name: str, job_file: str, result_file: str) -> None:
-    with open(job_file) as f:
-        job = json.load(f)
-    try:
-        result = {"status": "ok", **WORKERS[name](job)}
-    except ImportError as error:
-        result = {"status": "not installed" if name == "llama.cpp" else "error", "error": repr(error)}
-    except Exception as error:
-        import traceback
-        traceback.print_exc()
-        result = {"status": "error", "error": repr(error)}
-    with open(result_file, "w") as f:
-        json.dump(result, f)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -325,7 +311,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
-        run_worker(args.worker, args.job, args.result)
+        run_worker(WORKERS, args.worker, args.job, args.result)
         return 0
     from benchmarks.common import (command_line, fmt, llama_cpp_installed, machine_facts, spawn, wait_for_quiet,
                                    write_results)
