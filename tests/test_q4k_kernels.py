@@ -453,9 +453,17 @@ def test_a_tied_embedding_is_read_from_the_exact_head(tmp_path, kind):
     assert "lm_head" in Q.quantized_linears(model) and "rows of the lm_head" in repr(embedding)
 
 
-def test_an_untied_or_requantised_head_leaves_the_embedding(kquant_gguf, tmp_path):
-    path, fp32 = kquant_gguf  # untied: output.weight is its own Q6_K tensor
-    assert isinstance(qwen2.load(path, quantize="int4", progress=False).model.model.embed_tokens, nn.Embedding)
+def test_an_untied_embedding_is_read_from_its_gguf_rows(kquant_gguf, tmp_path):
+    path, fp32 = kquant_gguf  # untied: output.weight is its own Q6_K tensor, token_embd Q4_K
+    model = qwen2.load(path, quantize="int4", progress=False).model
+    embedding = model.model.embed_tokens
+    assert isinstance(embedding, Q.GGUFEmbedding)  # token_embd row by row, as llama.cpp reads it
+    assert not any(p.shape == (300, 256) for p in model.parameters())  # no fp32 table
+    ids = torch.arange(300).view(3, 100)
+    with torch.inference_mode():
+        assert torch.equal(embedding(ids), fp32.model.model.embed_tokens(ids))
+        with pytest.raises(IndexError):
+            embedding(torch.tensor([[300]]))
     fp32.save(tmp_path / "hf")  # no GGUF blocks to take: a requantised head, so the embedding stays fp32
     requantised = qwen2.load(tmp_path / "hf", quantize="int4", progress=False).model
     assert isinstance(requantised.model.embed_tokens, nn.Embedding)

@@ -452,7 +452,8 @@ def test_real_quantised_model_state(real_model, real_int4):
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
     floats = {n for n, t in model.state_dict().items() if t.is_floating_point() and t.dim() == 2
               and not n.endswith((".scales", ".mins"))}
-    assert floats == {"model.embed_tokens.weight"}  # untied here: the fp32 lm_head is gone
+    assert floats == set()  # the fp32 lm_head is gone, and the embedding is the GGUF's token_embd rows
+    assert isinstance(model.model.embed_tokens, Q.GGUFEmbedding)
     # load() put every quantised buffer in one mapping advised for 2 MB pages (Q.into_huge_pages)
     assert len({t.untyped_storage().data_ptr() for t in model.buffers() if t.dtype in (torch.uint8, torch.int8)}) == 1
     q_bytes = sum(m.weight_bytes for m in Q.quantized_linears(model).values())

@@ -54,6 +54,9 @@ def assert_same_model(new: nn.Module, old: nn.Module) -> None:
     assert type(new.model.embed_tokens) is type(old.model.embed_tokens)
     if isinstance(old.model.embed_tokens, Q.QuantEmbedding):
         assert new.model.embed_tokens.head is new.lm_head
+    elif isinstance(old.model.embed_tokens, Q.GGUFEmbedding):  # the GGUF's token_embd, read row by row
+        ids = torch.arange(old.config.vocab_size)
+        assert torch.equal(new.model.embed_tokens(ids), old.model.embed_tokens(ids))
     elif isinstance(old.lm_head, nn.Linear) and old.lm_head.weight is old.model.embed_tokens.weight:
         assert new.lm_head.weight is new.model.embed_tokens.weight  # still tied
     assert not any(t.is_meta for t in new_tensors.values())
@@ -153,15 +156,30 @@ def test_exact_tensors_are_never_dequantised(mixed_gguf, monkeypatch):
     reader = open_gguf(mixed_gguf)
     types_of = {t.name: t.tensor_type.name for t in reader.tensors}
     assert all(name.endswith(("norm.weight", ".bias")) or name == "token_embd.weight" for name in whole), whole
-    tied_exact = isinstance(model.model.embed_tokens, Q.QuantEmbedding)
-    assert ("token_embd.weight" in whole) == (not tied_exact)
+    # the embedding is never dequantised whole: a tied head's exact blocks, or token_embd row by row
+    assert isinstance(model.model.embed_tokens, (Q.QuantEmbedding, Q.GGUFEmbedding))
+    assert "token_embd.weight" not in whole
     # requantised layers have bf16 scales (exact ones fp32 scales or super-blocks): exactly their tensors were read
     requantised = {gguf_tensor_name(f"{name}.weight") for name, m in Q.quantized_linears(model).items()
                    if getattr(m, "scales", None) is not None and m.scales.dtype == torch.bfloat16}
     if model.config.tie_word_embeddings:  # a tied head's tensor is the embedding
         requantised = {"token_embd.weight" if n == "output.weight" else n for n in requantised}
-    assert requantised and set(rows) - set(whole) == requantised - {"token_embd.weight"}
+    assert requantised and set(rows) - set(whole) == requantised
     assert {types_of[name] for name in requantised} >= {"Q8_0", "Q5_0", "Q4_0"}  # int4 layers of those types
+
+
+def test_gguf_embedding_rows_are_the_dequantised_table(mixed_gguf):
+    """`GGUFEmbedding` decodes each looked-up row of any tensor type (in `dtype`)
+    to the bits of the whole tensor dequantised (what the fp32 model's table holds)."""
+    for t in open_gguf(mixed_gguf).tensors:
+        if len(t.shape) != 2:
+            continue
+        table = gguf_blocks.dequantize_tensor(t)
+        embedding = Q.GGUFEmbedding(t)
+        ids = torch.randperm(table.shape[0])[:64].view(2, 32)
+        with torch.inference_mode():
+            assert torch.equal(embedding(ids), table[ids]), t.tensor_type.name
+        assert torch.equal(Q.GGUFEmbedding(t, torch.bfloat16)(ids), table[ids].bfloat16()), t.tensor_type.name
 
 
 def test_hf_directory_source_is_quantised_from_fp32(mixed_gguf, tmp_path):

@@ -107,6 +107,7 @@ def worker_qwen2(job: dict, old: bool = False, before: bool = False) -> dict:
     import qwen2
     import_s = time.perf_counter() - t0
     from benchmarks.common import peak_rss_mb, rss_mb, set_torch_threads, timed
+    import_rss = rss_mb()  # torch and qwen2 imported, nothing loaded: the floor under every figure below
     set_torch_threads(job["threads"])
     cache = os.environ.get("QWEN2_CACHE")
     assemble_s = None
@@ -133,8 +134,9 @@ def worker_qwen2(job: dict, old: bool = False, before: bool = False) -> dict:
     load_peak, load_rss = peak_rss_mb(), rss_mb()
     _, first_token_s = timed(m.generate, PROMPT, max_new_tokens=1)
     from qwen2.quant import describe, quantized_linears
-    embedding = getattr(m.model.model.embed_tokens, "weight", None)
+    embedding = getattr(m.model.model.embed_tokens, "weight", None)  # a table; none when read from the GGUF's rows
     memory = {"embedding_mb": 0 if embedding is None else embedding.numel() * embedding.element_size() / 2**20,
+              "embedding": type(m.model.model.embed_tokens).__name__, "rss_after_import_mb": import_rss,
               "quantized_mb": sum(b.numel() * b.element_size() for layer in quantized_linears(m.model).values()
                                   for b in layer.buffers()) / 2**20}
     return {**memory, "qwen2": qwen2.__file__, "import_s": import_s, "load_s": load_s, "phases_s": phases, "assemble_s": assemble_s,
@@ -217,7 +219,7 @@ def summarize(runs: list[dict]) -> dict:
     if phases:
         out["phases_s"] = {k: statistics.median(p[k] for p in phases if k in p) for k in phases[0]}
     out["others_cpu_pct_max"] = max(r.get("others_cpu_pct", 0.0) for r in ok)
-    for key in ("layout", "n_ctx", "version", "embedding_mb", "quantized_mb"):
+    for key in ("layout", "n_ctx", "version", "embedding_mb", "embedding", "quantized_mb", "rss_after_import_mb"):
         if ok[0].get(key) is not None:
             out[key] = ok[0][key]
     return out
@@ -272,13 +274,15 @@ def markdown(data: dict) -> str:
             if phases:
                 lines.append(f"- {name} {engine}: " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
     lines += ["", "What the peak RSS holds: llama.cpp maps the GGUF (" + ("with" if data.get("llama_repack") else "without")
-              + " its extra buffer types: --llama-repack) and little else. Ours: torch and the kernels (~230 MB "
-              "before any model), the tokenizer, the quantised layers and the embedding, an fp32 nn.Embedding "
-              "(dequantised: the fp32 cache it was mmap'd from before is no longer made):"]
+              + " its extra buffer types: --llama-repack): its token_embd rows are read (and resident) only as "
+              "they are looked up. Ours: torch and qwen2 imported (RSS before any model is loaded), the tokenizer "
+              "(~45 MB), the quantised layers, and the embedding (GGUFEmbedding: token_embd's rows in the file's "
+              "pages, as llama.cpp reads them; an fp32 table where one is kept):"]
     for name, engines in data["models"].items():
         r = engines.get("qwen2", {})
         if r.get("status") == "ok" and r.get("quantized_mb") is not None:
-            lines.append(f"- {name}: quantised layers {r['quantized_mb']:.0f} MB, fp32 embedding {r['embedding_mb']:.0f} MB")
+            lines.append(f"- {name}: after import {r.get('rss_after_import_mb', float('nan')):.0f} MB, quantised layers "
+                         f"{r['quantized_mb']:.0f} MB, embedding {r.get('embedding', '?')} (table {r['embedding_mb']:.0f} MB)")
     lines += ["", "Layouts: " + "; ".join(f"{n}: {e['qwen2'].get('layout')}" for n, e in data["models"].items()
                                            if e.get("qwen2", {}).get("status") == "ok"), ""]
     return "\n".join(lines)

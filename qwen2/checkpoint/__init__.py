@@ -93,7 +93,7 @@ def convert_gguf_exact(model: Transformer, source: str | os.PathLike, progress: 
     Loading no longer takes this way (it builds those layers from the blocks directly: `build_quantized`);
     the composition fp32 model -> `quantize_model` -> this gives the same model and stays for comparison."""
     from ..quant.gguf_blocks import convert_exact_linears, exact_block_types
-    from .gguf import block_tensors, open_gguf
+    from .gguf import block_tensors, hf_tensor_name, open_gguf
 
     quantization = getattr(model, "quantization", None)
     if not quantization:
@@ -102,6 +102,7 @@ def convert_gguf_exact(model: Transformer, source: str | os.PathLike, progress: 
     if path is not None:
         reader = open_gguf(path)
         tensors = block_tensors(reader, exact_block_types(model))
+        tensors.update((hf_tensor_name(t.name), t) for t in reader.tensors if t.name == "token_embd.weight")
         counts = convert_exact_linears(model, tensors, reader.release, path, progress)
         if counts:
             quantization["gguf_exact"] = counts

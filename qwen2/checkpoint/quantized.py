@@ -13,8 +13,10 @@ once it is taken (`GGUFFile.release`), so no fp32 copy of the model ever exists:
   - any other quantised linear is dequantised from its own GGUF tensor, a chunk of rows at a time,
     and quantised as `quantize_model` quantises it (`qwen2.quant.model.linear_layouts` and
     `quantize_linear`: the same rules, the same code);
-  - norms, biases and the embedding are dequantised to `dtype`; a tied head taken exactly is also
-    the embedding (`QuantEmbedding`), which is then never dequantised.
+  - norms and biases are dequantised to `dtype`; the embedding is token_embd as the file holds it,
+    its rows decoded as they are looked up (`GGUFEmbedding`, as llama.cpp reads it), or, for a tied
+    head taken exactly, that head's rows (`QuantEmbedding`); only an fp32 head tied to it makes the
+    dequantised table.
 
 The result is, layer for layer and bit for bit, what quantising the fp32 model and then swapping in
 the exact layers (`quantize_model` then `convert_gguf_exact`) gives, `model.quantization` included.
@@ -96,11 +98,12 @@ class GGUFPlan:
         views = iter(arena or ())
         self.outs = {name: None if arena is None else [next(views).view(kind).view(shape) for shape, kind in layer_shapes]
                      for name, (_, _, layer_shapes) in self.plan.items()}
-        # the embedding, unless a tied head taken exactly stands in for it (QuantEmbedding)
+        # The embedding: a tied head taken exactly stands in for it (QuantEmbedding); an fp32 head tied
+        # to it needs its table, dequantised; else it is token_embd read row by row (GGUFEmbedding).
         embedding = self.tensors["model.embed_tokens.weight"]
         head = self.plan.get("lm_head")
         self.embedding = None
-        if not (tied and head is not None and head[1] is not None):
+        if tied and head is None:
             self.embedding = anonymous_buffer(_nbytes(_torch_shape(embedding), dtype))
         self.linear_of = {t.name: name for name, (t, _, _) in self.plan.items()}
         self._thread, self._result, self._cancelled = None, None, False
@@ -182,7 +185,7 @@ class GGUFPlan:
         """One GGUF tensor into the model's pieces: a quantised layer (exact from its blocks, or
         requantised a chunk of rows at a time, into its planned buffers) or a plain tensor."""
         from ..quant import QuantEmbedding
-        from ..quant.gguf_blocks import DequantizedRows, dequantize_tensor
+        from ..quant.gguf_blocks import DequantizedRows, GGUFEmbedding, dequantize_tensor
         from ..quant.model import configure_linear, quantize_linear
 
         if self._cancelled:
@@ -191,9 +194,13 @@ class GGUFPlan:
         mode, group_size, _, dtype = self.settings
         reader, name = self.reader, hf_tensor_name(t.name)
         linear = self.linear_of.get(t.name)
-        out = self.embedding if name == "model.embed_tokens.weight" else None
+        table = name == "model.embed_tokens.weight" and self.embedding is not None
+        if name == "model.embed_tokens.weight" and not table and (linear is None or self.plan[linear][1] is None):
+            layers["model.embed_tokens"] = GGUFEmbedding(t, dtype)  # its rows stay in the file until looked up
+            if linear is None:
+                return
         if linear is None:
-            plain[name] = dequantize_tensor(t, dtype, out=out)
+            plain[name] = dequantize_tensor(t, dtype, out=self.embedding if table else None)
             reader.release(t)
             return
         _, converter, _ = self.plan[linear]
@@ -206,10 +213,8 @@ class GGUFPlan:
                 if name == "model.embed_tokens.weight":  # a tied head: the embedding is the same blocks, read there
                     layers["model.embed_tokens"] = QuantEmbedding(layer)
             else:
-                source = DequantizedRows(t, dtype)
-                if name == "model.embed_tokens.weight":  # a tied head not taken exactly: quantised from the embedding
-                    source = plain[name] = dequantize_tensor(t, dtype, out=out)
-                layer = quantize_linear(source, bias, self.layouts[linear], group_size, out=self.outs[linear])
+                layer = quantize_linear(DequantizedRows(t, dtype), bias, self.layouts[linear], group_size,
+                                        out=self.outs[linear])
         layers[linear] = configure_linear(layer, linear, mode)
         if bias_tensor is not None:
             reader.release(bias_tensor)

@@ -56,8 +56,10 @@ def _cpu_flags() -> str:
 def _build_dir() -> str:
     key = hashlib.sha256()
     sources = [open(source, "rb").read() for source in SOURCES]
-    for part in (*sources, torch.__version__.encode(), " ".join(cflags()).encode(), _cpu_flags().encode(),
-                 sys.version.encode()):
+    # the sources' paths too: torch's build files name them, so two checkouts sharing one directory
+    # would each rebuild it on every load
+    for part in (*sources, *(os.path.abspath(s).encode() for s in SOURCES), torch.__version__.encode(),
+                 " ".join(cflags()).encode(), _cpu_flags().encode(), sys.version.encode()):
         key.update(part)
     return os.path.join(cache_dir(), "kernels", key.hexdigest()[:16])
 

@@ -1,5 +1,6 @@
 """Weight-only quantised linears for CPU inference (int8, int4, and GGUF's Q4_K / Q6_K super-blocks
 kept as they are), whole-model quantisation, and the table of layer kinds the native decode ops take."""
+from .gguf_blocks import GGUFEmbedding
 from .kinds import LAYER_KINDS, LayerKind
 from .kquant import KQuantLinear, Q4KLinear, Q6KLinear
 from .linear import (BACKENDS, BLOCK_LINEARS, DEFAULT_GROUP_SIZE, GROUP_SIZES, INT4_KEEP_INT8, MODES, Int4Linear,
@@ -8,7 +9,8 @@ from .linear import (BACKENDS, BLOCK_LINEARS, DEFAULT_GROUP_SIZE, GROUP_SIZES, I
 from .memory import into_huge_pages
 from .model import check_mode, describe, num_parameters, quantize_model, set_backend
 
-__all__ = ["BACKENDS", "BLOCK_LINEARS", "DEFAULT_GROUP_SIZE", "GROUP_SIZES", "INT4_KEEP_INT8", "Int4Linear",
+__all__ = ["BACKENDS", "BLOCK_LINEARS", "DEFAULT_GROUP_SIZE", "GGUFEmbedding", "GROUP_SIZES", "INT4_KEEP_INT8",
+           "Int4Linear",
            "Int8Linear", "KQuantLinear", "LAYER_KINDS", "LayerKind", "MODES", "Q4KLinear", "Q6KLinear",
            "QuantEmbedding", "QuantLinear", "check_group_size", "check_mode", "describe", "int8_group_size",
            "into_huge_pages", "num_parameters", "pack_int4", "quantize_int4", "quantize_int8", "quantize_model",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from .. import kernels
 from ..errors import Qwen2Error
@@ -72,7 +73,12 @@ _Q8_0_BYTES, _Q5_0_BYTES = 34, 22
 def q8_0_to_int8(rows):
     """Raw Q8_0 rows (N, K / 32 * 34 bytes) -> (q int8 (N, K), scale fp32 (N, K / 32)): per block an
     fp16 d and 32 int8 values, w = d * q, so int8 with scale d is the same weight exactly."""
-    return _int8_rows(rows, _Q8_0_BYTES, lambda blocks: blocks[:, 2:].view(torch.int8))
+    return _int8_rows(rows, _Q8_0_BYTES, _q8_0_values)
+
+
+def _q8_0_values(blocks: torch.Tensor) -> torch.Tensor:
+    """Q8_0 blocks (n, 34) uint8 -> their 32 int8 values (n, 32), after the fp16 d."""
+    return blocks[:, 2:].view(torch.int8)
 
 
 def q5_0_to_int8(rows):
@@ -85,10 +91,23 @@ def q5_0_to_int8(rows):
 def _int8_rows(rows, block_bytes: int, values):
     """(q int8 (N, K), d fp32 (N, K / 32)) of raw rows of 32-weight blocks that start with an fp16 d;
     `values(blocks)`: a (n, 32) int8 tensor of the blocks' integers."""
+    return _int8_blocks(torch.from_numpy(np.array(rows, dtype=np.uint8, copy=True)), block_bytes, values)
+
+
+def _int8_blocks(rows: torch.Tensor, block_bytes: int, values):
+    """`_int8_rows` of raw rows already in a uint8 tensor (n, bytes per row)."""
     n = rows.shape[0]
-    blocks = torch.from_numpy(np.array(rows, dtype=np.uint8, copy=True)).view(-1, block_bytes)  # writable
+    blocks = rows.reshape(-1, block_bytes)
     d = blocks[:, :2].contiguous().view(torch.float16).float()
     return values(blocks).reshape(n, -1), d.view(n, -1)
+
+
+def _dequantized_int8(block_bytes: int, values):
+    """Raw rows (n, bytes) uint8 of 32-weight blocks -> fp32 (n, K): d * q, exact in fp32."""
+    def decode(rows: torch.Tensor) -> torch.Tensor:
+        q, d = _int8_blocks(rows, block_bytes, values)
+        return (q.view(-1, _INT8_BLOCK) * d.view(-1, 1)).view(rows.shape[0], -1)
+    return decode
 
 
 def _exact_converters(int4_mode: bool):
@@ -187,11 +206,15 @@ def dequantize_rows(tensor, start: int, stop: int, out: torch.Tensor | None = No
     gives the same bits; Q4_K's and Q6_K's decoders are `qwen2.quant.kquant`'s, natively when the
     kernels are built), F32/F16 read directly, any other type by gguf-py. A 1-D tensor is one row.
     `out`: an fp32 (stop - start, K) tensor to write them into (and return) instead of a new one."""
+    data = tensor.data.reshape(-1, tensor.data.shape[-1])  # (rows, raw row): a 1-D tensor is one row
+    return decode_rows(data[start:stop], tensor.tensor_type, tensor.name, out)
+
+
+def decode_rows(rows, kind, name: str = "the tensor", out: torch.Tensor | None = None) -> torch.Tensor:
+    """Raw rows of a GGUF tensor of type `kind` (a numpy array (n, raw row), as `GGUFTensor.data`
+    holds them) as fp32 (n, K): `dequantize_rows`, for any rows picked. `name` is for errors."""
     from gguf import GGMLQuantizationType as T
 
-    data = tensor.data.reshape(-1, tensor.data.shape[-1])  # (rows, raw row): a 1-D tensor is one row
-    rows = data[start:stop]
-    kind = tensor.tensor_type
     if kind in (T.Q8_0, T.Q5_0):
         q, d = (q8_0_to_int8 if kind == T.Q8_0 else q5_0_to_int8)(rows)  # (n, K), (n, K / 32)
         if out is None:
@@ -216,9 +239,9 @@ def dequantize_rows(tensor, start: int, stop: int, out: torch.Tensor | None = No
         try:
             array = quants.dequantize(np.asarray(rows), kind)
         except NotImplementedError:
-            raise Qwen2Error(f"tensor {tensor.name} has GGUF type {kind.name}, which the gguf package cannot "
+            raise Qwen2Error(f"tensor {name} has GGUF type {kind.name}, which the gguf package cannot "
                              "dequantise; convert the model with another quantisation") from None
-        w = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32).reshape(stop - start, -1))
+        w = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32).reshape(len(rows), -1))
     return w if out is None else out.copy_(w)
 
 
@@ -253,6 +276,45 @@ class DequantizedRows:
             raise IndexError("DequantizedRows takes contiguous row slices only")
         w = dequantize_rows(self.tensor, start, stop)
         return w if self.dtype == torch.float32 else w.to(self.dtype)
+
+
+class GGUFEmbedding(nn.Module):
+    """The token embedding read from its GGUF tensor as the file holds it, as llama.cpp reads
+    token_embd: each looked-up row decoded (bit for bit that row of the dequantised table) and rounded
+    to `dtype`. No table is made: the rows stay in the file's pages (a private mapping), which the OS
+    brings in as they are first looked up (a conversation touches a few thousand of the 151,936 rows),
+    where the dequantised fp32 table would hold 544 MB (0.5B) or 933 MB (1.5B). The decoder is chosen
+    here, once, for the tensor's type: PyTorch ops for Q8_0, Q5_0, Q4_K, Q6_K and floats (so a
+    compiled decode step traces it), gguf-py for any other type."""
+
+    def __init__(self, tensor, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = (int(n) for n in reversed(tensor.shape))
+        N, K = self.num_embeddings, self.embedding_dim
+        raw = np.memmap(tensor.path, dtype=np.uint8, mode="c", offset=tensor.offset, shape=(N, tensor.n_bytes // N))
+        self.rows = torch.from_numpy(raw)  # copy-on-write: writable for torch, never written
+        self.kind, self.dtype = tensor.tensor_type, dtype
+        self.decode = _row_decoder(tensor.tensor_type, tensor.name)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.decode(self.rows[input_ids.reshape(-1)])  # (B*T, C) fp32
+        return rows.to(self.dtype).view(*input_ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, rows of the GGUF's token_embd ({self.kind.name})"
+
+
+def _row_decoder(kind, name: str):
+    """Raw rows (n, bytes) uint8 -> fp32 (n, K) for a GGUF tensor type, as `dequantize_rows` decodes them."""
+    from gguf import GGMLQuantizationType as T
+
+    decoders = {T.Q8_0: _dequantized_int8(_Q8_0_BYTES, _q8_0_values),
+                T.Q5_0: _dequantized_int8(_Q5_0_BYTES, _q5_0_signed),
+                T.Q4_K: q4k_dequantize, T.Q6_K: q6k_dequantize,
+                T.F32: lambda rows: rows.view(torch.float32),
+                T.F16: lambda rows: rows.view(torch.float16).float(),
+                T.BF16: lambda rows: rows.view(torch.bfloat16).float()}
+    return decoders.get(kind) or (lambda rows: decode_rows(rows.numpy(), kind, name))
 
 
 def dequantize_tensor(tensor, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -291,10 +353,12 @@ def convert_exact_linears(model, tensors: dict, release=None, source: str = "the
     exact 4.5-bit layer beats requantising to int4 or int8) and Q6_K ones for the int8 layers; Q8_0 and
     Q5_0 onto int8 groups of 32 (layers that are int8 anyway). See `_exact_converters`.
     Returns {"Q4_K": n, "Q6_K": n, "Q8_0": n, "Q5_0": n} for the layers converted, and names the
-    lm_head's new layout in `model.quantization`. Why: requantising the dequantised blocks adds a
+    lm_head's new layout in `model.quantization`. The embedding, where nothing else uses its table,
+    becomes the GGUF's token_embd read row by row (`GGUFEmbedding`). Why: requantising the dequantised blocks adds a
     second rounding error to weights that are already integers times a per-block scale (and costs
     more bits). `tensors`: HF parameter name -> GGUF tensor, of the block types `exact_block_types`
-    names, from the GGUF the weights came from (`source`); `release(tensor)` after each is taken."""
+    names (and token_embd, whatever its type), from the GGUF the weights came from (`source`);
+    `release(tensor)` after each linear's is taken."""
     converters = _exact_converters(_int4_at_q4k_group(model))
     tensors = dict(tensors)
     tied = model.config.tie_word_embeddings and "model.embed_tokens.weight" in tensors
@@ -302,7 +366,7 @@ def convert_exact_linears(model, tensors: dict, release=None, source: str = "the
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]  # a tied head is the embedding
     targets = [name for name, module in model.named_modules()
                if f"{name}.weight" in tensors and isinstance(module, (Int4Linear, Int8Linear))
-               and module.mode in converters[tensors[f"{name}.weight"].tensor_type][0]]
+               and module.mode in converters.get(tensors[f"{name}.weight"].tensor_type, ((),))[0]]
     counts: dict[str, int] = {}
     for name in progress_bar(targets, desc="taking exact GGUF blocks", unit="tensor", disable=not progress):
         tensor, module = tensors[f"{name}.weight"], model.get_submodule(name)
@@ -326,4 +390,14 @@ def convert_exact_linears(model, tensors: dict, release=None, source: str = "the
             release(tensor)
         counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
         model.quantization.setdefault("gguf_layouts", {})[tensor.tensor_type.name] = exact.mode  # for describe()
+    embedding = tensors.get("model.embed_tokens.weight")
+    if embedding is not None and embedding_stands_alone(model):
+        model.model.embed_tokens = GGUFEmbedding(embedding, model.model.embed_tokens.weight.dtype)
     return counts
+
+
+def embedding_stands_alone(model) -> bool:
+    """Whether the model's embedding is a table that nothing else uses (no fp32 head tied to it, no
+    `QuantEmbedding` reading a head): then a GGUF's own token_embd can take its place (`GGUFEmbedding`)."""
+    embedding, head = model.model.embed_tokens, model.lm_head
+    return isinstance(embedding, nn.Embedding) and getattr(head, "weight", None) is not embedding.weight

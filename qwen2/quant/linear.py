@@ -378,8 +378,8 @@ class QuantEmbedding(nn.Module):
     each looked-up row dequantised, so the model keeps no fp32 table (a second copy of the head's
     matrix: 544 MB at the 0.5B model's size). Used only where it is exact: when the head holds a
     tied GGUF's own token_embd blocks, whose dequantisation equals the fp32 table's bit for bit
-    (see `qwen2.quant.gguf_blocks.convert_exact_linears`). The registry's GGUFs store output.weight
-    apart from token_embd, so they load untied and keep their fp32 embedding."""
+    (see `qwen2.quant.gguf_blocks.convert_exact_linears`). An untied GGUF's embedding is read from its
+    own token_embd instead (`qwen2.quant.gguf_blocks.GGUFEmbedding`)."""
 
     def __init__(self, head: QuantLinear):
         super().__init__()

@@ -7,6 +7,7 @@ import torch.nn as nn
 from ..errors import Qwen2Error
 from .linear import (BACKENDS, BLOCK_LINEARS, DEFAULT_GROUP_SIZE, INT4_KEEP_INT8, MODES, Int4Linear, Int8Linear,
                      QuantLinear, buffer_shapes, check_group_size, quantized_linears)
+from .gguf_blocks import GGUFEmbedding
 from .memory import file_mappings, release_pages
 
 
@@ -150,12 +151,14 @@ def describe(model) -> str:
 
 
 def num_parameters(model: nn.Module) -> int:
-    """Logical parameter count: a quantised linear counts its in x out weights (and bias) once."""
+    """Logical parameter count: a quantised linear counts its in x out weights (and bias) once, an
+    embedding read from a GGUF's rows its vocabulary x width."""
     seen, n = set(), 0
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
             n += p.numel()
+    n += sum(m.num_embeddings * m.embedding_dim for m in model.modules() if isinstance(m, GGUFEmbedding))
     return n + sum(m.in_features * m.out_features for m in quantized_linears(model).values())
 
 
