@@ -215,5 +215,6 @@ def load(source: str | os.PathLike = DEFAULT_MODEL, options: LoadOptions | None 
     if model.device.type == "cpu":
         from . import kernels
         kernels.ops()  # built here, once per machine, so its notice comes before any answer, not inside one
+        q.keep_heap_blocks()  # activations from malloc's heap, not fresh mappings faulted in op by op
     return Qwen2(model, tokenizer, generation_config, source=os.fspath(source),
                  decoder=make_decoder(model, options.executor), options=options)

@@ -6,12 +6,12 @@ from .kquant import KQuantLinear, Q4KLinear, Q6KLinear
 from .linear import (BACKENDS, BLOCK_LINEARS, DEFAULT_GROUP_SIZE, GROUP_SIZES, INT4_KEEP_INT8, MODES, Int4Linear,
                      Int8Linear, QuantEmbedding, QuantLinear, check_group_size, int8_group_size, pack_int4,
                      quantize_int4, quantize_int8, quantized_linears, unpack_int4)
-from .memory import into_huge_pages
+from .memory import into_huge_pages, keep_heap_blocks
 from .model import check_mode, describe, num_parameters, quantize_model, set_backend
 
 __all__ = ["BACKENDS", "BLOCK_LINEARS", "DEFAULT_GROUP_SIZE", "GGUFEmbedding", "GROUP_SIZES", "INT4_KEEP_INT8",
            "Int4Linear",
            "Int8Linear", "KQuantLinear", "LAYER_KINDS", "LayerKind", "MODES", "Q4KLinear", "Q6KLinear",
            "QuantEmbedding", "QuantLinear", "check_group_size", "check_mode", "describe", "int8_group_size",
-           "into_huge_pages", "num_parameters", "pack_int4", "quantize_int4", "quantize_int8", "quantize_model",
+           "into_huge_pages", "keep_heap_blocks", "num_parameters", "pack_int4", "quantize_int4", "quantize_int8", "quantize_model",
            "quantized_linears", "set_backend", "unpack_int4"]
