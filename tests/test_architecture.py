@@ -147,15 +147,20 @@ def test_the_layering_check_sees_a_circle_and_an_upward_import(monkeypatch, tmp_
         test_no_import_circles()
 
 
-def test_the_decode_block_switches_on_the_table_of_layer_kinds():
+def test_the_kernels_register_the_table_of_layer_kinds():
+    """Every quantised layout of LAYER_KINDS is registered by a kernel file under its code and mode
+    (`register_layer_kind`), nothing else is, and the decode block names no layout itself."""
+    from qwen2.kernels import SOURCES
     from qwen2.quant import LAYER_KINDS
     from qwen2.quant.linear import QuantLinear
 
-    source = open(os.path.join(ROOT, "kernels", "decode_block.cpp"), encoding="utf-8").read()
-    enum = re.search(r"enum Kind : int64_t \{([^}]*)\}", source)
-    assert enum, "decode_block.cpp no longer declares `enum Kind : int64_t { ... }`"
-    in_cpp = {name.strip(): int(code) for name, code in re.findall(r"(\w+)\s*=\s*(\d+)", enum.group(1))}
-    assert in_cpp == {kind.cpp_name: kind.code for kind in LAYER_KINDS}
+    sources = {os.path.basename(path): open(path, encoding="utf-8").read() for path in SOURCES}
+    registered = [(int(code), mode) for source in sources.values()
+                  for code, mode in re.findall(r'register_layer_kind\(\s*(\d+),\s*"([^"]+)"', source)]
+    assert sorted(registered) == sorted((kind.code, kind.mode) for kind in LAYER_KINDS if kind.mode != "dense")
+    assert not any(kind.linear_op in sources["decode_block.cpp"] for kind in LAYER_KINDS if kind.linear_op)
+    dense = next(kind.code for kind in LAYER_KINDS if kind.mode == "dense")
+    assert f"constexpr int64_t kDense = {dense};" in sources["decode_block.cpp"]  # the one kind it computes itself
 
     def subclasses(cls):
         return {cls} | {s for sub in cls.__subclasses__() for s in subclasses(sub)}

@@ -28,6 +28,7 @@ from ..progress import notice
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quant_linear.cpp")
 SOURCES = [SOURCE] + [os.path.join(os.path.dirname(SOURCE), name) for name in ("decode_attention.cpp", "decode_block.cpp")]
+HEADERS = [os.path.join(os.path.dirname(SOURCE), "layer_kinds.h")]  # included by the sources: part of the build's key
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]  # OpenMP: at::parallel_for splits work only when compiled with it
 LDFLAGS = ["-fopenmp"]
 # QWEN2_KERNELS_ISA=avx2 builds, on an AVX-512 CPU too, the 256-bit kernels that AVX2-only CPUs run (no
@@ -55,7 +56,7 @@ def _cpu_flags() -> str:
 
 def _build_dir() -> str:
     key = hashlib.sha256()
-    sources = [open(source, "rb").read() for source in SOURCES]
+    sources = [open(source, "rb").read() for source in SOURCES + HEADERS]
     # the sources' paths too: torch's build files name them, so two checkouts sharing one directory
     # would each rebuild it on every load
     for part in (*sources, *(os.path.abspath(s).encode() for s in SOURCES), torch.__version__.encode(),

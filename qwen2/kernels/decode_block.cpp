@@ -13,9 +13,9 @@
 //   h = rms_norm(x, post_attention_layernorm)
 //   x = x + (silu(h @ Wg^T) * (h @ Wu^T)) @ Wd^T
 //
-// Each linear is one of the layouts `qwen2.quant.linear` / `qwen2.quant.kquant` give it, called through its
-// op exactly as `QuantLinear.forward` calls it (then the bias added in place), or a plain fp32
-// nn.Linear (at::linear). Arguments, as `qwen2.runtime.native.block_weights` lays them out:
+// Each linear is one of the layouts the kernel files register (layer_kinds.h: this file names none of
+// them), called as `QuantLinear.forward` calls its op (then the bias added in place), or a plain fp32
+// nn.Linear (at::linear, kind 0). Arguments, as `qwen2.runtime.native.block_weights` lays them out:
 //   tensors  [input_layernorm weight, post_attention_layernorm weight, then for each linear of
 //            q, k, v, o, gate, up, down: three layout tensors (unused ones empty) and its bias (or empty)]
 //   meta     [heads, kv heads, head_dim, then for each linear: kind, group_size, digits]
@@ -23,42 +23,31 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include "layer_kinds.h"
+
 namespace {
 
-enum Kind : int64_t { kDense = 0, kInt4 = 1, kInt8 = 2, kQ4K = 3, kQ6K = 4 };
 constexpr int kLinears = 7;  // q, k, v, o, gate, up, down
+constexpr int64_t kDense = 0;  // a plain fp32 nn.Linear: at::linear, its bias fused as nn.Linear fuses it
 
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-using Int4Op = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t);
-using Int8Op = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t);
-using KQuantOp = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t);
 using AttentionOp = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                const c10::optional<at::Tensor>&, double);
 
 struct Linear {
-  int64_t kind, group_size, digits;
-  const at::Tensor *a, *b, *c, *bias;
+  int64_t kind;
+  qwen2::LayerArgs args;
+  const at::Tensor* bias;
 
   // x (M, K) contiguous fp32 -> (M, N)
   at::Tensor operator()(const at::Tensor& x) const {
-    static auto int4 = op<Int4Op>("qwen2_kernels::int4_linear");
-    static auto int8 = op<Int8Op>("qwen2_kernels::int8_linear");
-    static auto q4k = op<KQuantOp>("qwen2_kernels::q4k_linear");
-    static auto q6k = op<KQuantOp>("qwen2_kernels::q6k_linear");
-    if (kind == kDense) return at::linear(x, *a, bias->numel() ? *bias : at::Tensor());
-    at::Tensor y;
-    switch (kind) {
-      case kInt4: y = int4.call(x, *a, *b, *c, group_size, digits); break;
-      case kInt8: y = int8.call(x, *a, *b, group_size, digits); break;
-      case kQ4K: y = q4k.call(x, *a, digits); break;
-      case kQ6K: y = q6k.call(x, *a, digits); break;
-      default: TORCH_CHECK(false, "unknown linear kind ", kind);
-    }
+    if (kind == kDense) return at::linear(x, *args.a, bias->numel() ? *bias : at::Tensor());
+    at::Tensor y = qwen2::layer_kind(kind)(x, args);
     return bias->numel() ? y.add_(*bias) : y;
   }
 };
@@ -80,7 +69,7 @@ at::Tensor decode_block(const at::Tensor& x, at::TensorList tensors, at::IntArra
   Linear lin[kLinears];
   for (int i = 0; i < kLinears; ++i) {
     const at::Tensor* t = &tensors[2 + 4 * i];
-    lin[i] = Linear{meta[3 + 3 * i], meta[4 + 3 * i], meta[5 + 3 * i], t, t + 1, t + 2, t + 3};
+    lin[i] = Linear{meta[3 + 3 * i], {t, t + 1, t + 2, meta[4 + 3 * i], meta[5 + 3 * i]}, t + 3};
   }
   const at::Tensor rows = x.view({B * T, C});
   at::Tensor h = rms_norm(rows, tensors[0], eps);

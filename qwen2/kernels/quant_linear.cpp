@@ -30,6 +30,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "layer_kinds.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -809,6 +811,21 @@ std::string vector_isa() {
   return "avx2";
 #endif
 }
+
+// The layouts the native decode block computes (layer_kinds.h), each called as its QuantLinear calls its op.
+const bool kLayoutsRegistered =
+    qwen2::register_layer_kind(1, "int4", [](const at::Tensor& x, const qwen2::LayerArgs& w) {
+      return int4_linear(x, *w.a, *w.b, *w.c, w.group_size, w.digits);
+    }) &&
+    qwen2::register_layer_kind(2, "int8", [](const at::Tensor& x, const qwen2::LayerArgs& w) {
+      return int8_linear(x, *w.a, *w.b, w.group_size, w.digits);
+    }) &&
+    qwen2::register_layer_kind(3, "q4_k", [](const at::Tensor& x, const qwen2::LayerArgs& w) {
+      return q4k_linear(x, *w.a, w.digits);
+    }) &&
+    qwen2::register_layer_kind(4, "q6_k", [](const at::Tensor& x, const qwen2::LayerArgs& w) {
+      return q6k_linear(x, *w.a, w.digits);
+    });
 
 }  // namespace
 
