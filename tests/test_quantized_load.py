@@ -182,6 +182,17 @@ def test_gguf_embedding_rows_are_the_dequantised_table(mixed_gguf):
         assert torch.equal(Q.GGUFEmbedding(t, torch.bfloat16)(ids), table[ids].bfloat16()), t.tensor_type.name
 
 
+def test_the_reader_forgets_the_vocabulary_once_the_tokenizer_has_it(mixed_gguf):
+    """`GGUFFile.forget_vocabulary` (quantised loading calls it once the tokenizer is built) drops the
+    tokenizer's arrays from the header, and nothing else."""
+    reader = open_gguf(mixed_gguf)
+    before = dict(reader.metadata)
+    reader.forget_vocabulary()
+    assert set(before) - set(reader.metadata) == {"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"}
+    assert all(reader.metadata[k] == v for k, v in before.items() if k in reader.metadata)
+    assert "tokenizer.ggml.eos_token_id" in reader.metadata and "general.architecture" in reader.metadata
+
+
 def test_hf_directory_source_is_quantised_from_fp32(mixed_gguf, tmp_path):
     fp32 = qwen2.load(mixed_gguf, progress=False)
     fp32.save(tmp_path / "hf")

@@ -91,9 +91,9 @@ def into_huge_pages(model: nn.Module) -> int:
         del old
         unreturned += size
         if unreturned >= 32 << 20:
-            _return_freed_memory()
+            return_freed_memory()
             unreturned = 0
-    _return_freed_memory()
+    return_freed_memory()
     return sum(-(-size // 64) * 64 for _, _, size in buffers)
 
 
@@ -137,7 +137,7 @@ def in_one_arena(tensors: list[torch.Tensor]) -> bool:
     return starts == sorted(starts) and all(p % 64 == 0 for p in starts) and starts[0] % _HUGE_PAGE == 0
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Hand the pages of freed heap blocks back to the OS (glibc's malloc_trim; elsewhere nothing)."""
     try:
         ctypes.CDLL(None).malloc_trim(ctypes.c_size_t(0))
