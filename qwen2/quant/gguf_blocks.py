@@ -290,7 +290,7 @@ class GGUFEmbedding(nn.Module):
     def __init__(self, tensor, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.num_embeddings, self.embedding_dim = (int(n) for n in reversed(tensor.shape))
-        N, K = self.num_embeddings, self.embedding_dim
+        N = self.num_embeddings
         raw = np.memmap(tensor.path, dtype=np.uint8, mode="c", offset=tensor.offset, shape=(N, tensor.n_bytes // N))
         self.rows = torch.from_numpy(raw)  # copy-on-write: writable for torch, never written
         self.kind, self.dtype = tensor.tensor_type, dtype

@@ -164,7 +164,7 @@ def _run_in_world(task: str, cfg: TrainConfig, world: distributed.World, reward)
     if cfg.lora:
         apply_lora(m.model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, seed=cfg.seed)
 
-    def micro_batch(index: int):
+    def offline_micro_batch(index: int):
         chosen = [examples[i] for i in order.micro_batch(index)[mine]]
         if task != "dpo":
             return D.collate(chosen, tokenizer.pad_token_id).to(device)
@@ -183,9 +183,9 @@ def _run_in_world(task: str, cfg: TrainConfig, world: distributed.World, reward)
         micro_batch = online.OnlineSampler(m.model, tokenizer, m.eos_ids, examples, order, mine, reward, cfg, device)
         objective = online.OnlinePreference(cfg.beta, reference, cfg.activation_checkpointing)
     elif task == "dpo":
-        objective = DirectPreference(cfg.beta, reference, cfg.activation_checkpointing)
+        micro_batch, objective = offline_micro_batch, DirectPreference(cfg.beta, reference, cfg.activation_checkpointing)
     else:
-        objective = LanguageModelling(cfg.activation_checkpointing)
+        micro_batch, objective = offline_micro_batch, LanguageModelling(cfg.activation_checkpointing)
     trainer = Trainer(cfg, m.model, objective, micro_batch, device, extra_state={"data": report.summary()},
                       reference_deltas=reference_deltas)
     trainer.start()
