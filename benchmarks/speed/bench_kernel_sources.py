@@ -76,6 +76,7 @@ def build(spec: str, text: str):
     write_text_atomic(source, text)
     print(f"building {spec} ...", file=sys.stderr, flush=True)
     load(name=tag, sources=[source], extra_cflags=kernels.cflags(), extra_ldflags=kernels.LDFLAGS,
+         extra_include_paths=[os.path.dirname(kernels.SOURCE)],  # its headers (layer_kinds.h)
          build_directory=directory, is_python_module=False, verbose=False)
     return getattr(torch.ops, tag)
 

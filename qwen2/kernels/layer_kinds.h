@@ -25,9 +25,11 @@ using LayerCall = at::Tensor (*)(const at::Tensor& x, const LayerArgs& layer);
 
 constexpr int64_t kMaxLayerKinds = 16;
 
-// code -> its call (nullptr where none registered); one table for the whole library (an inline
-// function's static is shared by every file that includes this header)
-inline std::array<LayerCall, kMaxLayerKinds>& layer_kinds() {
+// code -> its call (nullptr where none registered); one table for the whole library: an inline
+// function's static is shared by every file of the library that includes this header, and hidden, so
+// that another build of these kernels loaded into the same process (bench_kernel_sources.py loads
+// several) keeps a table of its own
+__attribute__((visibility("hidden"))) inline std::array<LayerCall, kMaxLayerKinds>& layer_kinds() {
   static std::array<LayerCall, kMaxLayerKinds> table{};
   return table;
 }

@@ -93,6 +93,21 @@ inline const uint8_t* super_block(const uint8_t* row, int64_t s, int64_t row_byt
   return block;
 }
 
+// The Q6_K kernels' row loop, at any vector width: for each output row n in [n0, n1) of a weight of S
+// super-blocks per row, two accumulators per row of x, zeroed; body(s, block, acc0, acc1) for each
+// super-block of the row; then store(n, acc0, acc1).
+template <int M, int kBytes, typename Vec, typename Body, typename Store>
+inline void super_block_rows(const uint8_t* w, int64_t S, int64_t n0, int64_t n1, Vec zero, Body&& body, Store&& store) {
+  const int64_t row_bytes = S * kBytes;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    Vec acc0[M], acc1[M];
+    for (int m = 0; m < M; ++m) acc0[m] = acc1[m] = zero;
+    for (int64_t s = 0; s < S; ++s) body(s, super_block<kBytes>(row, s, row_bytes), acc0, acc1);
+    store(n, acc0, acc1);
+  }
+}
+
 // The 32 int4 weights of one block as 32 bytes in input order.
 inline __m256i unpack_int4(const uint8_t* p) {
   const __m128i low = _mm_set1_epi8(0x0F);
@@ -548,16 +563,12 @@ inline void q6k_quants(const uint8_t* block, int h, __m256i q[4]) {
 template <int M, bool kTwo>
 void q6k_rows(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* w, float* y, int64_t ldy,
               int64_t n0, int64_t n1) {
-  const int64_t S = K / kSuper, B = K / kBlock, row_bytes = S * kQ6KBytes;
+  const int64_t S = K / kSuper, B = K / kBlock;
   // lane pattern (2k, 2k, 2k, 2k, 2k + 1 x 4) for block k of a half: its two scales, one per 16 inputs
   __m256i pair[4];
   for (int k = 0; k < 4; ++k) pair[k] = _mm256_setr_epi32(2 * k, 2 * k, 2 * k, 2 * k, 2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = w + n * row_bytes;
-    __m256 acc0[M], acc1[M];
-    for (int m = 0; m < M; ++m) acc0[m] = acc1[m] = _mm256_setzero_ps();
-    for (int64_t s = 0; s < S; ++s) {
-      const uint8_t* block = super_block<kQ6KBytes>(row, s, row_bytes);
+  super_block_rows<M, kQ6KBytes>(w, S, n0, n1, _mm256_setzero_ps(),
+    [&](int64_t s, const uint8_t* block, __m256* acc0, __m256* acc1) {
       // the 16 scales times d, as fp32: half h's eight in halves[h]
       const __m256 d = _mm256_set1_ps(half_to_float(block + 208));
       const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 192));
@@ -579,9 +590,10 @@ void q6k_rows(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* w, fl
           }
         }
       }
-    }
-    for (int m = 0; m < M; ++m) y[(xrow + m) * ldy + n] = hsum(_mm256_add_ps(acc0[m], acc1[m]));
-  }
+    },
+    [&](int64_t n, const __m256* acc0, const __m256* acc1) {
+      for (int m = 0; m < M; ++m) y[(xrow + m) * ldy + n] = hsum(_mm256_add_ps(acc0[m], acc1[m]));
+    });
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -648,19 +660,15 @@ void q4k_rows_wide(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* 
 template <int M, bool kTwo>
 void q6k_rows_wide(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* w, float* y, int64_t ldy,
                    int64_t n0, int64_t n1) {
-  const int64_t S = K / kSuper, B = K / kBlock, row_bytes = S * kQ6KBytes;
+  const int64_t S = K / kSuper, B = K / kBlock;
   const __m512i low = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi8(0x30), zero = _mm512_setzero_si512();
   const __m512i per16 = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);  // 16-weight group -> block
   __m512i quarter[4];  // pair p of the super-block (blocks 2p, 2p + 1): lane j takes scale 4p + j / 4
   for (int p = 0; p < 4; ++p)
     quarter[p] = _mm512_setr_epi32(4 * p, 4 * p, 4 * p, 4 * p, 4 * p + 1, 4 * p + 1, 4 * p + 1, 4 * p + 1,
                                    4 * p + 2, 4 * p + 2, 4 * p + 2, 4 * p + 2, 4 * p + 3, 4 * p + 3, 4 * p + 3, 4 * p + 3);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = w + n * row_bytes;
-    __m512 acc0[M], acc1[M];
-    for (int m = 0; m < M; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps();
-    for (int64_t s = 0; s < S; ++s) {
-      const uint8_t* block = super_block<kQ6KBytes>(row, s, row_bytes);
+  super_block_rows<M, kQ6KBytes>(w, S, n0, n1, _mm512_setzero_ps(),
+    [&](int64_t s, const uint8_t* block, __m512* acc0, __m512* acc1) {
       // the 16 scales times d and times x's step of their block: d sc_g xs'_(g / 2), per row of x
       const __m512 scales = _mm512_mul_ps(_mm512_set1_ps(half_to_float(block + 208)),
           _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 192)))));
@@ -689,9 +697,10 @@ void q6k_rows_wide(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* 
           acc1[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot(i + 2, q23)), _mm512_permutexvar_ps(quarter[2 * h + 1], step[m]), acc1[m]);
         }
       }
-    }
-    for (int m = 0; m < M; ++m) y[(xrow + m) * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[m], acc1[m]));
-  }
+    },
+    [&](int64_t n, const __m512* acc0, const __m512* acc1) {
+      for (int m = 0; m < M; ++m) y[(xrow + m) * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[m], acc1[m]));
+    });
 }
 #else
 template <int M, bool kTwo> void q4k_rows_wide(const QuantizedX&, int64_t, int64_t, const uint8_t*, float*, int64_t, int64_t, int64_t) {}
