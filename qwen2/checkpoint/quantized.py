@@ -105,6 +105,7 @@ class GGUFPlan:
         self.embedding = None
         if tied and head is None:
             self.embedding = anonymous_buffer(_nbytes(_torch_shape(embedding), dtype))
+        self.embedding_from_rows = not (tied and (head is None or head[1] is not None))  # GGUFEmbedding
         self.linear_of = {t.name: name for name, (t, _, _) in self.plan.items()}
         self._thread, self._result, self._cancelled = None, None, False
 
@@ -194,13 +195,12 @@ class GGUFPlan:
         mode, group_size, _, dtype = self.settings
         reader, name = self.reader, hf_tensor_name(t.name)
         linear = self.linear_of.get(t.name)
-        table = name == "model.embed_tokens.weight" and self.embedding is not None
-        if name == "model.embed_tokens.weight" and not table and (linear is None or self.plan[linear][1] is None):
+        if name == "model.embed_tokens.weight" and self.embedding_from_rows:
             layers["model.embed_tokens"] = GGUFEmbedding(t, dtype)  # its rows stay in the file until looked up
             if linear is None:
                 return
         if linear is None:
-            plain[name] = dequantize_tensor(t, dtype, out=self.embedding if table else None)
+            plain[name] = dequantize_tensor(t, dtype, out=self.embedding if name == "model.embed_tokens.weight" else None)
             reader.release(t)
             return
         _, converter, _ = self.plan[linear]

@@ -102,11 +102,19 @@ def _int8_blocks(rows: torch.Tensor, block_bytes: int, values):
     return values(blocks).reshape(n, -1), d.view(n, -1)
 
 
-def _dequantized_int8(block_bytes: int, values):
-    """Raw rows (n, bytes) uint8 of 32-weight blocks -> fp32 (n, K): d * q, exact in fp32."""
-    def decode(rows: torch.Tensor) -> torch.Tensor:
+def _int8_dequantizer(kind):
+    """Raw Q8_0 or Q5_0 rows (n, bytes) uint8 -> fp32 (n, K): d * q, int8 times fp32 in fp32, exact;
+    into `out` (an fp32 (n, K) tensor) when given."""
+    from gguf import GGMLQuantizationType as T
+
+    block_bytes, values = (_Q8_0_BYTES, _q8_0_values) if kind == T.Q8_0 else (_Q5_0_BYTES, _q5_0_signed)
+
+    def decode(rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         q, d = _int8_blocks(rows, block_bytes, values)
-        return (q.view(-1, _INT8_BLOCK) * d.view(-1, 1)).view(rows.shape[0], -1)
+        if out is None:
+            return (q.view(-1, _INT8_BLOCK) * d.view(-1, 1)).view(rows.shape[0], -1)
+        torch.mul(q.view(-1, _INT8_BLOCK), d.view(-1, 1), out=out.view(-1, _INT8_BLOCK))
+        return out
     return decode
 
 
@@ -216,12 +224,7 @@ def decode_rows(rows, kind, name: str = "the tensor", out: torch.Tensor | None =
     from gguf import GGMLQuantizationType as T
 
     if kind in (T.Q8_0, T.Q5_0):
-        q, d = (q8_0_to_int8 if kind == T.Q8_0 else q5_0_to_int8)(rows)  # (n, K), (n, K / 32)
-        if out is None:
-            out = torch.empty(q.shape, dtype=torch.float32)
-        # int8 times fp32, in fp32: exact
-        torch.mul(q.view(-1, _INT8_BLOCK), d.view(-1, 1), out=out.view(-1, _INT8_BLOCK))
-        return out
+        return _int8_dequantizer(kind)(torch.from_numpy(np.array(rows, dtype=np.uint8, copy=True)), out)
     if kind == T.F32:
         w = torch.from_numpy(np.array(rows, dtype=np.float32, copy=True))
     elif kind == T.F16:
@@ -308,8 +311,7 @@ def _row_decoder(kind, name: str):
     """Raw rows (n, bytes) uint8 -> fp32 (n, K) for a GGUF tensor type, as `dequantize_rows` decodes them."""
     from gguf import GGMLQuantizationType as T
 
-    decoders = {T.Q8_0: _dequantized_int8(_Q8_0_BYTES, _q8_0_values),
-                T.Q5_0: _dequantized_int8(_Q5_0_BYTES, _q5_0_signed),
+    decoders = {T.Q8_0: _int8_dequantizer(T.Q8_0), T.Q5_0: _int8_dequantizer(T.Q5_0),
                 T.Q4_K: q4k_dequantize, T.Q6_K: q6k_dequantize,
                 T.F32: lambda rows: rows.view(torch.float32),
                 T.F16: lambda rows: rows.view(torch.float16).float(),
