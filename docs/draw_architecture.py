@@ -30,8 +30,10 @@ LAYERS = [
     ("qwen2.options", "LoadOptions: the load options, parsed and validated once", "assembly"),
     ("qwen2.api", "qwen2.load composes it all; the Qwen2 object", "assembly"),
     ("qwen2.serve", "FastAPI app, continuous-batching Engine", "apps"),
-    ("qwen2.eval", "HumanEval sandbox, perplexity, passkey, lm-eval", "apps"),
+    ("qwen2.data", "pre-training data: corpora, tokenizer training", "apps"),
+    ("qwen2.eval", "HumanEval sandbox, perplexity, passkey, answers, lm-eval", "apps"),
     ("qwen2.train", "pretrain, SFT, LoRA, DPO, online DPO", "apps"),
+    ("qwen2.synth", "post-training data: rejection sampling, execution feedback", "apps"),
     ("qwen2.cli", "the `qwen2` command", "apps"),
     ("qwen2", "public names: load, Qwen2, LoadOptions, ...", "public"),
 ]

@@ -219,6 +219,28 @@ def extend_config(config: "Qwen2Config", rope_scaling: str | dict | None = None,
     return dataclasses.replace(config, **changes, max_position_embeddings=context)
 
 
+# The ways a model trained at length L can be run past L, as the report compares them (perplexity by
+# length, one set of weights): plain RoPE, YaRN with factor length / L, DCA with chunk L, both, and
+# both with YaRN's factor fixed at 4 (the Qwen2.5 model cards' preset, whatever the length).
+EXTRAPOLATION_SETTINGS = ("rope", "yarn", "dca", "yarn+dca", "yarn4+dca")
+
+
+def extrapolation_config(config: "Qwen2Config", setting: str, length: int) -> "Qwen2Config":
+    """The config with one of EXTRAPOLATION_SETTINGS, for sequences of `length` tokens. YaRN with a
+    factor of 1 (length <= the trained length) is plain RoPE. Plain RoPE may run past its trained
+    length here: measuring how it fails is what the comparison is for."""
+    import dataclasses
+
+    if setting not in EXTRAPOLATION_SETTINGS:
+        raise Qwen2Error(f"unknown extrapolation setting {setting!r}; use one of {', '.join(EXTRAPOLATION_SETTINGS)}")
+    trained = trained_length(config)
+    factor = 4.0 if setting.startswith("yarn4") else length / trained
+    yarn = ({"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": trained}
+            if "yarn" in setting and factor > 1 else None)
+    extended = extend_config(config, rope_scaling=yarn, dca=dca_config(trained, config) if "dca" in setting else None)
+    return dataclasses.replace(extended, max_position_embeddings=max(extended.max_position_embeddings, length))
+
+
 def is_dynamic(config: "Qwen2Config") -> bool:
     return rope_type(config.rope_scaling) == "yarn" and bool(config.rope_scaling.get("dynamic"))
 

@@ -29,6 +29,15 @@ def real_model():
 
 
 @pytest.fixture(scope="session")
+def real_tokenizer():
+    """The default model's tokenizer alone (no weights loaded)."""
+    from qwen2.checkpoint.registry import hf_dir
+    from qwen2.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(hf_dir(DEFAULT_MODEL, progress=False))
+
+
+@pytest.fixture(scope="session")
 def real_int8():
     import qwen2
 
@@ -62,3 +71,23 @@ def no_loading(monkeypatch):
         raise AssertionError("a checkpoint was read before the options were checked")
     monkeypatch.setattr("qwen2.checkpoint.load_checkpoint", refuse)
     monkeypatch.setattr("qwen2.api.load_checkpoint", refuse)
+
+
+@pytest.fixture(scope="session")
+def project_prose() -> list[str]:
+    """Real English prose with no download: the docstrings of five of this project's modules."""
+    import qwen2.eval.perplexity
+    import qwen2.long_context
+    import qwen2.model.moe
+    import qwen2.train.data
+    import qwen2.train.loop
+    return [m.__doc__ for m in (qwen2.eval.perplexity, qwen2.long_context, qwen2.model.moe, qwen2.train.data,
+                                qwen2.train.loop)]
+
+
+@pytest.fixture(scope="session")
+def trained_bpe(project_prose):
+    """A 400-token byte-level BPE learnt from `project_prose` as Qwen2's is built (qwen2.data)."""
+    from qwen2.data.tokenizer_training import train_tokenizer
+
+    return train_tokenizer(project_prose, vocab_size=400)

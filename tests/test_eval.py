@@ -16,7 +16,7 @@ from ggufs import random_model, small_tokenizer_metadata, tiny_config
 from qwen2.api import Qwen2
 from qwen2.errors import Qwen2Error
 from qwen2.eval import humaneval, retrieval
-from qwen2.eval.perplexity import perplexity, windows
+from qwen2.eval.perplexity import perplexity, perplexity_of_documents, windows
 from qwen2.eval.sandbox import Limits, network_isolation_flags, run_python
 from qwen2.tokenizer import Tokenizer
 
@@ -349,6 +349,25 @@ def test_window_arguments_are_checked():
         perplexity(random_model(tiny_config()), list(range(10)), context=4, stride=0)
 
 
+def test_perplexity_of_documents_is_the_mean_next_token_nll_over_them():
+    model = random_model(tiny_config(vocab_size=97))
+    gen = torch.Generator().manual_seed(2)
+    documents = [torch.randint(0, 97, (50,), generator=gen).tolist() for _ in range(3)]
+    got = perplexity_of_documents(model, documents, context=64, stride=32, max_tokens=3 * 40)  # 40 of each: one window
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for ids in documents:
+            x = torch.tensor(ids[:40])
+            logits = model(x[None])[0]
+            nll += F.cross_entropy(logits[:-1], x[1:], reduction="sum").item()
+            count += 39
+    assert got.scored == count
+    assert got.mean_nll == pytest.approx(nll / count, rel=1e-5)
+    assert got.perplexity == pytest.approx(math.exp(nll / count), rel=1e-5)
+    with pytest.raises(Qwen2Error, match="at least one document"):
+        perplexity_of_documents(model, [])
+
+
 def _hf_sliding_window_perplexity(model, ids, context, stride):
     """HF's perplexity guide, on transformers' model: labels -100 outside each window's new tokens."""
     ids = torch.tensor([ids])
@@ -398,6 +417,14 @@ def test_cli_perplexity(real_model, monkeypatch, capsys):
 
 
 # ---- passkey / needle -----------------------------------------------------------------------------
+
+def test_a_prompt_at_the_context_leaves_room_for_the_reply():
+    assert retrieval.fitting_length(32768, 16, 32768) == 32752  # plain RoPE at its trained 32K
+    assert retrieval.fitting_length(32768, 16, None) == 32768  # no context limit (YaRN + DCA at 32K)
+    assert retrieval.fitting_length(4096, 16, 32768) == 4096
+    assert retrieval.fitting_length(65536, 16, 32768) == 65536  # past the context: asked for, not cut
+
+
 
 @pytest.mark.real_model
 @pytest.mark.parametrize("chat", [False, True], ids=["raw", "chat"])

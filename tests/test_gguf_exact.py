@@ -1,7 +1,7 @@
 """Quantised layers taken exactly from a GGUF's own blocks: Q4_K as int4 groups of 32 (or, as
 loading now does, as its super-blocks kept byte for byte: tests/test_q4k_kernels.py), Q8_0 and
 Q5_0 as int8 groups of 32, bit-exact against gguf-py's dequantisation, and swapped in by
-`qwen2.load(quantize=...)` (issue 3: "the GGUF's own 4-bit blocks, converted losslessly")."""
+`qwen2.load(quantize=...)`: the GGUF's own 4-bit blocks, converted losslessly."""
 import numpy as np
 import pytest
 import torch

@@ -468,3 +468,52 @@ def test_cli_long_context_flags(tiny_dir, capsys):
     assert main(["generate", "x", "--model", tiny_dir, "--rope-scaling", "ntk:2"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: rope scaling 'ntk:2' not understood") and err.count("\n") == 1
+
+
+# ---- extrapolation past the trained length (the settings the report compares) ---------------------
+
+def _trained_at_256() -> Qwen2Config:
+    """A small model trained at context 256 (the extrapolation experiment's)."""
+    return Qwen2Config(vocab_size=4096, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                       rope_theta=10_000.0, tie_word_embeddings=True, bos_token_id=None, eos_token_id=None,
+                       torch_dtype="float32", name="extrapolation-4x256")
+
+
+def test_extrapolation_settings_are_what_they_say():
+    base = _trained_at_256()
+    plain = lc.extrapolation_config(base, "rope", 4096)
+    assert plain.rope_scaling is None and plain.dual_chunk_attention_config is None
+    yarn = lc.extrapolation_config(base, "yarn", 2048)
+    assert yarn.rope_scaling["factor"] == 8 and lc.trained_length(yarn) == 256
+    assert lc.extrapolation_config(base, "yarn", 256).rope_scaling is None  # factor 1 is plain RoPE
+    both = lc.extrapolation_config(base, "yarn+dca", 1024)
+    assert both.rope_scaling["factor"] == 4
+    assert both.dual_chunk_attention_config == {"chunk_size": 256, "local_size": 8, "original_max_position_embeddings": 256}
+    assert lc.extrapolation_config(base, "yarn4+dca", 256).rope_scaling["factor"] == 4
+    for setting in lc.EXTRAPOLATION_SETTINGS:  # every setting runs the longest evaluation length
+        assert lc.context_length(lc.extrapolation_config(base, setting, 4096)) >= 4096
+    with pytest.raises(Qwen2Error, match="unknown extrapolation setting 'ntk'"):
+        lc.extrapolation_config(base, "ntk", 4096)
+
+
+def test_extrapolation_model_round_trip_and_dca_within_one_chunk(tmp_path):
+    from qwen2.checkpoint.build import build_model
+    from qwen2.checkpoint.hf import load_hf_dir, save_hf_dir
+    from qwen2.eval.perplexity import perplexity
+
+    torch.manual_seed(0)
+    config = _trained_at_256()
+    model = Transformer(config).eval()
+    save_hf_dir(str(tmp_path / "model"), config, model.state_dict())
+    loaded_config, state_dict, _, _ = load_hf_dir(str(tmp_path / "model"))
+    loaded = build_model(loaded_config, state_dict)
+    ids = torch.randint(0, config.vocab_size, (1, 200))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)
+        # DCA with chunk 256 leaves a sequence shorter than L = 248 exactly as plain RoPE has it
+        dca = Transformer(lc.extrapolation_config(loaded_config, "dca", 512)).eval()
+        dca.load_state_dict(loaded.state_dict())
+        torch.testing.assert_close(dca(ids), model(ids), rtol=0, atol=1e-4)
+    result = perplexity(model, ids[0].tolist(), context=100, stride=100)  # consecutive windows of 100
+    assert result.windows == 2 and result.perplexity > 1

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from qwen2.config import Qwen2Config
-from qwen2.model import KVCache, Transformer
+from qwen2.config import Qwen2Config, named_config
+from qwen2.model import KVCache, Transformer, parameter_counts
 
 transformers = pytest.importorskip("transformers")
 
@@ -113,3 +113,20 @@ def test_gqa_does_not_repeat_kv(monkeypatch):
     with torch.no_grad():
         ours(torch.zeros(1, 4, dtype=torch.long))
     assert seen and all(s == (7, 1, True) for s in seen)
+
+
+@pytest.mark.parametrize("name, total, non_embedding", [
+    ("Qwen2.5-0.5B", 0.49e9, 0.36e9), ("Qwen2.5-1.5B", 1.54e9, 1.31e9), ("Qwen2.5-7B", 7.61e9, 6.53e9)])
+def test_parameter_counts_are_the_model_cards(name, total, non_embedding):
+    """The Qwen2.5 model cards' counts (printed to 10M), tied (0.5B, 1.5B) and untied (7B)."""
+    counts = parameter_counts(named_config(name))
+    assert counts["total"] == pytest.approx(total, abs=1e7)
+    assert counts["non_embedding"] == pytest.approx(non_embedding, abs=1e7)
+    assert counts["total"] == counts["embedding"] + counts["non_embedding"]
+
+
+def test_parameter_counts_count_a_tied_head_once():
+    config = Qwen2Config(**TINY_CONFIGS["tied-gqa2"])
+    counts = parameter_counts(config)
+    assert counts["total"] == sum(p.numel() for p in Transformer(config).parameters())
+    assert counts["embedding"] == config.vocab_size * config.hidden_size

@@ -1,5 +1,5 @@
 """GGUF Q4_K and Q6_K super-blocks kept byte for byte (qwen2/quant/kquant.py) and their native decode
-kernels (qwen2/kernels/quant_linear.cpp), issue 3 (fast inference): the dequantisation of the kept
+kernels (qwen2/kernels/quant_linear.cpp): the dequantisation of the kept
 bytes bit-exact against gguf-py's (what qwen2/checkpoint/gguf.py dequantises with); the kernels
 against a float64 model of their own arithmetic and against the fp32 reference within the bound
 their activation rounding allows; `qwen2.load(quantize="int4")` taking the blocks from a GGUF; and

@@ -297,10 +297,10 @@ def test_real_int4_model_prompt_lookup_equals_its_plain_greedy(real_int4):
     """With quantised linears the kernel rounds activations to int8, which turns last-bit differences
     between a multi-token verify forward and one-token steps into different logits: before verify
     attended row by row (`KVCache.exact_rows`), this 512-token prompt diverged at token 78 of 128."""
-    from benchmarks.common import build_prompt_ids
-
     int4 = real_int4
-    ids = build_prompt_ids(int4.tokenizer, 512)
+    # a code review request with code, a table and a log (the speed benchmarks' prompt), cut at 512 tokens
+    text = (pathlib.Path(__file__).parent / "data" / "review_prompt.txt").read_text(encoding="utf-8")
+    ids = list(int4.tokenizer.encode(text))[:512]
     expected = plain(int4.model, ids, 128)
     drafter = PromptLookupDrafter(max_ngram=3, num_draft_tokens=10)
     assert speculate(int4.model, ids, 128, drafter) == expected

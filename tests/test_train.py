@@ -5,6 +5,7 @@
 - LoRA: zero B changes nothing, merged equals unmerged, adapters round-trip through safetensors;
 - the DPO loss against the formula evaluated by hand with `math`;
 - a training step's loss and gradients against transformers' Qwen2ForCausalLM;
+- the directory pre-training from scratch starts from; a run's log and options read back;
 - a run SIGKILLed mid-way and resumed logs bit-identical losses to an uninterrupted run;
 - bad records reported with file and line, fatal or skipped by flag; config errors in one line.
 """
@@ -22,15 +23,18 @@ import torch
 import qwen2
 import qwen2.train
 from qwen2.cli import main
+from qwen2.config import Qwen2Config
 from qwen2.errors import Qwen2Error
+from qwen2.model import parameter_counts
 from qwen2.tokenizer import Tokenizer
 from qwen2.train import data as D
-from qwen2.train.config import TrainConfig, load_config
+from qwen2.train.config import TrainConfig, from_dict, load_config, to_dict
 from qwen2.train.dpo import dpo_loss, sequence_log_probs
 from qwen2.train.forward import forward
 from qwen2.train.lora import apply_lora, load_adapters, lora_layers, merge_lora, save_adapters
 from qwen2.train.loop import Trainer, lr_at
-from qwen2.train.run import LanguageModelling
+from qwen2.train.run import LanguageModelling, load_model, save_initial_model
+from qwen2.train.run_dir import check_same_run, mean_loss_up_to, read_log, tokens_seen_by_step
 
 from ggufs import random_model, save_random_model_dir, small_tokenizer_metadata, tiny_config
 
@@ -42,13 +46,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(autouse=True)
 def _quiet(monkeypatch):
     monkeypatch.delenv("QWEN2_PROGRESS", raising=False)
-
-
-@pytest.fixture(scope="module")
-def real_tokenizer():
-    from qwen2.checkpoint.registry import DEFAULT_MODEL, hf_dir
-
-    return Tokenizer.from_dir(hf_dir(DEFAULT_MODEL, progress=False))
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +99,19 @@ def test_sft_mask_is_exactly_the_assistant_turns_and_their_im_end(real_tokenizer
     # DPO responses: only the last turn
     last = D.render_chat(real_tokenizer, messages, train_on="last")
     assert labelled_spans(last) == spans[-1:]
+
+
+def test_a_generation_prompt_is_the_sft_row_up_to_the_trained_reply(real_tokenizer):
+    """What generation sends after SFT (the chat template up to the reply) is exactly what SFT
+    trained the reply after: evaluation continues where the labels start."""
+    messages = [{"role": "user", "content": "What is 47 - 58?"}, {"role": "assistant", "content": "#### -11"}]
+    assert D.check_messages(messages) is None
+    row = D.render_chat(real_tokenizer, messages)
+    labelled = [t for t, label in zip(row.input_ids, row.labels) if label != D.IGNORE_INDEX]
+    assert real_tokenizer.decode(labelled) == "#### -11<|im_end|>"  # the loss is on the reply alone
+    prompt = real_tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=False)
+    first = row.labels.index(next(label for label in row.labels if label != D.IGNORE_INDEX))
+    assert real_tokenizer.encode(prompt) == row.input_ids[:first]
 
 
 # ---- packing --------------------------------------------------------------------------------------
@@ -295,6 +305,58 @@ def test_tensorboard_events_hold_the_logged_records(tmp_path):
         assert got == [(r["step"], pytest.approx(r[key], rel=1e-6)) for r in records], key
     assert log.records() == records
     assert open(tmp_path / "log.csv").read().splitlines()[0] == "step,loss,lr,grad_norm,tokens,note"
+
+
+# ---- pre-training from scratch: the starting directory; a run's output directory read back ---------
+
+def test_the_starting_directory_is_what_pretrain_takes(trained_bpe, project_prose, tmp_path):
+    config = Qwen2Config(vocab_size=len(trained_bpe), hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=trained_bpe.eos_token_id,
+                         torch_dtype="float32")
+    init_dir = str(tmp_path / "init")
+    save_initial_model(init_dir, config, trained_bpe, seed=5)
+    cfg = TrainConfig(model=init_dir, from_scratch=True, seed=5)
+    m = load_model(cfg, torch.device("cpu"))  # what pretrain(from_scratch=true) starts from
+    assert m.config.vocab_size == len(trained_bpe) and m.config.max_position_embeddings == 64
+    counts = parameter_counts(config)
+    assert counts["total"] == sum(p.numel() for p in m.model.parameters())
+    assert counts["embedding"] == len(trained_bpe) * config.hidden_size
+    saved = load_model(TrainConfig(model=init_dir), torch.device("cpu")).model.state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in m.model.state_dict().items())  # the same seeded init
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in project_prose[:2]))
+    report = D.DataReport(str(data))
+    rows = D.pretraining_rows(m.tokenizer, str(data), 64, True, report)
+    assert report.records == 2 and all(len(r) == 64 for r in rows)
+    ends = [t for r in rows for t, doc in zip(r.input_ids, r.doc_ids)
+            if doc != D.PAD_DOCUMENT and t == trained_bpe.eos_token_id]
+    assert len(ends) == 2  # each document ends in <|endoftext|> (padding aside, which reuses its id)
+
+
+def test_a_runs_log_read_back(tmp_path):
+    assert read_log(str(tmp_path)) == []  # nothing logged yet
+    log = [{"step": s, "loss": float(10 - s), "tokens": 100 + s} for s in range(1, 7)]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    assert read_log(str(tmp_path)) == log
+    assert tokens_seen_by_step(log) == [101, 203, 306, 410, 515, 621]
+    assert mean_loss_up_to(log, 4, 2) == pytest.approx((7 + 6) / 2)
+    assert mean_loss_up_to(log, 0, 2) is None
+    # the trailing mean the experiments' plots smooth a loss curve with: [1, 3, 5, 7] over 2 steps
+    ramp = [{"step": s, "loss": loss} for s, loss in enumerate([1.0, 3.0, 5.0, 7.0], start=1)]
+    assert [mean_loss_up_to(ramp, s, 2) for s in range(1, 5)] == [1.0, 2.0, 4.0, 6.0]
+
+
+def test_a_rerun_resumes_only_a_run_with_the_same_options(tmp_path):
+    run = tmp_path / "run"
+    options = {"model": str(tmp_path / "init"), "from_scratch": True, "data": str(tmp_path / "train.jsonl"),
+               "output_dir": str(run), "max_steps": 6, "lr": 2e-3}
+    check_same_run(str(run), options)  # no run there yet: nothing to compare
+    run.mkdir()
+    (run / "train_config.json").write_text(json.dumps(to_dict(from_dict({**options, "resume": True}))))
+    check_same_run(str(run), options)  # same options: resume
+    with pytest.raises(Qwen2Error, match=r"other options \(lr: 0.002 -> 0.001\)"):
+        check_same_run(str(run), {**options, "lr": 1e-3})
 
 
 # ---- runs: resume after SIGKILL, SFT + LoRA, DPO ----------------------------------------------------

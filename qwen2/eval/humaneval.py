@@ -106,6 +106,12 @@ def code_blocks(text: str) -> list[tuple[str, str]]:
     return blocks
 
 
+def fenced(code: str) -> str:
+    """A reply holding `code` in a Python code block, the way the prompts ask for it (what
+    `extract_code` takes out again)."""
+    return f"{CODE_FENCE}{code.rstrip()}\n```"
+
+
 def _defines(code: str, entry_point: str) -> bool:
     return re.search(rf"^\s*(async\s+)?def\s+{re.escape(entry_point)}\s*\(", code, re.M) is not None
 

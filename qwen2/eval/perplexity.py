@@ -13,6 +13,9 @@ context within the budget:
 A window's first token has nothing before it in that window, so it is never scored there: with
 stride == context (disjoint windows) the first token of every window goes unscored, as in the guide.
 perplexity = exp(sum of negative log-likelihoods / number of scored tokens).
+
+`perplexity_of_documents` pools several documents (held-out texts scored separately, so no window
+spans two of them) into one perplexity over all their scored tokens.
 """
 from __future__ import annotations
 
@@ -80,3 +83,18 @@ def perplexity(model, ids: Sequence[int], context: int | None = None, stride: in
         nll += F.cross_entropy(predicted, all_ids[first:end], reduction="sum").item()
         scored += end - first
     return Perplexity(math.exp(nll / scored), nll, scored, n, len(spans), context, stride)
+
+
+def perplexity_of_documents(model, documents: Sequence[Sequence[int]], context: int | None = None,
+                            stride: int | None = None, max_tokens: int | None = None,
+                            progress: bool = False) -> Perplexity:
+    """One perplexity over several documents (token ids), each windowed on its own as `perplexity`
+    does: the pooled mean NLL of every scored token. `max_tokens` spreads a budget evenly, the
+    first max_tokens / len(documents) tokens of each (at least 2), so every document weighs alike."""
+    if not documents:
+        raise Qwen2Error("perplexity_of_documents needs at least one document")
+    per_document = None if max_tokens is None else max(2, max_tokens // len(documents))
+    parts = [perplexity(model, list(ids)[:per_document], context, stride, progress) for ids in documents]
+    nll, scored = sum(p.nll for p in parts), sum(p.scored for p in parts)
+    return Perplexity(math.exp(nll / scored), nll, scored, sum(p.tokens for p in parts),
+                      sum(p.windows for p in parts), parts[0].context, parts[0].stride)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..errors import Qwen2Error
+from ..long_context import context_length
 from ..progress import progress_bar
 
 TASK = ("There is an important piece of information hidden inside a lot of irrelevant text. "
@@ -110,20 +111,32 @@ def retrieved(reply: str, answer: str) -> bool:
     return bool(numbers) and numbers[0] == answer
 
 
+def fitting_length(length: int, max_new_tokens: int, context: int | None) -> int:
+    """The prompt length that tests a model of `context` positions at `length` tokens: prompt and
+    reply must both fit, so a length within the last max_new_tokens of the context gives up those
+    tokens (a "32K" prompt for a 32,768-position model is 32,752 tokens). Other lengths, and any
+    length when the context is unbounded (None), are taken as they are."""
+    if context is not None and context - max_new_tokens < length <= context:
+        return context - max_new_tokens
+    return length
+
+
 PROMPTS = {"passkey": passkey_prompt, "needle": needle_prompt}
 
 
 def run(m, kind: str, lengths: Sequence[int], depths: Sequence[float], trials: int = 1, chat: bool | None = None,
         max_new_tokens: int = 16, progress: bool = True) -> list[dict]:
     """Greedy replies to `trials` prompts (seeds 0..trials-1) at every length x depth; one record
-    each: length, depth, seed, tokens, answer, reply, correct."""
+    each: length, depth, seed, tokens, answer, reply, correct. A length at the model's context is
+    cut to leave room for the reply (`fitting_length`)."""
     if kind not in PROMPTS:
         raise Qwen2Error(f"unknown retrieval test {kind!r}; use one of {', '.join(PROMPTS)}")
     chat = m.tokenizer.chat_template is not None if chat is None else chat
+    context = context_length(m.config)
     cases = [(n, d, s) for n in lengths for d in depths for s in range(trials)]
     records = []
     for length, depth, seed in progress_bar(cases, desc=kind, unit="prompt", disable=not progress):
-        p = PROMPTS[kind](m.tokenizer, length, depth, seed=seed, chat=chat)
+        p = PROMPTS[kind](m.tokenizer, fitting_length(length, max_new_tokens, context), depth, seed=seed, chat=chat)
         reply = m.generate(p.prompt, max_new_tokens=max_new_tokens, temperature=0.0)
         records.append({"length": length, "depth": depth, "seed": seed, "tokens": p.tokens, "answer": p.answer,
                         "reply": reply, "correct": retrieved(reply, p.answer)})

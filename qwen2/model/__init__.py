@@ -5,7 +5,7 @@ from .cache import KVCache, NoCache
 from .layers import FeedForward, RMSNorm
 from .rope import RotaryEmbedding, apply_rope
 from .static_cache import StaticKV
-from .transformer import Block, Transformer
+from .transformer import Block, Transformer, parameter_counts
 
 __all__ = ["Attention", "Block", "FeedForward", "KVCache", "NoCache", "RMSNorm", "RotaryEmbedding", "StaticKV",
-           "Transformer", "apply_rope"]
+           "Transformer", "apply_rope", "parameter_counts"]

@@ -150,3 +150,14 @@ class Transformer(nn.Module):
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         return KVCache(self.config, batch_size, max_len or self.config.max_position_embeddings,
                        dtype=self.dtype, device=self.device)
+
+
+def parameter_counts(config: Qwen2Config) -> dict[str, int]:
+    """{"total", "embedding", "non_embedding"} parameters of a model of `config`, counted on the
+    meta device (nothing allocated). As in the Qwen2 report's tables, the input embedding and an
+    untied output layer are "embedding"; a tied output layer is the embedding, counted once."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
+    embedding = model.model.embed_tokens.weight.numel() * (1 if config.tie_word_embeddings else 2)
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding}

@@ -25,6 +25,7 @@ from ..progress import progress_bar
 from . import checkpoint as ckpt
 from . import distributed as dist
 from .config import TrainConfig
+from .run_dir import LOG_FILE, read_log
 
 # Test hook: the resume test sets it to SIGKILL the run right after that step (logged and, when
 # due, checkpointed), a deterministic stand-in for a crash or a preempted machine.
@@ -107,7 +108,8 @@ class RunLog:
     """One record per logged step in log.jsonl and log.csv; TensorBoard too when asked for."""
 
     def __init__(self, output_dir: str, tensorboard: bool = False, enabled: bool = True):
-        self.jsonl = os.path.join(output_dir, "log.jsonl")
+        self.output_dir = output_dir
+        self.jsonl = os.path.join(output_dir, LOG_FILE)
         self.csv = os.path.join(output_dir, "log.csv")
         self.writer = None
         self.enabled = enabled  # distributed: rank 0 writes, the others only read
@@ -120,10 +122,7 @@ class RunLog:
             self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
 
     def records(self) -> list[dict]:
-        if not os.path.exists(self.jsonl):
-            return []
-        with open(self.jsonl, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        return read_log(self.output_dir)
 
     def truncate(self, step: int) -> None:
         """Forget records after `step`: a resumed run logs those steps again."""

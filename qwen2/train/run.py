@@ -19,6 +19,7 @@ from .dpo import DirectPreference, PreferenceBatch
 from .forward import forward, lm_loss_sum
 from .loop import Trainer
 from .lora import apply_lora, merge_lora, save_adapters, trainable_parameters
+from .run_dir import CONFIG_FILE
 
 
 @dataclass
@@ -76,11 +77,32 @@ def init_weights(model: torch.nn.Module, std: float = 0.02) -> None:
                 p.normal_(0.0, std)
 
 
+def scratch_model(config, seed: int) -> torch.nn.Module:
+    """What pre-training from scratch (from_scratch=true) starts from: a Transformer of `config`
+    with fresh weights (`init_weights`), drawn after seeding torch with `seed`."""
+    from ..model import Transformer
+
+    torch.manual_seed(seed)
+    model = Transformer(config)
+    init_weights(model)
+    return model
+
+
+def save_initial_model(directory: str, config, tokenizer, seed: int = 0) -> None:
+    """An HF directory to pre-train from scratch from: config.json and the tokenizer, which
+    from_scratch=true reads, and the weights it draws from them with this `seed`, saved so that the
+    starting point is on record and loads as a model (the untrained baseline an experiment scores)."""
+    from ..checkpoint.hf import save_hf_dir
+    from ..checkpoint.registry import generation_config_for
+
+    model = scratch_model(config, seed)
+    save_hf_dir(directory, config, model.state_dict(), tokenizer, generation_config_for(tokenizer))
+
+
 def load_model(cfg: TrainConfig, device: torch.device):
     """The starting model as a `qwen2.Qwen2` (fp32 weights: the optimizer's master copy)."""
     from ..api import Qwen2, load
     from ..checkpoint import load_checkpoint
-    from ..model import Transformer
 
     if not cfg.from_scratch:
         if cfg.model_config:
@@ -93,10 +115,8 @@ def load_model(cfg: TrainConfig, device: torch.device):
             config = dataclasses.replace(config, **cfg.model_config)
         except TypeError as e:
             raise Qwen2Error(f"model_config: {e}; use Qwen2Config field names (hidden_size, num_hidden_layers, ...)") from None
-        torch.manual_seed(cfg.seed)
-        model = Transformer(config)
-        init_weights(model)
-        m = Qwen2(model.to(device), tokenizer, generation_config, source=cfg.model)
+        model = scratch_model(config, cfg.seed).to(device)
+        m = Qwen2(model, tokenizer, generation_config, source=cfg.model)
     if m.tokenizer is None:
         raise Qwen2Error(f"{cfg.model} has no tokenizer files; training needs its tokenizer")
     return m
@@ -190,7 +210,7 @@ def _run_in_world(task: str, cfg: TrainConfig, world: distributed.World, reward)
                       reference_deltas=reference_deltas)
     trainer.start()
     if world.is_main:
-        write_text_atomic(os.path.join(cfg.output_dir, "train_config.json"), json.dumps(to_dict(cfg), indent=2))
+        write_text_atomic(os.path.join(cfg.output_dir, CONFIG_FILE), json.dumps(to_dict(cfg), indent=2))
         print(f"{task}: {report.records} examples from {cfg.data} ({report.skipped} skipped, {report.truncated} "
               f"truncated), {trainable_parameters(m.model):,} trainable parameters"
               + (f", {world.size} processes ({cfg.distributed})" if world.active else ""), flush=True)

@@ -1,0 +1,241 @@
+"""Rejection sampling with execution feedback: programming tasks in, SFT records and DPO pairs out.
+
+A task is a JSONL record: `task_id`, `prompt` (chat messages asking for a function), `tests` (test
+snippets, or one test program), and optionally `entry_point` (the function the tests call: it picks
+the right code block of a reply) and `reference` (a solution, the fallback for a task the model
+never solves). Online DPO reads the same records (`qwen2.train.online.code_tasks`).
+
+  sample_and_score    k sampled replies per task, each scored by running its code with the tests
+                      (`qwen2.train.online.ExecutionReward`: the fraction of tests passed); one JSONL
+                      line per task, appended as it finishes, so a killed run goes on where it was
+  sft_records         the distinct replies that pass every test, as chat records (rejection-sampling
+                      fine-tuning on the model's own correct answers)
+  preference_records  passing replies (chosen) against failing ones (rejected), worst failure first
+
+Reply i of task t samples with its own seed, (seed * 1,000,003 + t) * 1,000 + i, and each decodes as
+if alone (the serving engine's rows do not see each other), so a rerun or a resumed run draws the same
+replies whatever else decodes beside them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import time
+from typing import Iterable, Iterator
+
+from ..api import Qwen2, load
+from ..errors import Qwen2Error
+from ..eval.humaneval import fenced
+from ..fileio import read_text, write_text_atomic
+from ..progress import progress_bar
+from ..runtime.generate import SamplingParams
+from ..train.data import DataReport, check_messages, jsonl_records
+from ..train.online import CodeTask, ExecutionReward, Reward
+
+MAX_SAMPLES = 1_000  # replies per task: the seeds of task t are t * 1,000 + i, so more would overlap task t + 1
+
+
+# ---- tasks and scoring ----------------------------------------------------------------------------
+
+def read_tasks(path: str | os.PathLike, on_bad_record: str = "fail") -> list[dict]:
+    """The task records of a JSONL file, checked the way training data is (`qwen2.train.data`): a bad
+    record (invalid JSON, no string task_id, a prompt that is not a conversation, no test, a task_id
+    seen before: sampling resumes by it) stops with its file and line, or with on_bad_record="skip"
+    is skipped with a warning."""
+    if on_bad_record not in ("fail", "skip"):
+        raise Qwen2Error(f"on_bad_record must be 'fail' or 'skip', got {on_bad_record!r}")
+    report = DataReport(os.fspath(path), on_bad_record)
+    tasks, seen = [], set()
+    for number, task in jsonl_records(report.path, report):
+        why = _task_problem(task)
+        if why is None and task["task_id"] in seen:
+            why = f"task_id {task['task_id']!r} appears twice"
+        if why:
+            report.bad(number, why)
+            continue
+        seen.add(task["task_id"])
+        tasks.append(task)
+        report.records += 1
+    return tasks
+
+
+def _task_problem(task: dict) -> str | None:
+    """Why a record is not a task, or None."""
+    prompt, tests = task.get("prompt"), task.get("tests")
+    if not isinstance(task.get("task_id"), str):
+        return "a task needs a string \"task_id\""
+    if not isinstance(prompt, list):
+        return "\"prompt\" must be a list of chat messages"
+    if not (isinstance(tests, str) and tests.strip()
+            or isinstance(tests, list) and tests and all(isinstance(t, str) for t in tests)):
+        return "\"tests\" must be a test program or a list of test snippets"
+    return check_messages(prompt + [{"role": "assistant", "content": "the reply"}])
+
+
+def code_task(task: dict) -> CodeTask:
+    return CodeTask(task["prompt"], task["tests"], task.get("entry_point"))
+
+
+def score(reward: Reward, task: dict, reply: str) -> float:
+    """The reward of a reply to a task; with ExecutionReward, the fraction of its tests the reply's
+    code passes (what online DPO trains on)."""
+    return reward(code_task(task), reply)
+
+
+def reference_reply(task: dict) -> str:
+    """The task's reference solution as a reply, in the code block the prompts ask for."""
+    if not isinstance(task.get("reference"), str):
+        raise Qwen2Error(f"task {task['task_id']!r} has no \"reference\" solution to fall back on")
+    return fenced(task["reference"])
+
+
+# ---- generation ---------------------------------------------------------------------------------
+
+def task_prompt_ids(m: Qwen2, task: dict) -> list[int]:
+    """The task's prompt through the chat template, the assistant's turn begun."""
+    return m.tokenizer.encode(m.tokenizer.apply_chat_template(task["prompt"], add_generation_prompt=True))
+
+
+def generate_replies(m: Qwen2, jobs: list[tuple[list[int], SamplingParams]], max_batch: int) -> Iterator[tuple[int, str]]:
+    """Yield (job index, reply) for every (prompt ids, sampling) job, as each finishes, through the
+    serving engine's continuous batching: up to `max_batch` replies decode together and a finished
+    one's row is refilled at once, so one long reply holds no other back (a plain batch runs until
+    its longest reply ends; sampled replies run from tens to hundreds of tokens). Each row attends
+    over its own keys as if alone: a greedy reply equals the prompt's alone, and a seeded one does not
+    depend on what decodes beside it."""
+    from ..serve.engine import Engine, complete_all
+
+    if not jobs:
+        return
+    longest = max(len(ids) + params.max_new_tokens for ids, params in jobs)
+    engine = Engine(m.model, m.tokenizer, m.eos_ids, max_batch=max_batch, max_model_len=longest)
+    for j, (text,) in complete_all(engine, [(ids, params, 1) for ids, params in jobs]):
+        yield j, text
+
+
+def reply_seed(seed: int, task_index: int, reply_index: int) -> int:
+    return (seed * 1_000_003 + task_index) * 1_000 + reply_index
+
+
+def _read_samples(path: str) -> list[dict]:
+    """The task lines a previous run finished; a cut last line (killed while writing) is dropped."""
+    if not os.path.exists(path):
+        return []
+    done = []
+    for number, line in enumerate(read_text(path).splitlines(keepends=True), 1):
+        if not line.endswith("\n"):
+            break
+        try:
+            done.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise Qwen2Error(f"{path} line {number} is not JSON: not a samples file; give another path") from None
+    return done
+
+
+def sample_and_score(path: str | os.PathLike, tasks: list[dict], model: Qwen2 | str | os.PathLike,
+                     params: SamplingParams, *, samples: int, seed: int = 0, batch: int = 8,
+                     reward: Reward | None = None, progress: bool = True) -> list[dict]:
+    """`samples` replies per task sampled with `params` (its seed replaced by each reply's own), each
+    scored by `reward` (default: ExecutionReward, 10 s per test). One JSONL line per task,
+    {"task_id", "responses", "rewards", "seconds"}, appended to `path` as soon as its replies are in:
+    run again with the same file, it samples only the tasks not there. `model` is a loaded model, or
+    a model directory or registry name, loaded only when tasks are left. Returns the tasks' lines in
+    the order of `tasks`."""
+    if not (isinstance(samples, int) and 1 <= samples <= MAX_SAMPLES):
+        raise Qwen2Error(f"samples per task must be an integer from 1 to {MAX_SAMPLES}, got {samples!r}")
+    if not (isinstance(batch, int) and batch >= 1):
+        raise Qwen2Error(f"the sampling batch must be an integer >= 1, got {batch!r}")
+    path = os.fspath(path)
+    done = _read_samples(path)
+    have = {s["task_id"] for s in done}
+    todo = [(t, task) for t, task in enumerate(tasks) if task["task_id"] not in have]
+    if todo:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write_text_atomic(path, "".join(json.dumps(s) + "\n" for s in done))  # drops a cut last line
+        m = load(model) if isinstance(model, (str, os.PathLike)) else model
+        reward = reward or ExecutionReward()
+        jobs, owner = [], []  # owner[j] = (todo position, reply index)
+        for position, (t, task) in enumerate(todo):
+            ids = task_prompt_ids(m, task)
+            for i in range(samples):
+                jobs.append((ids, dataclasses.replace(params, seed=reply_seed(seed, t, i))))
+                owner.append((position, i))
+        replies = [[None] * samples for _ in todo]
+        last = time.perf_counter()
+        with open(path, "a", encoding="utf-8") as out, progress_bar(
+                total=len(todo), desc=f"sampling {os.path.basename(path)}", unit="task", disable=not progress) as bar:
+            for j, text in generate_replies(m, jobs, batch):
+                position, i = owner[j]
+                replies[position][i] = text
+                if any(r is None for r in replies[position]):
+                    continue
+                task = todo[position][1]
+                line = {"task_id": task["task_id"], "responses": replies[position],
+                        "rewards": [score(reward, task, r) for r in replies[position]],
+                        "seconds": time.perf_counter() - last}  # wall time since the previous task finished
+                last = time.perf_counter()
+                out.write(json.dumps(line) + "\n")
+                out.flush()
+                done.append(line)
+                bar.update(1)
+        del m
+        gc.collect()  # a model loaded here is freed before the caller's next stage loads its own
+    order = {task["task_id"]: t for t, task in enumerate(tasks)}
+    return sorted((s for s in done if s["task_id"] in order), key=lambda s: order[s["task_id"]])
+
+
+# ---- data for SFT and DPO, from scored samples ----------------------------------------------------
+
+def distinct(replies: Iterable[str]) -> list[str]:
+    """The replies without repeats, in first-seen order (a sampled reply often comes twice)."""
+    return list(dict.fromkeys(replies))
+
+
+def sft_records(samples: list[dict], tasks: dict[str, dict], per_task: int, fallback: bool) -> tuple[list[dict], dict]:
+    """Chat records of up to `per_task` distinct replies per task that pass every test (rejection
+    sampling). With `fallback`, a task none of whose samples passes gets its reference solution."""
+    records, stats = [], {"tasks": len(samples), "tasks_with_a_pass": 0, "from_samples": 0, "from_reference": 0}
+    for s in samples:
+        task = tasks[s["task_id"]]
+        passing = distinct(r for r, x in zip(s["responses"], s["rewards"]) if x == 1.0)[:per_task]
+        stats["tasks_with_a_pass"] += bool(passing)
+        if not passing and fallback:
+            passing = [reference_reply(task)]
+            stats["from_reference"] += 1
+        else:
+            stats["from_samples"] += len(passing)
+        records += [{"messages": task["prompt"] + [{"role": "assistant", "content": r}]} for r in passing]
+    return records, stats
+
+
+def preference_records(samples: list[dict], tasks: dict[str, dict], per_task: int,
+                       fallback: bool) -> tuple[list[dict], dict]:
+    """Up to `per_task` (chosen, rejected) pairs per task, as `qwen2.train.dpo` reads them (plus the
+    task_id): distinct replies that pass every test against distinct ones that fail some, the
+    lowest-scored first. With `fallback`, a task with failures but no passing reply pairs its
+    reference solution with the worst failure."""
+    records, stats = [], {"tasks": len(samples), "all_pass": 0, "none_pass": 0, "mixed": 0, "pairs_from_samples": 0,
+                          "pairs_with_reference": 0}
+    for s in samples:
+        task = tasks[s["task_id"]]
+        scored = list(zip(s["responses"], s["rewards"]))
+        chosen = distinct(r for r, x in scored if x == 1.0)
+        rejected = distinct(r for r, x in sorted(scored, key=lambda p: p[1]) if x < 1.0)
+        if not rejected:
+            stats["all_pass"] += 1
+            continue
+        if not chosen:
+            stats["none_pass"] += 1
+            if not fallback:
+                continue
+            chosen = [reference_reply(task)]
+            stats["pairs_with_reference"] += 1
+            rejected = rejected[:1]
+        else:
+            stats["mixed"] += 1
+            stats["pairs_from_samples"] += min(per_task, len(chosen), len(rejected))
+        records += [{"prompt": task["prompt"], "chosen": c, "rejected": r, "task_id": s["task_id"]}
+                    for c, r in list(zip(chosen, rejected))[:per_task]]
+    return records, stats
