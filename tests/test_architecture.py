@@ -23,8 +23,8 @@ LAYERS = [
     ("qwen2.options",),  # LoadOptions: how load builds a model, checked once (api, cli, serve, eval share it)
     ("qwen2.api",),
     ("qwen2.serve",),
-    ("qwen2.data",),  # corpora, tokenizer training, pre-training data pipelines
     ("qwen2.eval",),
+    ("qwen2.data",),  # pre-training data: corpora, tokenizer training, pipelines (decontaminated against eval's sets)
     ("qwen2.train",),
     ("qwen2.synth",),  # post-training data: rejection sampling, execution feedback
     ("qwen2.cli",),

@@ -9,6 +9,7 @@ from ggufs import random_model, save_random_model_dir, small_tokenizer_metadata,
 
 import qwen2
 from qwen2 import LoadOptions, Qwen2Error, cli
+from qwen2.data import PIPELINE_EXECUTORS
 from qwen2.options import DTYPES, parse_arg_string
 from qwen2.quant import GROUP_SIZES, MODES
 from qwen2.runtime.executor import EXECUTORS
@@ -122,10 +123,14 @@ def test_the_cli_choices_are_the_source_constants():
     commands = dict(_subparsers(cli.build_parser()))
     constants = {"--quantize": MODES, "--group-size": GROUP_SIZES, "--executor": EXECUTORS, "--dtype": tuple(DTYPES),
                  "--speculative": SPECULATIVE_METHODS}
+    # `qwen2 data` verbs take --executor too: the datatrove executor their pipeline runs on, not the model's
+    model_commands = {name: p for name, p in commands.items() if not name.startswith("data ")}
     for flag, constant in constants.items():
-        having = {name: _choices(p, flag) for name, p in commands.items() if _choices(p, flag) is not None}
+        having = {name: _choices(p, flag) for name, p in model_commands.items() if _choices(p, flag) is not None}
         assert having, f"no command has {flag}"
         assert set(having.values()) == {tuple(constant)}, (flag, having)
+    pipelines = {name: _choices(p, "--executor") for name, p in commands.items() if name.startswith("data ")}
+    assert set(pipelines.values()) - {None} == {PIPELINE_EXECUTORS}, pipelines
     for name in ("generate", "chat", "serve", "info", "eval humaneval", "eval perplexity", "eval passkey"):
         assert _choices(commands[name], "--quantize") == MODES, name
     for name in ("generate", "chat"):

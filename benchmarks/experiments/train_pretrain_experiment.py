@@ -12,10 +12,11 @@ name) is held out (`qwen2.data.corpora.split_plays`);
 each training play is one document of `train.jsonl`, which `pretrain` packs into rows of --seq-len
 tokens (a play cut at a row's end goes on in the next row; attention stays within each play).
 
-Tokenizer: a byte-level BPE of 4,096 tokens trained on the training plays with `tokenizers`
+Tokenizer: a byte-level BPE of 4,093 tokens trained on the training plays with `tokenizers`
 (`qwen2.data.tokenizer_training.train_tokenizer`), with Qwen2's own pre-tokenisation
-(qwen2.tokenizer.SPLIT_REGEX, NFC, byte-level) and <|endoftext|> as its one special token, so
-`qwen2.tokenizer.Tokenizer` runs it exactly as it runs Qwen2's. The real 151,936-token vocabulary
+(qwen2.tokenizer.SPLIT_REGEX, NFC, byte-level) and Qwen2's three control tokens after the merges
+(<|endoftext|> separates documents): 4,096 tokens in all, so `qwen2.tokenizer.Tokenizer` runs it
+exactly as it runs Qwen2's. The real 151,936-token vocabulary
 would make the tied embedding / lm_head 39M parameters, 8x the blocks of this model, and ~7x the
 compute per token for nothing the experiment is about.
 
@@ -58,7 +59,7 @@ import torch
 from benchmarks.common import RESULTS_DIR, apply_preset, save_png, smooth, write_report
 from qwen2.config import Qwen2Config
 from qwen2.data.corpora import plays, split_plays
-from qwen2.data.tokenizer_training import END_OF_DOCUMENT, train_tokenizer
+from qwen2.data.tokenizer_training import CONTROL_TOKENS, END_OF_DOCUMENT, train_tokenizer
 from qwen2.errors import Qwen2Error
 from qwen2.fileio import write_text_atomic
 from qwen2.model import parameter_counts
@@ -95,7 +96,8 @@ def prepare(args, arch: dict) -> tuple[str, str, list[tuple[str, list[int]]]]:
     train, held = split_plays(all_plays)
     init_dir, data = os.path.join(args.out, "init"), os.path.join(args.out, "train.jsonl")
     if not os.path.isdir(init_dir):
-        tokenizer = train_tokenizer([t for _, t in train], arch["vocab"])
+        # arch["vocab"] counts the control tokens too: the embedding has exactly that many rows
+        tokenizer = train_tokenizer([t for _, t in train], arch["vocab"] - len(CONTROL_TOKENS))
         save_initial_model(init_dir, model_config(tokenizer, args.seq_len, arch), tokenizer, args.seed)
     if not os.path.exists(data):
         write_text_atomic(data, "".join(json.dumps({"text": t}) + "\n" for _, t in train))

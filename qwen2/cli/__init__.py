@@ -315,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .eval import add_eval_parser  # qwen2 eval humaneval / perplexity / passkey / needle / lm-eval
     add_eval_parser(sub, add_model_args)
+    from .data import add_data_parser  # qwen2 data train-tokenizer / dedup / filter / langid / ...
+    add_data_parser(sub)
     return parser
 
 
