@@ -70,6 +70,22 @@ def test_a_vanishing_temperature_samples_the_argmax(temperature):
     assert torch.equal(probs, torch.tensor([[0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]))
     assert next_token(logits, SamplingParams(temperature=temperature), generator=torch.Generator().manual_seed(0)).tolist() == [1, 0]
 
+@pytest.mark.parametrize("penalty", [5e-324, 1e-40, 1e300])
+@pytest.mark.parametrize("temperature", [1.0, 5e-324])
+def test_an_extreme_repetition_penalty_gives_a_distribution(penalty, temperature):
+    # logits / 5e-324 overflow to inf, and every seen negative logit * 1e300 to -inf: NaN without the
+    # bounds (the API fuzzer sent temperature 5e-324 with repetition_penalty 5e-324)
+    logits = torch.tensor([[1.0, 3.0, 2.9, -1.0], [-0.5, -2.0, -0.25, -3.0]])
+    seen = torch.tensor([[False, True, False, False], [True, True, True, True]])
+    params = SamplingParams(temperature=temperature, repetition_penalty=penalty)
+    probs = sampling_distribution(logits, params, seen)
+    assert torch.isfinite(probs).all() and torch.allclose(probs.sum(-1), torch.ones(2))
+    favoured = 1 if penalty < 1 else 2  # a penalty below 1 favours the seen token, above 1 the others
+    assert probs[0].argmax() == favoured
+    token = next_token(logits, params, seen, generator=torch.Generator().manual_seed(0))
+    assert token.shape == (2,)
+
+
 @pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1),
                                  dict(min_p=1.0), dict(repetition_penalty=0), dict(max_new_tokens=0),
                                  dict(temperature=float("nan")), dict(stop=[""])])

@@ -18,6 +18,8 @@ from ..long_context import context_length
 from .executor import as_decoder
 
 MIN_TEMPERATURE = 1e-5  # sampling below it is sampling at it (see sampling_distribution)
+# A repetition penalty outside this range acts as its bound (see apply_repetition_penalty)
+REPETITION_PENALTY_RANGE = (1e-5, 1e5)
 
 
 @dataclass
@@ -88,7 +90,11 @@ def next_token(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor 
 def apply_repetition_penalty(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None) -> torch.Tensor:
     if params.repetition_penalty == 1.0 or seen is None:
         return logits
-    penalised = torch.where(logits < 0, logits * params.repetition_penalty, logits / params.repetition_penalty)
+    # A penalty of 1e5 already ranks every seen token below the unseen ones (and 1e-5 above); a more
+    # extreme one (an API accepts 5e-324) would scale finite logits to inf and the softmax to NaN.
+    low, high = REPETITION_PENALTY_RANGE
+    penalty = min(max(params.repetition_penalty, low), high)
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
     return torch.where(seen, penalised, logits)
 
 
