@@ -464,7 +464,9 @@ def test_a_real_prefill_takes_its_activations_from_the_heap(real_gguf):
              "prefill()\n"
              "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-    assert int(out.stdout.split()[-1]) < 5000  # without it: ~200,000 page faults (800 MB), +25 % prefill time
+    # without it: ~200,000 page faults (800 MB), +25 % prefill time; with it a few thousand, up to ~8,000
+    # under the 256-bit kernels, whose scratch differs (the heap's state varies from run to run)
+    assert int(out.stdout.split()[-1]) < 20_000
 
 
 def test_real_quantised_model_state(real_model, real_int4):
