@@ -37,6 +37,7 @@ from datatrove.pipeline.filters.base_filter import BaseFilter
 
 from ..errors import Qwen2Error
 from ..fileio import write_text_atomic
+from .shards import jsonl_rows
 
 NGRAM = 13          # words per n-gram: GPT-3's, lm-eval's and the Qwen2 report's convention
 BUILT_IN = ("humaneval",)
@@ -66,25 +67,14 @@ def eval_texts(against: Sequence[str]) -> Iterator[tuple[str, str]]:
                 yield source, problem["prompt"]
         elif os.path.isfile(source):
             name = os.path.basename(source)
-            for line, record in _jsonl(source):
+            for line, record in jsonl_rows(source):
+                if isinstance(record, str):  # the line could not be read: the reader's message
+                    raise Qwen2Error(f"{source}:{line}: {record}")
                 for text in _strings(record):
                     yield name, text
         else:
             raise Qwen2Error(f"{source}: neither an evaluation set this project runs ({', '.join(BUILT_IN)}) "
                              "nor a JSONL file")
-
-
-def _jsonl(path: str) -> Iterator[tuple[int, object]]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield number, json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise Qwen2Error(f"{path}:{number}: not valid JSON: {e.msg} (column {e.colno})") from None
-    except UnicodeDecodeError as e:
-        raise Qwen2Error(f"{path}: not UTF-8 ({e.reason})") from None
 
 
 def _strings(value) -> Iterator[str]:

@@ -98,7 +98,7 @@ class RecordReader(_reader_base()):
                 bar.update(os.path.getsize(path))
 
     def read_file(self, filepath: str):
-        records = _parquet_rows(filepath) if filepath.endswith(".parquet") else _jsonl_rows(filepath)
+        records = _parquet_rows(filepath) if filepath.endswith(".parquet") else jsonl_rows(filepath)
         lines = 0
         for line, record in records:
             lines += 1
@@ -142,7 +142,7 @@ def _record_problem(record) -> str | None:
     return None
 
 
-def _jsonl_rows(path: str) -> Iterable[tuple[int, object]]:
+def jsonl_rows(path: str) -> Iterable[tuple[int, object]]:
     """(line number from 1, parsed record or the parse error's message) per non-blank line."""
     import gzip
 
