@@ -28,11 +28,12 @@ from qwen2.errors import Qwen2Error
 from qwen2.model import parameter_counts
 from qwen2.tokenizer import Tokenizer
 from qwen2.train import data as D
-from qwen2.train.config import TrainConfig, from_dict, load_config, to_dict
+from qwen2.train.config import DataSource, TrainConfig, data_sources, from_dict, load_config, to_dict
 from qwen2.train.dpo import dpo_loss, sequence_log_probs
 from qwen2.train.forward import forward
 from qwen2.train.lora import apply_lora, load_adapters, lora_layers, merge_lora, save_adapters
 from qwen2.train.loop import Trainer, lr_at
+from qwen2.train.mixture import Mixture
 from qwen2.train.run import LanguageModelling, load_model, save_initial_model
 from qwen2.train.run_dir import check_same_run, mean_loss_up_to, read_log, tokens_seen_by_step
 
@@ -369,22 +370,55 @@ def run_cli(args, env_extra=None):
 
 
 def losses(output_dir) -> list[tuple]:
+    """Each logged step's record but its timing (tokens_per_s): loss, lr, grad norm, and with a
+    mixture each source's share and held-out loss."""
     with open(os.path.join(output_dir, "log.jsonl"), encoding="utf-8") as f:
-        return [(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in map(json.loads, f)]
+        return [(r["step"], r["loss"], r["lr"], r["grad_norm"],
+                 sorted((k, v) for k, v in r.items() if k.startswith(("share/", "heldout_loss/"))))
+                for r in map(json.loads, f)]
 
 
-@pytest.mark.parametrize("task", ["pretrain", "sft"])
+def documents(path, seed: int, count: int, words: str) -> str:
+    """`count` documents of 3 to 14 words drawn from `words`, as pre-training JSONL."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = words.split()
+    docs = [" ".join(vocab[int(i)] for i in torch.randint(0, len(vocab), (3 + n % 12,), generator=gen))
+            for n in range(count)]
+    return write_lines(path, [json.dumps({"text": d}) for d in docs])
+
+
+def mixture_of_three(tmp_path) -> list[dict]:
+    """Three sources of unlike words and document lengths, the first two with held-out files."""
+    vocab = {"cats": "the cat sat in a hat then the cat ran", "tins": "a thin tin in the heat",
+             "digits": "0 1 2 3 4 5 6 7 8 9"}
+    sources = []
+    for i, (name, words) in enumerate(vocab.items()):
+        entry = {"path": documents(tmp_path / f"{name}.jsonl", i, 20 + 15 * i, words), "weight": [5, 3, 2][i]}
+        if name != "digits":
+            entry["heldout"] = documents(tmp_path / f"{name}-heldout.jsonl", 100 + i, 6, words)
+        sources.append(entry)
+    return sources
+
+
+@pytest.mark.parametrize("task", ["pretrain", "pretrain-mixture", "sft"])
 def test_resume_after_sigkill_reproduces_the_losses_exactly(task, small_dir, tmp_path, capsys):
+    data_option = None
     if task == "pretrain":
         data = tmp_path / "corpus.txt"
         data.write_text("<|endoftext|>".join(f"the cat {i} sat in the hat " * (1 + i % 4) for i in range(12)))
         extra = ["seq_len=24", "lr=3e-3"]
+    elif task == "pretrain-mixture":  # each source's share and held-out loss come back too
+        tables = ("{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in entry.items()) + "}"
+                  for entry in mixture_of_three(tmp_path))
+        data_option = f"data = [{', '.join(tables)}]"
+        extra = ["seq_len=24", "lr=3e-3", "eval_every=4"]
+        task = "pretrain"
     else:  # LoRA with dropout: the RNG state must come back too
         data = write_lines(tmp_path / "chat.jsonl", [json.dumps(c) for c in CHATS])
         extra = ["lora=true", "lora_r=4", "lora_dropout=0.2", "lr=1e-2", "seq_len=128"]
     config = tmp_path / "train.toml"
-    config.write_text(f'model = "{small_dir}"\ndata = "{data}"\nbatch_size = 2\ngrad_accum = 2\n'
-                      "max_steps = 8\nsave_every = 3\nwarmup_steps = 2\nmin_lr = 1e-4\n")
+    config.write_text(f'model = "{small_dir}"\n{data_option or f"data = {json.dumps(str(data))}"}\nbatch_size = 2\n'
+                      "grad_accum = 2\nmax_steps = 8\nsave_every = 3\nwarmup_steps = 2\nmin_lr = 1e-4\n")
     whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
     # Only the run to be killed needs a process of its own; the others run in this one.
     assert main(["train", task, "--config", str(config), f"output_dir={whole}", *extra]) == 0
@@ -398,6 +432,101 @@ def test_resume_after_sigkill_reproduces_the_losses_exactly(task, small_dir, tmp
     assert "resumed from" in capsys.readouterr().out
     assert losses(killed) == losses(whole)  # bit-identical floats: losses, learning rates, grad norms
     assert len(losses(whole)) == 8 and losses(whole)[-1][1] < losses(whole)[0][1]
+    if data_option:
+        assert [dict(r[4])["heldout_loss/cats"] is not None for r in losses(whole)] == [s in (4, 8) for s in range(1, 9)]
+
+
+# ---- data mixtures ----------------------------------------------------------------------------------
+
+def real_tokens(row: D.Row) -> int:
+    return len(row.doc_ids) - row.doc_ids.count(D.PAD_DOCUMENT)
+
+
+def test_a_mixture_gives_each_source_its_weights_share_of_the_tokens():
+    gen = torch.Generator().manual_seed(0)
+
+    def source_rows(count: int, longest: int) -> list[D.Row]:  # unpacked: rows of unequal length
+        docs = [list(range(1, 2 + int(n))) for n in torch.randint(0, longest, (count,), generator=gen)]
+        return D.pack_documents(docs, seq_len=32, eod_id=0, pad_id=0, pack=False)
+
+    rows = [source_rows(40, 30), source_rows(7, 5), source_rows(300, 12)]
+    sources = [DataSource(f"{n}.jsonl", w, n) for n, w in zip("abc", (0.5, 0.3, 0.2))]
+    mixture = Mixture(sources, rows, seed=3)
+    read = 200 * 8  # 200 steps of 8 rows
+    tokens = {}
+    for i in range(read):
+        row = mixture.row(i)
+        source = next(s.name for s, r in zip(sources, rows) if any(row is x for x in r))
+        assert source == mixture.source_of(i)
+        tokens[source] = tokens.get(source, 0) + real_tokens(row)
+    realised = {k: v / sum(tokens.values()) for k, v in tokens.items()}
+    for source in sources:
+        assert abs(realised[source.name] - source.weight) <= 0.02
+        assert mixture.shares(read)[source.name] == pytest.approx(realised[source.name], abs=1e-12)
+    # every source's rows are read in epochs: each row once before any twice
+    b_reads = [next(j for j, x in enumerate(rows[1]) if x is mixture.row(i)) for i in range(read)
+               if mixture.source_of(i) == "b"]
+    assert sorted(b_reads[:7]) == list(range(7)) and sorted(b_reads[7:14]) == list(range(7))
+    # one source reads its rows in the order a single-file run reads them
+    single = Mixture(sources[:1], rows[:1], seed=3)
+    order = D.ExampleOrder(len(rows[0]), 8, seed=3)
+    assert [single.row(i) for i in range(96)] == [rows[0][j] for m in range(12) for j in order.micro_batch(m)]
+
+
+def test_pretrain_on_a_mixture_logs_shares_and_held_out_losses(small_dir, tmp_path):
+    sources = mixture_of_three(tmp_path)
+    result = qwen2.train.pretrain({"model": small_dir, "data": sources, "output_dir": str(tmp_path / "run"),
+                                   "seq_len": 16, "batch_size": 4, "max_steps": 200, "lr": 3e-3, "min_lr": 3e-4,
+                                   "eval_every": 50, "log_every": 10})
+    last = result.log[-1]
+    assert last["step"] == 200
+    for source, weight in zip(("cats", "tins", "digits"), (0.5, 0.3, 0.2)):
+        assert abs(last[f"share/{source}"] - weight) <= 0.02
+    heldout = [(r["step"], r["heldout_loss/cats"], r["heldout_loss/tins"]) for r in result.log
+               if r["heldout_loss/cats"] is not None]
+    assert [s for s, *_ in heldout] == [50, 100, 150, 200]
+    assert "heldout_loss/digits" not in last  # no held-out file, no column
+    assert heldout[-1][1] < heldout[0][1] and heldout[-1][2] < heldout[0][2]
+    assert [s["name"] for s in result.data["sources"]] == ["cats", "tins", "digits"]
+    assert [s["records"] for s in result.data["sources"]] == [20, 35, 50]
+    # the held-out loss is the mean next-token loss of the held-out rows under the final model
+    model = qwen2.load(result.model_dir, progress=False).model
+    tokenizer = Tokenizer.from_dir(small_dir)
+    rows = D.pretraining_rows(tokenizer, sources[1]["heldout"], 16, True, D.DataReport(sources[1]["heldout"]))
+    batch = D.collate(rows, tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(batch.input_ids, document_ids=batch.doc_ids)
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch.labels[:, 1:],
+                                                 ignore_index=D.IGNORE_INDEX)
+    assert heldout[-1][2] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_mixture_options_and_their_errors(small_dir, tmp_path, capsys):
+    toml = tmp_path / "mix.toml"
+    toml.write_text('data = [{path = "web.jsonl", weight = 3}, {path = "code/py.jsonl.gz", weight = 1, '
+                    'heldout = "py-val.jsonl"}]\n')
+    cfg = load_config(toml)
+    assert data_sources(cfg.data) == [DataSource("web.jsonl", 3.0, "web"), DataSource("code/py.jsonl.gz", 1.0, "py",
+                                                                                      "py-val.jsonl")]
+    cfg = load_config(None, ['data=[{"path": "a.jsonl", "weight": 0.7, "name": "A"}, {"path": "b.txt"}]'])
+    assert [(s.name, s.weight) for s in data_sources(cfg.data)] == [("A", 0.7), ("b", 1.0)]
+    assert data_sources(load_config(None, ["data=one.jsonl"]).data) == [DataSource("one.jsonl", 1.0, "one")]
+    bad = {'[{"path": "a.jsonl", "weight": 0}]': r"entry 1 \(a.jsonl\): \"weight\" must be a positive number, got 0",
+           '[{"path": "a.jsonl", "wieght": 2}]': r"entry 1 has unknown key\(s\) 'wieght'; known keys: path, weight",
+           '[{"path": "a.jsonl"}, {"path": "x/a.jsonl"}]': r"names the source 'a' twice; give each entry its own name",
+           '[{"weight": 1}]': r"entry 1 needs a \"path\"",
+           '["a.jsonl"]': r"entry 1 must be a table"}
+    for value, message in bad.items():
+        with pytest.raises(Qwen2Error, match=message):
+            load_config(None, [f"data={value}"])
+    with pytest.raises(Qwen2Error, match=r"training data .*missing.jsonl does not exist"):
+        qwen2.train.pretrain({"model": small_dir, "data": [{"path": str(tmp_path / "missing.jsonl")}],
+                              "output_dir": str(tmp_path / "run")})
+    prefs = write_lines(tmp_path / "prefs.jsonl", [json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"})])
+    assert main(["train", "dpo", f"model={small_dir}", f'data=[{{"path": "{prefs}"}}]',
+                 f"output_dir={tmp_path / 'dpo'}"]) == 1
+    assert capsys.readouterr().err.strip() == ('error: a data mixture is for pretrain and sft; dpo reads one file: '
+                                               'set data = "FILE.jsonl"')
 
 
 def test_sft_lora_run_writes_adapters_and_a_merged_hf_model(small_dir, tmp_path):

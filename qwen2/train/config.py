@@ -26,11 +26,61 @@ REWARDS = ("execution", "model")
 LORA_DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+@dataclass(frozen=True)
+class DataSource:
+    """One source of a data mixture: its file, its share of the training tokens (`weight`, normalised
+    over the sources), the name its log columns carry, and optionally a held-out file in the same
+    format whose loss is logged."""
+    path: str
+    weight: float = 1.0
+    name: str = ""
+    heldout: str = ""
+
+
+SOURCE_KEYS = tuple(f.name for f in dataclasses.fields(DataSource))
+
+
+def data_sources(data: str | list) -> list[DataSource]:
+    """The sources `data` names: one file (weight 1, named after it), or a list of tables
+    {path, weight, name, heldout}; a malformed entry is a one-line error."""
+    if isinstance(data, str):
+        return [DataSource(data, 1.0, _stem(data))] if data else []
+    sources = []
+    for i, entry in enumerate(data):
+        where = f"training option 'data' entry {i + 1}"
+        if not isinstance(entry, dict):
+            raise Qwen2Error(f"{where} must be a table {{path = ..., weight = ...}}, got {entry!r}")
+        unknown = sorted(set(entry) - set(SOURCE_KEYS))
+        if unknown:
+            raise Qwen2Error(f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; "
+                             f"known keys: {', '.join(SOURCE_KEYS)}")
+        path, weight = entry.get("path"), entry.get("weight", 1.0)
+        if not isinstance(path, str) or not path:
+            raise Qwen2Error(f"{where} needs a \"path\" to a data file")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
+            raise Qwen2Error(f"{where} ({path}): \"weight\" must be a positive number, got {weight!r}")
+        name, heldout = entry.get("name") or _stem(path), entry.get("heldout", "")
+        if not isinstance(name, str) or not isinstance(heldout, str):
+            raise Qwen2Error(f"{where} ({path}): \"name\" and \"heldout\" must be strings")
+        sources.append(DataSource(path, float(weight), name, heldout))
+    names = [s.name for s in sources]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise Qwen2Error(f"training option 'data' names the source {twice[0]!r} twice; give each entry its own name")
+    return sources
+
+
+def _stem(path: str) -> str:
+    return os.path.basename(path).split(".")[0] or path
+
+
 @dataclass
 class TrainConfig:
     # --- what to train, on what, where to write -------------------------------------------------
     model: str = "qwen2.5-coder-0.5b-instruct"  # registry name, HF directory or .gguf file
-    data: str = ""  # pretrain: .txt or .jsonl ({"text": ...}); sft: chat .jsonl; dpo: preference .jsonl
+    # pretrain: .txt or .jsonl ({"text": ...}); sft: chat .jsonl; dpo: preference .jsonl. pretrain and
+    # sft also take a mixture: [{path = ..., weight = ..., name = ..., heldout = ...}, ...] (DataSource)
+    data: str | list = ""
     output_dir: str = ""
     from_scratch: bool = False  # pretrain: random weights; `model` supplies the config and tokenizer only
     model_config: dict = field(default_factory=dict)  # with from_scratch: config fields to change (hidden_size, ...)
@@ -41,6 +91,7 @@ class TrainConfig:
     seq_len: int = 512  # tokens per row: packed rows (pretrain), longest example (sft/dpo, longer ones are truncated)
     pack_documents: bool = True  # pretrain: pack documents into full rows, attention kept within each document
     on_bad_record: str = "fail"  # fail: stop at the first bad record; skip: report it (file:line) and go on
+    eval_every: int = 0  # held-out loss of each data source with a `heldout` file every N steps (0: at the end)
     # --- optimisation --------------------------------------------------------------------------
     batch_size: int = 8  # rows (pretrain, sft) or preference pairs (dpo) per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -98,15 +149,20 @@ def _field_types() -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
 
 
+DATA_TYPE = str | list  # one file, or a mixture of DataSource tables
+
+
 def _type_name(t: type) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
-            dict: "a table"}[t]
+            dict: "a table", DATA_TYPE: "a file path or a list of {path, weight} tables"}[t]
 
 
 def _coerce(name: str, value, t: type):
     """`value` as type `t`, or a one-line error. Ints are accepted for floats; nothing else is converted."""
     if t is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if t == DATA_TYPE and isinstance(value, (str, list, tuple)):
+        return value if isinstance(value, str) else [dict(v) if isinstance(v, dict) else v for v in value]
     if t is list and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         return list(value)
     if isinstance(value, t) and not (t is int and isinstance(value, bool)) and t is not list:
@@ -118,7 +174,14 @@ def _parse_override(name: str, text: str, t: type):
     """A command-line value: `lr=1e-5`, `lora=true`, `lora_targets=q_proj,v_proj`, `model_config={"hidden_size": 64}`."""
     if t is str:
         return text
-    if t is bool:
+    if t == DATA_TYPE:  # a path, or a JSON list of tables: data='[{"path": "a.jsonl", "weight": 0.7}, ...]'
+        if not text.lstrip().startswith("["):
+            return text
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            pass
+    elif t is bool:
         if text.lower() in ("true", "1", "yes"):
             return True
         if text.lower() in ("false", "0", "no"):
@@ -221,7 +284,8 @@ def check(cfg: TrainConfig) -> None:
     for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "lora_r", "keep_checkpoints"):
         if getattr(cfg, name) < 1:
             raise Qwen2Error(f"training option {name!r} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("warmup_steps", "save_every"):
+    data_sources(cfg.data)
+    for name in ("warmup_steps", "save_every", "eval_every"):
         if getattr(cfg, name) < 0:
             raise Qwen2Error(f"training option {name!r} must be 0 or more, got {getattr(cfg, name)}")
     for name in ("lr", "beta", "lora_alpha"):
@@ -242,10 +306,12 @@ def check(cfg: TrainConfig) -> None:
 
 def require_paths(cfg: TrainConfig) -> None:
     """What a run needs before anything is loaded (a bare TrainConfig() is valid, e.g. for tests)."""
-    if not cfg.data:
+    sources = data_sources(cfg.data)
+    if not sources:
         raise Qwen2Error("no training data: set data = \"path/to/file.jsonl\" in the config or data=... on the command line")
-    if not os.path.isfile(cfg.data):
-        raise Qwen2Error(f"training data {cfg.data} does not exist or is not a file")
+    for path in [s.path for s in sources] + [s.heldout for s in sources if s.heldout]:
+        if not os.path.isfile(path):
+            raise Qwen2Error(f"training data {path} does not exist or is not a file")
     if not cfg.output_dir:
         raise Qwen2Error("no output directory: set output_dir = \"runs/NAME\" in the config or output_dir=... on the command line")
 

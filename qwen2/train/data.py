@@ -321,9 +321,13 @@ class ExampleOrder:
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen).tolist()
         return self._perm
 
+    def at(self, i: int) -> int:
+        """The i-th example the run reads."""
+        return self._permutation(i // self.n)[i % self.n]
+
     def micro_batch(self, m: int) -> list[int]:
         first = m * self.batch_size
-        return [self._permutation(i // self.n)[i % self.n] for i in range(first, first + self.batch_size)]
+        return [self.at(i) for i in range(first, first + self.batch_size)]
 
     def epoch_of(self, m: int) -> float:
         return (m + 1) * self.batch_size / self.n

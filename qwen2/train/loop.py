@@ -43,6 +43,14 @@ class Objective(Protocol):
         """(summed loss, summed metrics) of one micro-batch."""
 
 
+class StepReport(Protocol):
+    def due(self, step: int) -> bool:
+        """Whether `step` must be logged (e.g. it evaluates held-out data)."""
+
+    def __call__(self, model, step: int) -> dict[str, Any]:
+        """The columns this report adds to the log record of `step` (the same columns every time)."""
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warm-up from lr/warmup to lr over
     `warmup_steps`, then cosine or linear decay from lr to min_lr at the last step."""
@@ -169,6 +177,7 @@ class Trainer:
     device: torch.device
     extra_state: dict | None = None  # JSON data stored in every checkpoint (e.g. data reports)
     reference_deltas: dict | None = None  # optimizer=onmerge: SFT - base weights, by parameter name
+    step_report: StepReport | None = None  # more columns for the log (a data mixture's shares, held-out losses)
 
     def __post_init__(self):
         # Under torchrun the objectives run the wrapped model (DDP, FSDP2); the optimizer steps its
@@ -263,7 +272,10 @@ class Trainer:
                 record = self.train_step()
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                report_due = self.step_report is not None and self.step_report.due(self.step)
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or report_due:
+                    if self.step_report is not None:
+                        record.update(self.step_report(self.wrapped, self.step))
                     self.log.append(record)
                 if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.max_steps:
                     self.save()

@@ -14,11 +14,12 @@ from ..errors import Qwen2Error
 from ..fileio import write_text_atomic
 from . import data as D
 from . import distributed
-from .config import TrainConfig, from_dict, load_config, require_paths, to_dict
+from .config import TrainConfig, data_sources, from_dict, load_config, require_paths, to_dict
 from .dpo import DirectPreference, PreferenceBatch
 from .forward import forward, lm_loss_sum
 from .loop import Trainer
 from .lora import apply_lora, merge_lora, save_adapters, trainable_parameters
+from .mixture import Mixture, MixtureReport
 from .run_dir import CONFIG_FILE
 
 
@@ -151,22 +152,46 @@ def _run_in_world(task: str, cfg: TrainConfig, world: distributed.World, reward)
     torch.manual_seed(cfg.seed)
     m = load_model(cfg, device)
     tokenizer = m.tokenizer
-    report = D.DataReport(cfg.data, cfg.on_bad_record)
     os.makedirs(cfg.output_dir, exist_ok=True)
+    rows_per_micro_batch = cfg.batch_size * world.size  # drawn as one; each rank takes its slice
+    mine = slice(world.rank * cfg.batch_size, (world.rank + 1) * cfg.batch_size)
 
-    if task == "online-dpo":
+    mixture_report = None
+    if task in ("pretrain", "sft"):
+        sources = data_sources(cfg.data)
+
+        def rows_of(path: str, report: D.DataReport) -> list[D.Row]:
+            if task == "sft":
+                return D.sft_rows(tokenizer, path, cfg.seq_len, report)
+            return D.pretraining_rows(tokenizer, path, cfg.seq_len, cfg.pack_documents, report)
+
+        reports = [D.DataReport(s.path, cfg.on_bad_record) for s in sources]
+        rows = [rows_of(s.path, r) for s, r in zip(sources, reports)]
+        for source, source_rows in zip(sources, rows):
+            if not source_rows:
+                raise Qwen2Error(f"training data {source.path} holds no usable example")
+        mixture = Mixture(sources, rows, cfg.seed)
+        data_summary = reports[0].summary()
+        if isinstance(cfg.data, list):
+            data_summary = {"sources": [{"name": s.name, "weight": w, **r.summary()}
+                                        for s, w, r in zip(sources, mixture.weights, reports)]}
+            heldout = {s.name: rows_of(s.heldout, D.DataReport(s.heldout, cfg.on_bad_record))
+                       for s in sources if s.heldout}
+            mixture_report = MixtureReport(mixture, heldout, rows_per_micro_batch * cfg.grad_accum, cfg.eval_every,
+                                           cfg.max_steps, cfg.batch_size, tokenizer.pad_token_id, device)
+        described = ", ".join(f"{r.records} from {s.path}" for s, r in zip(sources, reports))
+        skipped, truncated = sum(r.skipped for r in reports), sum(r.truncated for r in reports)
+    else:
+        if isinstance(cfg.data, list):
+            raise Qwen2Error(f"a data mixture is for pretrain and sft; {task} reads one file: set data = \"FILE.jsonl\"")
         from . import online
 
-        examples = online.code_tasks(cfg.data, report)
-    elif task == "dpo":
-        examples = D.preference_pairs(tokenizer, cfg.data, cfg.seq_len, report)
-    elif task == "sft":
-        examples = D.sft_rows(tokenizer, cfg.data, cfg.seq_len, report)
-    else:
-        examples = D.pretraining_rows(tokenizer, cfg.data, cfg.seq_len, cfg.pack_documents, report)
-    # The global micro-batch (batch_size rows per rank) is drawn as one; each rank takes its slice.
-    order = D.ExampleOrder(len(examples), cfg.batch_size * world.size, cfg.seed)
-    mine = slice(world.rank * cfg.batch_size, (world.rank + 1) * cfg.batch_size)
+        report = D.DataReport(cfg.data, cfg.on_bad_record)
+        examples = (online.code_tasks(cfg.data, report) if task == "online-dpo"
+                    else D.preference_pairs(tokenizer, cfg.data, cfg.seq_len, report))
+        order = D.ExampleOrder(len(examples), rows_per_micro_batch, cfg.seed)
+        data_summary = report.summary()
+        described, skipped, truncated = f"{report.records} from {cfg.data}", report.skipped, report.truncated
 
     reference = None
     precomputed = task == "dpo" and examples[0].ref_chosen_logp is not None
@@ -184,10 +209,13 @@ def _run_in_world(task: str, cfg: TrainConfig, world: distributed.World, reward)
     if cfg.lora:
         apply_lora(m.model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, seed=cfg.seed)
 
-    def offline_micro_batch(index: int):
+    def rows_micro_batch(index: int) -> D.Batch:
+        first = index * rows_per_micro_batch
+        chosen = [mixture.row(i) for i in range(first, first + rows_per_micro_batch)][mine]
+        return D.collate(chosen, tokenizer.pad_token_id).to(device)
+
+    def preference_micro_batch(index: int) -> PreferenceBatch:
         chosen = [examples[i] for i in order.micro_batch(index)[mine]]
-        if task != "dpo":
-            return D.collate(chosen, tokenizer.pad_token_id).to(device)
         rows = D.collate([p.chosen for p in chosen] + [p.rejected for p in chosen], tokenizer.pad_token_id)
         ref = None
         if chosen[0].ref_chosen_logp is not None:
@@ -196,22 +224,21 @@ def _run_in_world(task: str, cfg: TrainConfig, world: distributed.World, reward)
         return PreferenceBatch(rows.to(device), ref)
 
     if task == "online-dpo":
-        from . import online
-
         if reward is None:
             reward = _make_reward(cfg, device)
         micro_batch = online.OnlineSampler(m.model, tokenizer, m.eos_ids, examples, order, mine, reward, cfg, device)
         objective = online.OnlinePreference(cfg.beta, reference, cfg.activation_checkpointing)
     elif task == "dpo":
-        micro_batch, objective = offline_micro_batch, DirectPreference(cfg.beta, reference, cfg.activation_checkpointing)
+        micro_batch = preference_micro_batch
+        objective = DirectPreference(cfg.beta, reference, cfg.activation_checkpointing)
     else:
-        micro_batch, objective = offline_micro_batch, LanguageModelling(cfg.activation_checkpointing)
-    trainer = Trainer(cfg, m.model, objective, micro_batch, device, extra_state={"data": report.summary()},
-                      reference_deltas=reference_deltas)
+        micro_batch, objective = rows_micro_batch, LanguageModelling(cfg.activation_checkpointing)
+    trainer = Trainer(cfg, m.model, objective, micro_batch, device, extra_state={"data": data_summary},
+                      reference_deltas=reference_deltas, step_report=mixture_report)
     trainer.start()
     if world.is_main:
         write_text_atomic(os.path.join(cfg.output_dir, CONFIG_FILE), json.dumps(to_dict(cfg), indent=2))
-        print(f"{task}: {report.records} examples from {cfg.data} ({report.skipped} skipped, {report.truncated} "
+        print(f"{task}: examples: {described} ({skipped} skipped, {truncated} "
               f"truncated), {trainable_parameters(m.model):,} trainable parameters"
               + (f", {world.size} processes ({cfg.distributed})" if world.active else ""), flush=True)
     log = trainer.fit()
@@ -221,7 +248,7 @@ def _run_in_world(task: str, cfg: TrainConfig, world: distributed.World, reward)
     if world.is_main:
         model_dir, adapter_dir = _export(cfg, m)
     distributed.barrier()
-    return RunResult(log, report.summary(), cfg.output_dir, model_dir, adapter_dir)
+    return RunResult(log, data_summary, cfg.output_dir, model_dir, adapter_dir)
 
 
 def _gathered(cfg: TrainConfig, sharded: torch.nn.Module) -> torch.nn.Module:
