@@ -116,6 +116,63 @@ def test_against_original_training_loss_unpadded(name):
     assert (ours_up - their_up).abs().max().item() <= 1e-4
 
 
+def grads_by_our_names(hf, model: Transformer) -> dict[str, torch.Tensor]:
+    """transformers' gradients under our parameter names: the fused experts split one by one."""
+    grads = {n: p.grad for n, p in hf.named_parameters()}
+    if "lm_head.weight" not in grads:  # tied
+        grads["lm_head.weight"] = grads["model.embed_tokens.weight"]
+    for i, block in enumerate(model.model.layers):
+        if isinstance(block.mlp, moe.SparseMoeBlock):
+            p, h = f"model.layers.{i}.mlp.experts.", model.config.moe_intermediate_size
+            gate_up, down = grads.pop(p + "gate_up_proj"), grads.pop(p + "down_proj")
+            for e in range(len(block.mlp.experts)):
+                grads[f"{p}{e}.gate_proj.weight"], grads[f"{p}{e}.up_proj.weight"] = gate_up[e][:h], gate_up[e][h:]
+                grads[f"{p}{e}.down_proj.weight"] = down[e]
+    return grads
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("name", ["norm-topk", "mlp-only-layers"])
+def test_against_original_trainer_loss_and_gradients(name, checkpointing):
+    """`qwen2 train` on a MoE model adds router_aux_loss_coef x the load-balancing loss over the real
+    tokens, as Qwen2MoeForCausalLM(output_router_logits=True) does: the same loss, aux_loss and
+    gradients, on a right-padded batch with prompt tokens ignored."""
+    from qwen2.train import data as D
+    from qwen2.train.config import TrainConfig
+    from qwen2.train.loop import Trainer
+    from qwen2.train.run import language_modelling
+
+    config = dataclasses.replace(moe_config(name), router_aux_loss_coef=0.3)
+    ours = random_model(config).train()
+    theirs = to_hf(ours).train()
+    gen = torch.Generator().manual_seed(5)
+    rows = []
+    for n, prompt in ((11, 3), (7, 0), (4, 1)):
+        ids = torch.randint(0, config.vocab_size, (n,), generator=gen).tolist()
+        rows.append(D.Row(ids, [D.IGNORE_INDEX] * prompt + ids[prompt:], [0] * n))
+    batch = D.collate(rows, pad_id=0)
+    real = (batch.doc_ids != D.PAD_DOCUMENT).long()
+    expected = theirs(input_ids=batch.input_ids, attention_mask=real, labels=batch.labels, output_router_logits=True)
+    expected.loss.backward()
+    objective = language_modelling(ours, checkpointing)
+    loss, metrics = objective.loss(ours, batch)
+    count = objective.count(batch)
+    (loss / count).backward()
+    assert abs((loss / count).item() - expected.loss.item()) <= 1e-5
+    assert abs(metrics["aux_loss"] / count - expected.aux_loss.item()) <= 1e-5
+    theirs_grads = grads_by_our_names(theirs, ours)
+    for param_name, p in ours.named_parameters():
+        theirs_grad = theirs_grads[param_name]
+        ours_grad = torch.zeros_like(theirs_grad) if p.grad is None else p.grad  # an expert no token chose
+        assert (ours_grad - theirs_grad).abs().max().item() <= 1e-5, param_name
+    # the Trainer logs the same loss and aux_loss; a dense model's objective has no balancing term
+    cfg = TrainConfig(output_dir="unused", grad_clip=0.0, lr=1e-3, min_lr=1e-3)
+    record = Trainer(cfg, random_model(config), objective, lambda m: batch, torch.device("cpu")).train_step()
+    assert abs(record["loss"] - expected.loss.item()) <= 1e-5
+    assert abs(record["aux_loss"] - expected.aux_loss.item()) <= 1e-5
+    assert type(language_modelling(random_model(tiny_config()), False)).__name__ == "LanguageModelling"
+
+
 @pytest.mark.parametrize("name", ["norm-topk", "sparse-step-2"])
 @pytest.mark.parametrize("batch", [2, 3])  # 2 rows decode through the few-token path, 3 through the sort
 def test_kv_cache_decode_equals_full_forward(name, batch):

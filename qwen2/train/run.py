@@ -12,6 +12,7 @@ import torch
 
 from ..errors import Qwen2Error
 from ..fileio import write_text_atomic
+from ..model.moe import load_balancing_loss
 from . import data as D
 from . import distributed
 from .config import TrainConfig, data_sources, from_dict, load_config, require_paths, to_dict
@@ -49,6 +50,31 @@ class LanguageModelling:
     def loss(self, model, batch: D.Batch):
         logits = forward(model, batch.input_ids, batch.doc_ids, self.activation_checkpointing)
         return lm_loss_sum(logits, batch.labels), {}
+
+
+class LoadBalancedLanguageModelling(LanguageModelling):
+    """Qwen2-MoE's training loss, as transformers' Qwen2MoeForCausalLM computes it: cross-entropy
+    plus `coefficient` x the routers' load-balancing loss over the micro-batch's real tokens (padding
+    left out). The loop divides by the step's target count, so the balancing term is scaled by this
+    micro-batch's count here: one micro-batch's loss is then exactly transformers' mean, and
+    accumulated ones weigh each micro-batch's balance by its tokens. Logged as `aux_loss`."""
+
+    def __init__(self, activation_checkpointing: bool, coefficient: float):
+        super().__init__(activation_checkpointing)
+        self.coefficient = coefficient
+
+    def loss(self, model, batch: D.Batch):
+        lm_loss, _ = super().loss(model, batch)
+        aux = load_balancing_loss(model, batch.doc_ids != D.PAD_DOCUMENT) * batch.num_targets
+        return lm_loss + self.coefficient * aux, {"aux_loss": float(aux.detach())}
+
+
+def language_modelling(model, activation_checkpointing: bool) -> LanguageModelling:
+    """The objective for `model`: with the load-balancing loss when it has MoE layers."""
+    config = model.config
+    if any(config.is_moe_layer(i) for i in range(config.num_hidden_layers)):
+        return LoadBalancedLanguageModelling(activation_checkpointing, config.router_aux_loss_coef)
+    return LanguageModelling(activation_checkpointing)
 
 
 # ---- model ------------------------------------------------------------------------------------
@@ -232,7 +258,7 @@ def _run_in_world(task: str, cfg: TrainConfig, world: distributed.World, reward)
         micro_batch = preference_micro_batch
         objective = DirectPreference(cfg.beta, reference, cfg.activation_checkpointing)
     else:
-        micro_batch, objective = rows_micro_batch, LanguageModelling(cfg.activation_checkpointing)
+        micro_batch, objective = rows_micro_batch, language_modelling(m.model, cfg.activation_checkpointing)
     trainer = Trainer(cfg, m.model, objective, micro_batch, device, extra_state={"data": data_summary},
                       reference_deltas=reference_deltas, step_report=mixture_report)
     trainer.start()
