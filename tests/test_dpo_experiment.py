@@ -101,9 +101,10 @@ def test_a_run_over_finished_stages_trains_nothing_and_reports_from_their_logs(t
     for name, e in evals.items():
         _write(work / "eval" / f"{name}.json",
                {**e, "seconds": 1.0, "tasks": [{"task_id": heldout["task_id"], "tests_passed": e["pass_rate"]}]})
+    good = "```python\n" + task["reference"] + "\n```"  # re-verified when the SFT records are written
     for name in ("base", "sft"):  # one passing and one failing reply: an SFT record and a pair
-        _write(work / "samples" / f"{name}.jsonl",
-               json.dumps({"task_id": task["task_id"], "responses": ["good", "bad"], "rewards": [1.0, 0.0]}) + "\n")
+        _write(work / "synth" / name / "samples.jsonl",
+               json.dumps({"task_id": task["task_id"], "responses": [good, "bad"], "rewards": [1.0, 0.0]}) + "\n")
     for name, run_log, seconds in (("sft", [{"step": 1, "loss": 1.0}], 3.0), ("dpo", log, 1.0), ("online", log, 5.0),
                                    ("online-ondare", unpaired, 5.0)):
         _write(work / name / "done.json", {"model_dir": str(tmp_path / f"{name}-model"), "log": run_log,

@@ -1,11 +1,14 @@
-"""Rejection sampling with execution feedback (qwen2.synth.rejection), on the DPO experiment's task
+"""Rejection sampling (qwen2.synth.rejection, `qwen2 synth reject`), on the DPO experiment's task
 files (benchmarks/data/dpo_tasks_*.jsonl, read as data) and on hand-made samples. Fast: the sandbox
-runs reference solutions, no model is loaded.
+runs reference solutions; the engine is replaced by one that answers from the task records.
 
-- the execution reward scores a reply holding the reference 1 and a broken one less;
+- the code verifier scores a reply holding the reference 1 and a broken one less, as online DPO's
+  execution reward does;
 - SFT records and preference pairs built from scored samples;
 - sampling resumes with the tasks left, the same seeds, after a cut last line;
-- task files with a bad record are a one-line error.
+- the command: math and code prompts in, samples, SFT records, pairs and stats out, every kept reply
+  re-verified; a rerun loads no model;
+- task files with a bad record, or without what the verifier reads, are a one-line error.
 """
 from __future__ import annotations
 
@@ -17,21 +20,26 @@ import pytest
 from qwen2.errors import Qwen2Error
 from qwen2.eval.humaneval import fenced
 from qwen2.runtime.generate import SamplingParams
+from qwen2.cli import main
 from qwen2.synth import rejection
-from qwen2.train.online import ExecutionReward
+from qwen2.synth.verifiers import Verifier, checked_score, verifier
+from qwen2.train.online import CodeTask, ExecutionReward
+
+from ggufs import save_random_model_dir, small_tokenizer_metadata
 
 TASK_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          "benchmarks", "data", "dpo_tasks_train.jsonl")
 TRAIN = rejection.read_tasks(TASK_FILE)
 
 
-def test_execution_reward_scores_the_reference_reply_and_a_broken_one():
-    reward = ExecutionReward(timeout=20)
+def test_the_code_verifier_scores_as_the_execution_reward_the_reference_reply_and_a_broken_one():
+    code, reward = verifier("code", sandbox_timeout=20), ExecutionReward(timeout=20)
     task = next(t for t in TRAIN if t["entry_point"] == "sum_of_squares")
     reply = "Here is the function:\n\n" + fenced(task["reference"]) + "\n\nIt sums i*i."
-    assert rejection.score(reward, task, reply) == 1.0
     off_by_one = fenced(task["reference"].replace("range(1, n + 1)", "range(1, n)"))
-    assert 0 < rejection.score(reward, task, off_by_one) < 1.0  # the n <= 0 tests still pass
+    as_online_dpo = CodeTask(task["prompt"], task["tests"], task["entry_point"])
+    assert checked_score(code, task, reply) == reward(as_online_dpo, reply) == 1.0
+    assert 0 < checked_score(code, task, off_by_one) == reward(as_online_dpo, off_by_one) < 1.0  # n <= 0 still pass
 
 
 # ---- data from scored samples --------------------------------------------------------------------
@@ -48,6 +56,7 @@ def test_sft_records_are_distinct_passing_replies_with_an_optional_reference_fal
     records, stats = rejection.sft_records(SAMPLES, TASKS, per_task=2, fallback=False)
     replies = [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in records]
     assert replies == [("a?", "a1"), ("a?", "a4"), ("c?", "c1"), ("c?", "c2")]
+    assert [r["task_id"] for r in records] == ["t/a", "t/a", "t/c", "t/c"]
     assert all(r["messages"][1]["role"] == "assistant" for r in records)
     assert stats == {"tasks": 3, "tasks_with_a_pass": 2, "from_samples": 4, "from_reference": 0}
     records, stats = rejection.sft_records(SAMPLES, TASKS, per_task=1, fallback=True)
@@ -103,7 +112,8 @@ def test_sampling_resumes_with_the_tasks_left_and_the_same_seeds(tmp_path, monke
 
     monkeypatch.setattr(rejection, "generate_replies", fake_engine)
     result = rejection.sample_and_score(str(path), TRAIN[:3], FakeModel(), SamplingParams(temperature=0.8),
-                                        samples=2, reward=lambda task, reply: float("def " in reply), progress=False)
+                                        samples=2, scorer=Verifier("has-def", lambda task, reply: "def " in reply),
+                                        progress=False)
     # task 0 was done; reply i of task t samples with seed t * 1000 + i (seed 0), however the run was cut
     assert sorted(seeds) == [1000, 1001, 2000, 2001]
     assert [r["task_id"] for r in result] == [t["task_id"] for t in TRAIN[:3]] and result[0] == done
@@ -127,7 +137,7 @@ def test_sampling_settings_out_of_range_are_one_line_errors(tmp_path):
 
 @pytest.mark.parametrize("line, why", [
     ("{not json", "invalid JSON"),
-    ('{"task_id": "t/x", "prompt": "a string", "tests": ["assert 1"]}', "\"prompt\" must be a list"),
+    ('{"task_id": "t/x", "prompt": 7, "tests": ["assert 1"]}', "\"prompt\" must be a string or a list"),
     ('{"task_id": "t/x", "prompt": [{"role": "robot", "content": "x?"}], "tests": ["assert 1"]}', "message 0 must"),
     ('{"task_id": "t/x", "prompt": [{"role": "user", "content": "x?"}], "tests": []}', "\"tests\" must be"),
     ('{"prompt": [{"role": "user", "content": "x?"}], "tests": ["assert 1"]}', "a task needs a string"),
@@ -142,3 +152,83 @@ def test_a_bad_task_record_is_a_one_line_error_or_skipped(tmp_path, capsys, line
     assert "\n" not in str(e.value)
     assert rejection.read_tasks(path, on_bad_record="skip") == [first]
     assert f"tasks.jsonl:2: {why}" in capsys.readouterr().err
+
+
+# ---- the command ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_dir(tmp_path_factory) -> str:
+    from qwen2.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_gguf_metadata(small_tokenizer_metadata())
+    return save_random_model_dir(tmp_path_factory.mktemp("small") / "model", tokenizer)
+
+
+def engine_answering(replies_by_prompt):
+    """An engine whose reply to a prompt is replies_by_prompt[prompt text](seed)."""
+    def engine(m, jobs, max_batch):
+        for j, (ids, params) in enumerate(jobs):
+            text = m.tokenizer.decode(ids)
+            prompt = next(p for p in replies_by_prompt if p in text)
+            yield j, replies_by_prompt[prompt](params.seed)
+    return engine
+
+
+def test_synth_reject_with_the_code_verifier_keeps_passing_replies_and_pairs(small_dir, tmp_path, monkeypatch, capsys):
+    tasks = TRAIN[:3]
+    prompts = tmp_path / "tasks.jsonl"
+    prompts.write_text("".join(json.dumps(t) + "\n" for t in tasks))
+    broken = "```python\ndef f(*a):\n    return None\n```"
+    # task 0 always right, task 1 right on odd seeds, task 2 never
+    answers = {tasks[0]["prompt"][0]["content"]: lambda seed: fenced(tasks[0]["reference"]),
+               tasks[1]["prompt"][0]["content"]: lambda seed: fenced(tasks[1]["reference"]) if seed % 2 else broken,
+               tasks[2]["prompt"][0]["content"]: lambda seed: "I cannot write that."}
+    monkeypatch.setattr(rejection, "generate_replies", engine_answering(answers))
+    out = tmp_path / "out"
+    args = ["synth", "reject", str(prompts), "--model", small_dir, "--out", str(out), "--verifier", "code",
+            "--samples", "2", "--pairs", "--per-prompt", "2", "--no-progress", "--seed", "0"]
+    assert main(args) == 0
+    sft = [json.loads(line) for line in (out / "sft.jsonl").read_text().splitlines()]
+    pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    stats = json.loads((out / "stats.json").read_text())
+    # the experiment's way (sample_and_score + sft_records on the execution reward) gives the same records
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    reward = ExecutionReward()
+    for line, task in zip(samples, tasks):
+        assert line["rewards"] == [reward(CodeTask(task["prompt"], task["tests"], task["entry_point"]), r)
+                                   for r in line["responses"]]
+    assert sft == rejection.sft_records(samples, {t["task_id"]: t for t in tasks}, 2, False)[0]
+    assert [r["task_id"] for r in sft] == [tasks[0]["task_id"], tasks[1]["task_id"]]  # distinct replies only
+    assert [(p["task_id"], p["chosen"]) for p in pairs] == [(tasks[1]["task_id"], fenced(tasks[1]["reference"]))]
+    assert (stats["prompts"], stats["samples"], stats["passing"], stats["kept"], stats["pairs"]) == (3, 6, 3, 2, 1)
+    assert stats["acceptance_rate"] == 0.5 and stats["reverified"] == 2
+    assert "3 prompts, 3/6 samples passed (50.0%): 2 SFT records, 1 DPO pairs" in capsys.readouterr().out
+    # a rerun samples nothing and loads no model: the model path may be gone
+    assert main([*args[:3], "--model", str(tmp_path / "gone"), *args[5:]]) == 0
+    assert [json.loads(line) for line in (out / "sft.jsonl").read_text().splitlines()] == sft
+
+
+def test_synth_reject_with_the_math_verifier_on_string_prompts(small_dir, tmp_path, monkeypatch):
+    prompts = tmp_path / "math.jsonl"
+    records = [{"task_id": "m1", "prompt": "What is 1/2 + 1/4?", "answer": "3/4"},
+               {"task_id": "m2", "prompt": "What is 6 * 7?", "answer": 42}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    answers = {"1/2 + 1/4": lambda seed: [r"It is \boxed{0.75}", "It is 0.7", r"\frac{3}{4}"][seed % 3],
+               "6 * 7": lambda seed: ["#### 42", "6 * 7 = 43"][seed % 2]}
+    monkeypatch.setattr(rejection, "generate_replies", engine_answering(answers))
+    stats = rejection.reject(prompts, small_dir, tmp_path / "out", verifier_name="math", samples=6,
+                             params=SamplingParams(temperature=1.0), per_task=3, pairs=True, progress=False)
+    sft = [json.loads(line) for line in (tmp_path / "out" / "sft.jsonl").read_text().splitlines()]
+    kept = {(r["task_id"], r["messages"][-1]["content"]) for r in sft}
+    assert kept == {("m1", r"It is \boxed{0.75}"), ("m1", r"\frac{3}{4}"), ("m2", "#### 42")}
+    assert all(r["messages"][0] == {"role": "user", "content": records[int(r["task_id"][1]) - 1]["prompt"]} for r in sft)
+    assert stats["passing"] == 4 + 3 and stats["samples"] == 12 and stats["reverified"] == 3
+
+
+def test_synth_reject_refuses_prompts_without_what_the_verifier_reads(small_dir, tmp_path, capsys):
+    prompts = tmp_path / "math.jsonl"
+    prompts.write_text(json.dumps({"task_id": "m1", "prompt": "What is 2 + 2?"}) + "\n")
+    assert main(["synth", "reject", str(prompts), "--model", small_dir, "--out", str(tmp_path / "o")]) == 1
+    assert capsys.readouterr().err.strip() == (f"error: bad record at {prompts}:1: the math verifier needs a \"answer\" "
+                                               "field in every record (set on_bad_record=skip to skip such records)")
+    assert not (tmp_path / "o").exists()

@@ -18,7 +18,7 @@ There is no pre-SFT checkpoint of the 0.5B instruct model here, so the stages ar
 
   base           the shipped Qwen2.5-Coder-0.5B-Instruct
   sft            base + LoRA SFT (merged) on base's own passing replies to the train tasks (rejection-
-                 sampling fine-tuning: k samples per task, those passing every test; `qwen2.synth.rejection`,
+                 sampling fine-tuning: k samples per task, those passing every test; `qwen2 synth reject`,
                  `qwen2.train.sft`)
   dpo            sft + offline DPO on pairs sampled from sft once: a passing reply (chosen) against a
                  failing one (rejected) of the same task (`qwen2.train.dpo`, full fine-tuning)
@@ -61,9 +61,9 @@ from qwen2.eval.perplexity import perplexity
 from qwen2.fileio import write_text_atomic
 from qwen2.progress import progress_bar
 from qwen2.runtime.generate import SamplingParams
-from qwen2.synth.rejection import (generate_replies, preference_records, read_tasks, sample_and_score, score,
-                                   sft_records, task_prompt_ids)
-from qwen2.train.online import ExecutionReward
+from qwen2.synth import rejection
+from qwen2.synth.rejection import generate_replies, read_tasks, task_prompt_ids
+from qwen2.synth.verifiers import checked_score, verifier
 
 TRAIN_TASKS = os.path.join(DATA_DIR, "dpo_tasks_train.jsonl")
 HELDOUT_TASKS = os.path.join(DATA_DIR, "dpo_tasks_heldout.jsonl")
@@ -83,12 +83,25 @@ def greedy_replies(m, tasks: list[dict], max_new_tokens: int, batch: int) -> lis
     return replies
 
 
-def sample_stage(path: str, model_dir: str, tasks: list[dict], args) -> list[dict]:
-    """`args.samples` scored replies per task from the model (`qwen2.synth.rejection`), appended to
-    `path` task by task: a killed stage goes on with the tasks left."""
+def sample_stage(name: str, model_dir: str, tasks_file: str, pairs: bool, args) -> tuple[list[dict], dict, float]:
+    """`qwen2 synth reject --verifier code` over the train tasks: `args.samples` scored replies per task
+    from the model, into work-dir/synth/NAME (samples appended task by task: a killed stage goes on
+    with the tasks left); its SFT records, or with `pairs` its DPO pairs, their stats, and the
+    seconds the sampling took (over every run of the stage)."""
+    out = os.path.join(args.work_dir, "synth", name)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
-    return sample_and_score(path, tasks, model_dir, params, samples=args.samples, seed=args.seed,
-                            batch=args.sample_batch, reward=ExecutionReward(args.sandbox_timeout))
+    stats = rejection.reject(tasks_file, model_dir, out, verifier_name="code", samples=args.samples, params=params,
+                             seed=args.seed, batch=args.sample_batch, pairs=pairs,
+                             per_task=args.pairs_per_task if pairs else args.sft_per_task,
+                             fallback=args.reference_fallback, sandbox_timeout=args.sandbox_timeout)
+    records = read_jsonl(os.path.join(out, rejection.PAIRS_FILE if pairs else rejection.SFT_FILE))
+    seconds = sum(s.get("seconds", 0.0) for s in read_jsonl(os.path.join(out, rejection.SAMPLES_FILE)))
+    return records, stats["pair_stats" if pairs else "sft"], seconds
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
 
 
 # ---- evaluation -------------------------------------------------------------------------------
@@ -117,8 +130,8 @@ def evaluate(path: str, model_dir: str, tasks: list[dict], texts: dict[str, str]
     start = time.perf_counter()
     m = qwen2.load(model_dir)
     replies = greedy_replies(m, tasks, args.max_new_tokens, args.eval_batch)
-    reward = ExecutionReward(args.sandbox_timeout)
-    fractions = [score(reward, t, r) for t, r in zip(tasks, replies)]
+    code = verifier("code", args.sandbox_timeout)
+    fractions = [checked_score(code, t, r) for t, r in zip(tasks, replies)]
     ppl = {}
     for name, text in texts.items():
         ids = m.tokenizer.encode(text)[:args.ppl_tokens]
@@ -282,7 +295,6 @@ def main(argv=None) -> int:
     os.makedirs(w, exist_ok=True)
     train_tasks = read_tasks(TRAIN_TASKS)[:args.train_limit]
     heldout = read_tasks(HELDOUT_TASKS)[:args.heldout_limit]
-    by_id = {t["task_id"]: t for t in train_tasks}
     texts = general_texts(args.smoke)
     if args.smoke:
         base = smoke_base_model(os.path.join(w, "smoke-base"))
@@ -297,8 +309,8 @@ def main(argv=None) -> int:
     evals = {"base": evaluate(os.path.join(w, "eval", "base.json"), base, heldout, texts, args)}
 
     # 1. SFT on base's own passing replies (rejection sampling), LoRA merged into the weights
-    base_samples = sample_stage(os.path.join(w, "samples", "base.jsonl"), base, train_tasks, args)
-    sft_data, sft_stats = sft_records(base_samples, by_id, args.sft_per_task, args.reference_fallback)
+    tasks_file = write_jsonl(os.path.join(w, "data", "train_tasks.jsonl"), train_tasks)
+    sft_data, sft_stats, sampling_seconds = sample_stage("base", base, tasks_file, False, args)
     if not sft_data:
         raise Qwen2Error("no train task has a passing sample to fine-tune on; raise --samples or pass "
                          "--reference-fallback")
@@ -311,8 +323,7 @@ def main(argv=None) -> int:
     evals["sft"] = evaluate(os.path.join(w, "eval", "sft.json"), sft_dir, heldout, texts, args)
 
     # 2. offline DPO on pairs sampled once from the SFT model
-    sft_samples = sample_stage(os.path.join(w, "samples", "sft.jsonl"), sft_dir, train_tasks, args)
-    pairs, pair_stats = preference_records(sft_samples, by_id, args.pairs_per_task, args.reference_fallback)
+    pairs, pair_stats, seconds_sft = sample_stage("sft", sft_dir, tasks_file, True, args)
     preference = dict(common, model=sft_dir, beta=args.beta, lr=args.lr, min_lr=args.lr / 10)
     if pairs:
         runs["dpo"] = train_stage("dpo", {
@@ -324,7 +335,7 @@ def main(argv=None) -> int:
         print("no preference pair (every task all-pass or all-fail): offline DPO skipped", flush=True)
 
     # 3. online DPO with the execution reward: AdamW, then the Online Merging Optimizer (each method)
-    online = dict(preference, data=write_jsonl(os.path.join(w, "data", "train_tasks.jsonl"), train_tasks),
+    online = dict(preference, data=tasks_file,
                   reward="execution", num_samples=args.online_samples, max_new_tokens=args.max_new_tokens,
                   temperature=args.temperature, top_p=args.top_p, sandbox_timeout=args.sandbox_timeout,
                   max_steps=args.online_steps)
@@ -338,8 +349,7 @@ def main(argv=None) -> int:
         evals[name] = evaluate(os.path.join(w, "eval", f"{folder}.json"), runs[name]["model_dir"], heldout, texts, args)
 
     seconds = {f"eval {k}": e["seconds"] for k, e in evals.items()}
-    seconds |= {f"sample {k}": sum(x.get("seconds", 0.0) for x in v) for k, v in (("base", base_samples),
-                                                                                   ("sft", sft_samples))}
+    seconds |= {"sample base": sampling_seconds, "sample sft": seconds_sft}
     seconds |= {f"train {k}": r["seconds"] for k, r in runs.items()}
     data = {"args": vars(args), "base_model": base, "tasks": {"train": len(train_tasks), "heldout": len(heldout)},
             "sft_data": sft_stats, "pairs": pair_stats, "summary": summarise(runs, evals),

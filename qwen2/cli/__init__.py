@@ -1,4 +1,4 @@
-"""The `qwen2` command: generate, chat, convert, info, models, train, serve, eval."""
+"""The `qwen2` command: generate, chat, convert, info, models, train, serve, eval, data, synth."""
 from __future__ import annotations
 
 import argparse
@@ -317,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub, add_model_args)
     from .data import add_data_parser  # qwen2 data train-tokenizer / dedup / filter / langid / ...
     add_data_parser(sub)
+    from .synth import add_synth_parser  # qwen2 synth reject
+    add_synth_parser(sub)
     return parser
 
 

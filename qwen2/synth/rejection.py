@@ -1,16 +1,19 @@
-"""Rejection sampling with execution feedback: programming tasks in, SFT records and DPO pairs out.
+"""Rejection sampling: prompts in, the model's own replies that a verifier accepts out, as SFT
+records and DPO pairs (`qwen2 synth reject`).
 
-A task is a JSONL record: `task_id`, `prompt` (chat messages asking for a function), `tests` (test
-snippets, or one test program), and optionally `entry_point` (the function the tests call: it picks
-the right code block of a reply) and `reference` (a solution, the fallback for a task the model
-never solves). Online DPO reads the same records (`qwen2.train.online.code_tasks`).
+A task is a JSONL record: `task_id`, `prompt` (a string, or chat messages) and what its verifier
+reads (`qwen2.synth.verifiers`): `answer` for math; for code (execution feedback) `tests` (test
+snippets, or one test program), optionally `entry_point` (the function the tests call: it picks the
+right code block of a reply) and `reference` (a solution, the fallback for a task the model never
+solves). Online DPO reads the same code records (`qwen2.train.online.code_tasks`).
 
-  sample_and_score    k sampled replies per task, each scored by running its code with the tests
-                      (`qwen2.train.online.ExecutionReward`: the fraction of tests passed); one JSONL
-                      line per task, appended as it finishes, so a killed run goes on where it was
-  sft_records         the distinct replies that pass every test, as chat records (rejection-sampling
+  sample_and_score    k sampled replies per task, each scored by the verifier (code: the fraction
+                      of tests passed, as online DPO's execution reward); one JSONL line per task,
+                      appended as it finishes, so a killed run goes on where it was
+  sft_records         the distinct replies that pass (score 1), as chat records (rejection-sampling
                       fine-tuning on the model's own correct answers)
   preference_records  passing replies (chosen) against failing ones (rejected), worst failure first
+  reject              all of it into a directory: samples.jsonl, sft.jsonl, pairs.jsonl, stats.json
 
 Reply i of task t samples with its own seed, (seed * 1,000,003 + t) * 1,000 + i, and each decodes as
 if alone (the serving engine's rows do not see each other), so a rerun or a resumed run draws the same
@@ -23,7 +26,7 @@ import gc
 import json
 import os
 import time
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from ..api import Qwen2, load
 from ..errors import Qwen2Error
@@ -32,24 +35,28 @@ from ..fileio import read_text, write_text_atomic
 from ..progress import progress_bar
 from ..runtime.generate import SamplingParams
 from ..train.data import DataReport, check_messages, jsonl_records
-from ..train.online import CodeTask, ExecutionReward, Reward
+from .verifiers import Verifier, checked_score, missing_field, verifier
 
 MAX_SAMPLES = 1_000  # replies per task: the seeds of task t are t * 1,000 + i, so more would overlap task t + 1
 
 
 # ---- tasks and scoring ----------------------------------------------------------------------------
 
-def read_tasks(path: str | os.PathLike, on_bad_record: str = "fail") -> list[dict]:
+def read_tasks(path: str | os.PathLike, on_bad_record: str = "fail", needs: Verifier | None = None) -> list[dict]:
     """The task records of a JSONL file, checked the way training data is (`qwen2.train.data`): a bad
-    record (invalid JSON, no string task_id, a prompt that is not a conversation, no test, a task_id
-    seen before: sampling resumes by it) stops with its file and line, or with on_bad_record="skip"
-    is skipped with a warning."""
+    record (invalid JSON, no string task_id, a prompt that is neither a string nor a conversation, a
+    field the verifier `needs` missing (default: the code verifier's tests), a task_id seen before:
+    sampling resumes by it) stops with its file and line, or with on_bad_record="skip" is skipped
+    with a warning. A string prompt becomes the conversation of one user message."""
     if on_bad_record not in ("fail", "skip"):
         raise Qwen2Error(f"on_bad_record must be 'fail' or 'skip', got {on_bad_record!r}")
+    needs = needs or verifier("code")
     report = DataReport(os.fspath(path), on_bad_record)
     tasks, seen = [], set()
     for number, task in jsonl_records(report.path, report):
-        why = _task_problem(task)
+        if isinstance(task.get("prompt"), str):
+            task["prompt"] = [{"role": "user", "content": task["prompt"]}]
+        why = _task_problem(task, needs)
         if why is None and task["task_id"] in seen:
             why = f"task_id {task['task_id']!r} appears twice"
         if why:
@@ -61,27 +68,17 @@ def read_tasks(path: str | os.PathLike, on_bad_record: str = "fail") -> list[dic
     return tasks
 
 
-def _task_problem(task: dict) -> str | None:
-    """Why a record is not a task, or None."""
+def _task_problem(task: dict, needs: Verifier) -> str | None:
+    """Why a record is not a task `needs` can check, or None."""
     prompt, tests = task.get("prompt"), task.get("tests")
     if not isinstance(task.get("task_id"), str):
         return "a task needs a string \"task_id\""
     if not isinstance(prompt, list):
-        return "\"prompt\" must be a list of chat messages"
-    if not (isinstance(tests, str) and tests.strip()
-            or isinstance(tests, list) and tests and all(isinstance(t, str) for t in tests)):
+        return "\"prompt\" must be a string or a list of chat messages"
+    if "tests" in needs.fields and not (isinstance(tests, str) and tests.strip()
+                                        or isinstance(tests, list) and tests and all(isinstance(t, str) for t in tests)):
         return "\"tests\" must be a test program or a list of test snippets"
-    return check_messages(prompt + [{"role": "assistant", "content": "the reply"}])
-
-
-def code_task(task: dict) -> CodeTask:
-    return CodeTask(task["prompt"], task["tests"], task.get("entry_point"))
-
-
-def score(reward: Reward, task: dict, reply: str) -> float:
-    """The reward of a reply to a task; with ExecutionReward, the fraction of its tests the reply's
-    code passes (what online DPO trains on)."""
-    return reward(code_task(task), reply)
+    return missing_field(needs, task) or check_messages(prompt + [{"role": "assistant", "content": "the reply"}])
 
 
 def reference_reply(task: dict) -> str:
@@ -134,14 +131,15 @@ def _read_samples(path: str) -> list[dict]:
     return done
 
 
-def sample_and_score(path: str | os.PathLike, tasks: list[dict], model: Qwen2 | str | os.PathLike,
+def sample_and_score(path: str | os.PathLike, tasks: list[dict], model: Qwen2 | str | os.PathLike | Callable[[], Qwen2],
                      params: SamplingParams, *, samples: int, seed: int = 0, batch: int = 8,
-                     reward: Reward | None = None, progress: bool = True) -> list[dict]:
+                     scorer: Verifier | None = None, progress: bool = True) -> list[dict]:
     """`samples` replies per task sampled with `params` (its seed replaced by each reply's own), each
-    scored by `reward` (default: ExecutionReward, 10 s per test). One JSONL line per task,
+    scored by the verifier `scorer` (default: the code verifier, 10 s per test). One JSONL line per task,
     {"task_id", "responses", "rewards", "seconds"}, appended to `path` as soon as its replies are in:
-    run again with the same file, it samples only the tasks not there. `model` is a loaded model, or
-    a model directory or registry name, loaded only when tasks are left. Returns the tasks' lines in
+    run again with the same file, it samples only the tasks not there. `model` is a loaded model, a
+    model directory or registry name, or a function that loads one; the last two are loaded only when
+    tasks are left. Returns the tasks' lines in
     the order of `tasks`."""
     if not (isinstance(samples, int) and 1 <= samples <= MAX_SAMPLES):
         raise Qwen2Error(f"samples per task must be an integer from 1 to {MAX_SAMPLES}, got {samples!r}")
@@ -154,8 +152,8 @@ def sample_and_score(path: str | os.PathLike, tasks: list[dict], model: Qwen2 | 
     if todo:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         write_text_atomic(path, "".join(json.dumps(s) + "\n" for s in done))  # drops a cut last line
-        m = load(model) if isinstance(model, (str, os.PathLike)) else model
-        reward = reward or ExecutionReward()
+        m = load(model) if isinstance(model, (str, os.PathLike)) else model() if callable(model) else model
+        scorer = scorer or verifier("code")
         jobs, owner = [], []  # owner[j] = (todo position, reply index)
         for position, (t, task) in enumerate(todo):
             ids = task_prompt_ids(m, task)
@@ -173,7 +171,8 @@ def sample_and_score(path: str | os.PathLike, tasks: list[dict], model: Qwen2 | 
                     continue
                 task = todo[position][1]
                 line = {"task_id": task["task_id"], "responses": replies[position],
-                        "rewards": [score(reward, task, r) for r in replies[position]],
+                        "rewards": [checked_score(scorer, task, r, where=f"task {task['task_id']!r}")
+                                    for r in replies[position]],
                         "seconds": time.perf_counter() - last}  # wall time since the previous task finished
                 last = time.perf_counter()
                 out.write(json.dumps(line) + "\n")
@@ -206,7 +205,8 @@ def sft_records(samples: list[dict], tasks: dict[str, dict], per_task: int, fall
             stats["from_reference"] += 1
         else:
             stats["from_samples"] += len(passing)
-        records += [{"messages": task["prompt"] + [{"role": "assistant", "content": r}]} for r in passing]
+        records += [{"messages": task["prompt"] + [{"role": "assistant", "content": r}], "task_id": s["task_id"]}
+                    for r in passing]
     return records, stats
 
 
@@ -239,3 +239,55 @@ def preference_records(samples: list[dict], tasks: dict[str, dict], per_task: in
         records += [{"prompt": task["prompt"], "chosen": c, "rejected": r, "task_id": s["task_id"]}
                     for c, r in list(zip(chosen, rejected))[:per_task]]
     return records, stats
+
+
+# ---- the whole run: qwen2 synth reject -------------------------------------------------------------
+
+SAMPLES_FILE, SFT_FILE, PAIRS_FILE, STATS_FILE = "samples.jsonl", "sft.jsonl", "pairs.jsonl", "stats.json"
+
+
+def write_jsonl(path: str, records: list[dict]) -> str:
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def reject(prompts: str | os.PathLike, model: Qwen2 | str | os.PathLike | Callable[[], Qwen2], out_dir: str | os.PathLike, *,
+           verifier_name: str = "code", samples: int, params: SamplingParams, seed: int = 0, batch: int = 8,
+           pairs: bool = False, per_task: int = 1, fallback: bool = False, sandbox_timeout: float = 10.0,
+           on_bad_record: str = "fail", progress: bool = True) -> dict:
+    """`samples` replies per prompt of the file `prompts`, scored by the verifier named `verifier_name`;
+    into `out_dir`: samples.jsonl (every reply and its score; a rerun samples only the prompts not
+    there), sft.jsonl (up to `per_task` distinct passing replies per prompt, chat records for
+    `qwen2 train sft`), with `pairs` pairs.jsonl (passing over failing replies, for `qwen2 train dpo`),
+    and stats.json: prompts, samples, passing, acceptance rate, kept, pairs. Every kept reply is scored
+    again before it is written (`reverified`): a verifier that changes its mind is caught here, not in
+    training. Returns the stats."""
+    out_dir = os.fspath(out_dir)
+    start = time.perf_counter()
+    scorer = verifier(verifier_name, sandbox_timeout)
+    tasks = read_tasks(prompts, on_bad_record, scorer)
+    if not tasks:
+        raise Qwen2Error(f"{os.fspath(prompts)} holds no prompt to sample")
+    scored = sample_and_score(os.path.join(out_dir, SAMPLES_FILE), tasks, model, params, samples=samples,
+                              seed=seed, batch=batch, scorer=scorer, progress=progress)
+    by_id = {t["task_id"]: t for t in tasks}
+    sft, sft_stats = sft_records(scored, by_id, per_task, fallback)
+    reverified = sum(checked_score(scorer, by_id[r["task_id"]], r["messages"][-1]["content"],
+                                   where=f"task {r['task_id']!r}") == 1.0 for r in sft)
+    if reverified != len(sft):
+        raise Qwen2Error(f"verifier {scorer.name} rejects {len(sft) - reverified} of the {len(sft)} replies kept "
+                         "(it accepted them once, or they are reference solutions that fail); a verifier must give "
+                         "the same answer every time")
+    write_jsonl(os.path.join(out_dir, SFT_FILE), sft)
+    replies = [x for s in scored for x in s["rewards"]]
+    stats = {"verifier": scorer.name, "prompts": len(scored), "samples": len(replies),
+             "passing": sum(x == 1.0 for x in replies), "acceptance_rate": sum(x == 1.0 for x in replies) / len(replies),
+             "kept": len(sft), "reverified": reverified, "sft": sft_stats}
+    if pairs:
+        preference, pair_stats = preference_records(scored, by_id, per_task, fallback)
+        write_jsonl(os.path.join(out_dir, PAIRS_FILE), preference)
+        stats.update(pairs=len(preference), pair_stats=pair_stats)
+    stats["seconds"] = time.perf_counter() - start
+    write_text_atomic(os.path.join(out_dir, STATS_FILE), json.dumps(stats, indent=2) + "\n")
+    return stats
+

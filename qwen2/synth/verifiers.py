@@ -1,13 +1,15 @@
 """What decides that a sampled reply is right, for rejection sampling: a verifier is any function
-`(record, reply) -> bool` of the prompt's record and one reply.
+`(record, reply) -> bool` of the prompt's record and one reply, or a score in [0, 1] where 1 is right
+(the code verifier's: the fraction of tests passed, which orders failures for preference pairs).
 
     math              the reply's final answer equals the record's "answer" as mathematics
                       (`qwen2.eval.answers.math_answer_matches`: fractions, decimals, LaTeX, \\boxed{})
-    code              the reply's code passes every one of the record's "tests" in the sandbox
+    code              the fraction of the record's "tests" the reply's code passes in the sandbox
+                      (online DPO's execution reward)
     python:MOD.FN     a function of the user's, imported by name (`python:my_checks.is_polite`)
 
 `verifier(spec)` builds one; `fields` names what each needs in a record, so a prompt file without it
-is refused before any sampling. `checked_call` runs a verifier with a time limit, so one that hangs
+is refused before any sampling. `checked_score` runs a verifier with a time limit, so one that hangs
 or raises is a one-line error naming the record, never a stuck run.
 """
 from __future__ import annotations
@@ -27,21 +29,21 @@ VERIFIERS = ("math", "code", "python:MODULE.FUNCTION")
 @dataclass(frozen=True)
 class Verifier:
     name: str
-    check: Callable[[dict, str], bool]
-    fields: tuple[str, ...] = ()  # what the check reads from a record
+    score: Callable[[dict, str], bool | float]  # (record, reply) -> right or not, or a score in [0, 1]
+    fields: tuple[str, ...] = ()  # what it reads from a record
 
 
 def _math(record: dict, reply: str) -> bool:
     return math_answer_matches(reply, record["answer"])
 
 
-def _code(timeout: float) -> Callable[[dict, str], bool]:
+def _code(timeout: float) -> Callable[[dict, str], float]:
     run_tests = ExecutionReward(timeout)
 
-    def passes(record: dict, reply: str) -> bool:
-        return run_tests(CodeTask(record["prompt"], record["tests"], record.get("entry_point")), reply) == 1.0
+    def tests_passed(record: dict, reply: str) -> float:
+        return run_tests(CodeTask(record["prompt"], record["tests"], record.get("entry_point")), reply)
 
-    return passes
+    return tests_passed
 
 
 def verifier(spec: str, sandbox_timeout: float = 10.0) -> Verifier:
@@ -73,15 +75,16 @@ def missing_field(v: Verifier, record: dict) -> str | None:
     return None
 
 
-def checked_call(v: Verifier, record: dict, reply: str, timeout: float = 60.0, where: str = "") -> bool:
-    """`v`'s verdict on `reply`, within `timeout` seconds; a verifier that raises, hangs or answers
-    something other than a bool is a one-line error naming `where` (the record). It runs in a daemon
-    thread of its own: one that hangs is left behind, and the process can still end."""
+def checked_score(v: Verifier, record: dict, reply: str, timeout: float = 60.0, where: str = "") -> float:
+    """`v`'s score of `reply` (1.0: right), within `timeout` seconds; a verifier that raises, hangs or
+    answers something other than a bool or a number in [0, 1] is a one-line error naming `where` (the
+    record). It runs in a daemon thread of its own: one that hangs is left behind, and the process
+    can still end."""
     outcome: dict = {}
 
     def run():
         try:
-            outcome["verdict"] = v.check(record, reply)
+            outcome["verdict"] = v.score(record, reply)
         except BaseException as e:  # the user's code: any failure is theirs to fix, reported in one line
             outcome["error"] = e
 
@@ -97,6 +100,14 @@ def checked_call(v: Verifier, record: dict, reply: str, timeout: float = 60.0, w
             raise e
         raise Qwen2Error(f"verifier {v.name} raised {type(e).__name__} on {where}: {e}")
     verdict = outcome["verdict"]
-    if not isinstance(verdict, bool) and type(verdict).__name__ != "bool_":  # numpy's bool is fine
-        raise Qwen2Error(f"verifier {v.name} returned {verdict!r} on {where}; it must return True or False")
-    return bool(verdict)
+    if isinstance(verdict, str) or not _is_score(verdict):
+        raise Qwen2Error(f"verifier {v.name} returned {verdict!r} on {where}; it must return True or False "
+                         "(or a score from 0 to 1)")
+    return float(verdict)
+
+
+def _is_score(value) -> bool:
+    try:
+        return 0.0 <= float(value) <= 1.0  # bool, numpy's bool, int, float
+    except (TypeError, ValueError):
+        return False
