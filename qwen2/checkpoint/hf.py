@@ -106,21 +106,31 @@ def save_hf_dir(path: str, config: Qwen2Config, state_dict: dict[str, torch.Tens
                 max_shard_bytes: int = MAX_SHARD_BYTES, extra_files: dict[str, dict] | None = None) -> None:
     """Write a directory transformers' `from_pretrained` loads. Atomic: everything goes to a
     temporary sibling directory that is renamed into place only once complete."""
-    from safetensors.torch import save_file
-
-    path = check_output_dir(path, overwrite)
     if not state_dict:
         raise Qwen2Error("no tensors to save: the state dict is empty")
     from .build import check_state_dict
     check_state_dict(config, state_dict)  # never write a directory that would not load
+    # A tied output layer is the embedding itself; like HF, store it once.
+    tensors = {k: v for k, v in state_dict.items() if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    write_hf_dir(path, config.to_hf_dict(), tensors, tokenizer, generation_config, overwrite, max_shard_bytes,
+                 extra_files)
+
+
+def write_hf_dir(path: str, hf_config: dict, tensors: dict[str, torch.Tensor], tokenizer=None,
+                 generation_config: dict | None = None, overwrite: bool = False,
+                 max_shard_bytes: int = MAX_SHARD_BYTES, extra_files: dict[str, dict] | None = None) -> None:
+    """config.json (`hf_config`, with the tensors' dtype), the tensors as safetensors (sharded past
+    `max_shard_bytes`, with an index), the tokenizer and any other JSON files, all at once: written to
+    a temporary sibling directory renamed into place when complete. The caller has checked that the
+    tensors are what the config's architecture loads."""
+    from safetensors.torch import save_file
+
+    path = check_output_dir(path, overwrite)
     try:
         with atomic_dir(path) as tmp:
-            dtype = next(iter(state_dict.values())).dtype
-            hf_config = config.to_hf_dict() | {"torch_dtype": str(dtype).removeprefix("torch.")}
-            _write_json(os.path.join(tmp, "config.json"), hf_config)
-            # A tied output layer is the embedding itself; like HF, store it once.
-            tensors = {k: v.contiguous() for k, v in state_dict.items()
-                       if not (config.tie_word_embeddings and k == "lm_head.weight")}
+            dtype = next(iter(tensors.values())).dtype
+            _write_json(os.path.join(tmp, "config.json"), hf_config | {"torch_dtype": str(dtype).removeprefix("torch.")})
+            tensors = {k: v.contiguous() for k, v in tensors.items()}
             shards = _shards(tensors, max_shard_bytes)
             if len(shards) == 1:
                 save_file(shards[0], os.path.join(tmp, SAFETENSORS_SINGLE), metadata={"format": "pt"})

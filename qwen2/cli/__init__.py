@@ -305,9 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the registry of known models")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("train", help="pre-train, fine-tune (SFT, LoRA) or DPO-train (offline, online) a model "
-                                     "from a config file; under torchrun with distributed=ddp|fsdp2")
-    p.add_argument("task", choices=["pretrain", "sft", "dpo", "online-dpo"])
+    from ..train.config import TASKS
+
+    p = sub.add_parser("train", help="pre-train, fine-tune (SFT, LoRA), DPO-train (offline, online) a model, or "
+                                     "train a reward model, from a config file; under torchrun with distributed=ddp|fsdp2")
+    p.add_argument("task", choices=TASKS)
     # The rest is parsed by _train_options_parser, intermixed: overrides may come before or after
     # --config FILE and --resume (a subparser gives positionals no slot after an option).
     p.add_argument("options", nargs=argparse.REMAINDER, metavar="[--config FILE] [--resume] [key=value ...]")

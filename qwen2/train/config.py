@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from ..errors import Qwen2Error
 
-TASKS = ("pretrain", "sft", "dpo", "online-dpo")
+TASKS = ("pretrain", "sft", "dpo", "reward", "online-dpo")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "auto")
 ON_BAD_RECORD = ("fail", "skip")
@@ -122,7 +122,9 @@ class TrainConfig:
     max_new_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
-    reward: str = "execution"  # execution: the prompt's unit tests in the sandbox; model: reward_model's score
+    # execution: the prompt's unit tests in the sandbox; model: reward_model's mean log-prob of the reply;
+    # model:DIR: the score of a reward model trained with `qwen2 train reward` (its output dir's model/)
+    reward: str = "execution"
     reward_model: str = ""  # reward=model: the causal LM whose mean response log-prob is the reward
     sandbox_timeout: float = 10.0  # seconds per execution of a response
     # --- optimizer -----------------------------------------------------------------------------
@@ -273,7 +275,9 @@ def check(cfg: TrainConfig) -> None:
     choice("distributed", DISTRIBUTED)
     choice("optimizer", OPTIMIZERS)
     choice("onmerge_method", ONMERGE_METHODS)
-    choice("reward", REWARDS)
+    if not (cfg.reward in REWARDS or cfg.reward.startswith("model:") and len(cfg.reward) > len("model:")):
+        raise Qwen2Error(f"training option 'reward' must be one of {', '.join(REWARDS)} or model:DIR (a reward "
+                         f"model), got {cfg.reward!r}")
     if cfg.num_samples < 2:
         raise Qwen2Error(f"training option 'num_samples' must be at least 2 (a best and a worst), got {cfg.num_samples}")
     if cfg.max_new_tokens < 1 or cfg.temperature < 0 or not 0 < cfg.top_p <= 1 or not cfg.sandbox_timeout > 0:

@@ -21,6 +21,8 @@ from .forward import forward, lm_loss_sum
 from .loop import Trainer
 from .lora import apply_lora, merge_lora, save_adapters, trainable_parameters
 from .mixture import Mixture, MixtureReport
+from .reward import (PairwiseReward, RewardModel, TrainedReward, from_language_model, load_reward_model,
+                     save_reward_model)
 from .run_dir import CONFIG_FILE
 
 
@@ -232,8 +234,13 @@ def _run_in_world(task: str, cfg: TrainConfig, world: distributed.World, reward)
     if cfg.optimizer == "onmerge":
         reference_deltas = _reference_deltas(cfg, m.model, device)
 
+    if task == "reward":  # the decoder under a fresh scalar head
+        m.model = from_language_model(m.model, cfg.seed)
+
     if cfg.lora:
         apply_lora(m.model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, seed=cfg.seed)
+        if task == "reward":
+            m.model.score.requires_grad_(True)  # the new head is always trained in full
 
     def rows_micro_batch(index: int) -> D.Batch:
         first = index * rows_per_micro_batch
@@ -257,6 +264,8 @@ def _run_in_world(task: str, cfg: TrainConfig, world: distributed.World, reward)
     elif task == "dpo":
         micro_batch = preference_micro_batch
         objective = DirectPreference(cfg.beta, reference, cfg.activation_checkpointing)
+    elif task == "reward":
+        micro_batch, objective = preference_micro_batch, PairwiseReward(cfg.activation_checkpointing)
     else:
         micro_batch, objective = rows_micro_batch, language_modelling(m.model, cfg.activation_checkpointing)
     trainer = Trainer(cfg, m.model, objective, micro_batch, device, extra_state={"data": data_summary},
@@ -279,10 +288,8 @@ def _run_in_world(task: str, cfg: TrainConfig, world: distributed.World, reward)
 
 def _gathered(cfg: TrainConfig, sharded: torch.nn.Module) -> torch.nn.Module:
     """A plain (unsharded) copy of an FSDP2-trained model, LoRA layers included."""
-    from ..model import Transformer
-
     full = distributed.full_state_dict(sharded)
-    model = Transformer(sharded.config)
+    model = type(sharded)(sharded.config)  # a Transformer, or a RewardModel
     if cfg.lora:
         apply_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, seed=cfg.seed)
     model.load_state_dict({k: v.cpu() for k, v in full.items()})
@@ -311,6 +318,8 @@ def _make_reward(cfg: TrainConfig, device):
 
     if cfg.reward == "execution":
         return online.ExecutionReward(cfg.sandbox_timeout)
+    if cfg.reward.startswith("model:"):
+        return TrainedReward(*load_reward_model(cfg.reward[len("model:"):], device))
     if not cfg.reward_model:
         raise Qwen2Error("reward=model needs reward_model: a Qwen2 checkpoint whose mean response log-prob scores replies")
     scorer = load_model(dataclasses.replace(cfg, model=cfg.reward_model, from_scratch=False, model_config={}), device)
@@ -327,7 +336,10 @@ def _export(cfg: TrainConfig, m) -> tuple[str | None, str | None]:
             return None, adapter_dir
         merge_lora(m.model)
     model_dir = os.path.join(cfg.output_dir, "model")
-    m.save(model_dir, overwrite=True)
+    if isinstance(m.model, RewardModel):
+        save_reward_model(model_dir, m.model, m.tokenizer, overwrite=True)
+    else:
+        m.save(model_dir, overwrite=True)
     return model_dir, adapter_dir
 
 
@@ -347,10 +359,16 @@ def dpo(config, **overrides) -> RunResult:
     return _run("dpo", config, overrides)
 
 
+def train_reward(config, **overrides) -> RunResult:
+    """A reward model on preference JSONL (`prompt`, `chosen`, `rejected`): the model's decoder under
+    a scalar head, Bradley-Terry loss; saved as transformers' Qwen2ForSequenceClassification."""
+    return _run("reward", config, overrides)
+
+
 def online_dpo(config, reward=None, **overrides) -> RunResult:
     """Online DPO on code-task JSONL (`prompt`, `tests`): sample, score with `reward(task, response)`
     (default: from the config, execution feedback or a reward model), pair best and worst, DPO-step."""
     return _run("online-dpo", config, overrides, reward)
 
 
-TASK_FUNCTIONS = {"pretrain": pretrain, "sft": sft, "dpo": dpo, "online-dpo": online_dpo}
+TASK_FUNCTIONS = {"pretrain": pretrain, "sft": sft, "dpo": dpo, "reward": train_reward, "online-dpo": online_dpo}
