@@ -23,12 +23,16 @@ class Qwen2:
         self.model = model
         self._options = options
         self._decoder = decoder
-        self.config = model.config
         self.tokenizer = tokenizer
         self.generation_config = generation_config or {}
         self.source = source
         self._drafts: dict[str, Qwen2] = {}  # draft models loaded by name for speculative decoding
         self._checked_drafts = weakref.WeakSet()  # drafts whose tokenizer matched ours (a 151k-entry compare)
+
+    @property
+    def config(self):
+        """The model's config (a continued training may have changed its position encoding)."""
+        return self.model.config
 
     @property
     def decoder(self):

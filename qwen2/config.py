@@ -13,6 +13,12 @@ from . import long_context
 from .errors import Qwen2Error
 
 
+# The fields that say how positions are encoded, on which no weight depends: a trained model may
+# take other values of these (a continued pre-training's longer context, YaRN, DCA at load time).
+POSITION_FIELDS = ("max_position_embeddings", "rope_theta", "rope_scaling", "use_sliding_window", "sliding_window",
+                   "max_window_layers", "dual_chunk_attention_config")
+
+
 @dataclass
 class Qwen2Config:
     # The fields below are the architecture; their names follow HF's Qwen2Config so that

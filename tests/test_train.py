@@ -400,10 +400,15 @@ def mixture_of_three(tmp_path) -> list[dict]:
     return sources
 
 
-@pytest.mark.parametrize("task", ["pretrain", "pretrain-mixture", "sft"])
+@pytest.mark.parametrize("task", ["pretrain", "pretrain-mixture", "pretrain-stages", "sft"])
 def test_resume_after_sigkill_reproduces_the_losses_exactly(task, small_dir, tmp_path, capsys):
     data_option = None
-    if task == "pretrain":
+    if task == "pretrain-stages":  # resumed inside the second stage: its longer rows and RoPE base come back
+        data = tmp_path / "corpus.txt"
+        data.write_text("<|endoftext|>".join(f"the cat {i} sat in the hat " * (1 + i % 4) for i in range(12)))
+        extra = ["seq_len=16", "lr=3e-3", 'stages=[{"steps": 2}, {"steps": 6, "seq_len": 32, "rope_theta": 100.0}]']
+        task = "pretrain"
+    elif task == "pretrain":
         data = tmp_path / "corpus.txt"
         data.write_text("<|endoftext|>".join(f"the cat {i} sat in the hat " * (1 + i % 4) for i in range(12)))
         extra = ["seq_len=24", "lr=3e-3"]
@@ -417,8 +422,9 @@ def test_resume_after_sigkill_reproduces_the_losses_exactly(task, small_dir, tmp
         data = write_lines(tmp_path / "chat.jsonl", [json.dumps(c) for c in CHATS])
         extra = ["lora=true", "lora_r=4", "lora_dropout=0.2", "lr=1e-2", "seq_len=128"]
     config = tmp_path / "train.toml"
+    steps = "" if any(e.startswith("stages=") for e in extra) else "max_steps = 8\n"
     config.write_text(f'model = "{small_dir}"\n{data_option or f"data = {json.dumps(str(data))}"}\nbatch_size = 2\n'
-                      "grad_accum = 2\nmax_steps = 8\nsave_every = 3\nwarmup_steps = 2\nmin_lr = 1e-4\n")
+                      f"grad_accum = 2\n{steps}save_every = 3\nwarmup_steps = 2\nmin_lr = 1e-4\n")
     whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
     # Only the run to be killed needs a process of its own; the others run in this one.
     assert main(["train", task, "--config", str(config), f"output_dir={whole}", *extra]) == 0
@@ -434,6 +440,10 @@ def test_resume_after_sigkill_reproduces_the_losses_exactly(task, small_dir, tmp
     assert len(losses(whole)) == 8 and losses(whole)[-1][1] < losses(whole)[0][1]
     if data_option:
         assert [dict(r[4])["heldout_loss/cats"] is not None for r in losses(whole)] == [s in (4, 8) for s in range(1, 9)]
+    if not steps:
+        log = read_log(whole)
+        assert [(r["stage"], r["seq_len"], r["rope_theta"]) for r in log] == [(1, 16, 10000.0)] * 2 + [(2, 32, 100.0)] * 6
+        assert json.load(open(os.path.join(whole, "model", "config.json")))["rope_theta"] == 100.0
 
 
 # ---- data mixtures ----------------------------------------------------------------------------------
@@ -501,6 +511,40 @@ def test_pretrain_on_a_mixture_logs_shares_and_held_out_losses(small_dir, tmp_pa
     assert heldout[-1][2] == pytest.approx(float(expected), rel=1e-5)
 
 
+def test_each_stage_reads_its_data_at_its_length_with_its_position_encoding(small_dir, tmp_path):
+    """A staged run's first stage is the run of that stage alone; the second reads its own data in
+    longer rows, with the new RoPE base, which the saved model keeps."""
+    short = documents(tmp_path / "short.jsonl", 0, 30, "the cat sat in a hat")
+    long = documents(tmp_path / "long.jsonl", 1, 30, "a thin tin in the heat then the cat ran")
+    common = {"model": small_dir, "batch_size": 2, "lr": 3e-3, "schedule": "constant", "save_every": 3}
+    staged = qwen2.train.pretrain({**common, "data": short, "output_dir": str(tmp_path / "staged"), "stages": [
+        {"steps": 3, "seq_len": 16}, {"steps": 3, "seq_len": 40, "data": long, "rope_theta": 1e6,
+                                      "max_position_embeddings": 4096}]})
+    first = qwen2.train.pretrain({**common, "data": short, "seq_len": 16, "max_steps": 3,
+                                  "output_dir": str(tmp_path / "apart")})
+    assert [r["loss"] for r in staged.log[:3]] == [r["loss"] for r in first.log]
+    assert [r["tokens"] for r in staged.log] == [32] * 3 + [80] * 3  # rows of 16, then of 40 tokens
+    saved = json.load(open(os.path.join(staged.model_dir, "config.json")))
+    assert (saved["rope_theta"], saved["max_position_embeddings"]) == (1e6, 4096)
+    assert [s["seq_len"] for s in staged.data["stages"]] == [16, 40]
+
+
+def test_stage_and_position_options_and_their_errors(small_dir, tmp_path):
+    cfg = load_config(None, ['stages=[{"steps": 2, "seq_len": 64}, {"steps": 5, "rope_theta": 1e6}]'])
+    assert cfg.max_steps == 7  # the stages' sum
+    with pytest.raises(Qwen2Error, match=r"max_steps \(9\) must be the sum of the stages' steps \(7\); leave"):
+        load_config(None, ["max_steps=9", 'stages=[{"steps": 2}, {"steps": 5}]'])
+    with pytest.raises(Qwen2Error, match=r"'stages' entry 2 has unknown key\(s\) 'hidden_size'; known keys: steps, "
+                                         r"seq_len, data, max_position_embeddings, rope_theta"):
+        load_config(None, ['stages=[{"steps": 2}, {"steps": 5, "hidden_size": 64}]'])
+    with pytest.raises(Qwen2Error, match=r"'stages' entry 1: 'steps' must be an integer of at least 1, got 0"):
+        load_config(None, ['stages=[{"steps": 0}]'])
+    with pytest.raises(Qwen2Error, match=r"model_config may change hidden_size of a model trained from_scratch only; "
+                                         r"a continued training may change its position encoding \(max_position_emb"):
+        qwen2.train.pretrain({"model": small_dir, "data": documents(tmp_path / "d.jsonl", 0, 4, "a b"),
+                              "output_dir": str(tmp_path / "run"), "model_config": {"hidden_size": 64}})
+
+
 def test_mixture_options_and_their_errors(small_dir, tmp_path, capsys):
     toml = tmp_path / "mix.toml"
     toml.write_text('data = [{path = "web.jsonl", weight = 3}, {path = "code/py.jsonl.gz", weight = 1, '
@@ -525,8 +569,8 @@ def test_mixture_options_and_their_errors(small_dir, tmp_path, capsys):
     prefs = write_lines(tmp_path / "prefs.jsonl", [json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"})])
     assert main(["train", "dpo", f"model={small_dir}", f'data=[{{"path": "{prefs}"}}]',
                  f"output_dir={tmp_path / 'dpo'}"]) == 1
-    assert capsys.readouterr().err.strip() == ('error: a data mixture is for pretrain and sft; dpo reads one file: '
-                                               'set data = "FILE.jsonl"')
+    assert capsys.readouterr().err.strip() == ('error: data mixtures and stages are for pretrain and sft; dpo reads '
+                                               'one file: set data = "FILE.jsonl" and no stages')
 
 
 def test_sft_lora_run_writes_adapters_and_a_merged_hf_model(small_dir, tmp_path):

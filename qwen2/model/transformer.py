@@ -13,6 +13,7 @@ their masks. Fast paths (native decode ops, torch.compile) are executors beside 
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
@@ -20,7 +21,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from .. import long_context
-from ..config import Qwen2Config
+from ..config import POSITION_FIELDS, Qwen2Config
 from .attention import Attention
 from .cache import Frame, KVCache, NoCache
 from .layers import FeedForward, RMSNorm
@@ -83,12 +84,30 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self._encode_positions(config)
+
+    def _encode_positions(self, config: Qwen2Config) -> None:
+        """RoPE tables and attention inputs (plain, YaRN, sliding window or DCA) as `config` says."""
         self.rope = RotaryEmbedding(config)
         if config.dual_chunk_attention_config is not None:
             from .dca import DualChunkInputs
             self.attention_inputs = DualChunkInputs(config)
         else:
             self.attention_inputs = RotaryInputs(config)
+
+    def encode_positions_as(self, config: Qwen2Config) -> None:
+        """Take `config`'s position encoding (rope_theta, rope_scaling, max_position_embeddings, the
+        sliding window, DCA), which no weight depends on: how a continued pre-training lengthens the
+        context, as the Qwen2 report's long-context stage raises the RoPE base to 1e6. Any other
+        field of `config` must equal the model's."""
+        changed = [f.name for f in dataclasses.fields(config)
+                   if getattr(config, f.name) != getattr(self.config, f.name) and f.name not in POSITION_FIELDS]
+        if changed:
+            raise ValueError(f"only the position encoding can change on a built model, not {', '.join(changed)}")
+        device = self.device
+        self.config = config
+        self._encode_positions(config)
+        self.rope.to(device)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache=None, last_only: bool = False,

@@ -70,6 +70,43 @@ def data_sources(data: str | list) -> list[DataSource]:
     return sources
 
 
+@dataclass(frozen=True)
+class Stage:
+    """A stretch of a run: its optimizer steps, row length, data and position-encoding changes."""
+    steps: int
+    seq_len: int
+    data: str | list
+    positions: dict  # POSITION_FIELDS this stage sets (they hold on in later stages)
+
+
+STAGE_KEYS = ("steps", "seq_len", "data")
+
+
+def training_stages(cfg: "TrainConfig", stages: list[dict] | None = None) -> list[Stage]:
+    """The run's stages (`stages`, by default cfg.stages); a run without stages is one stage of
+    max_steps at seq_len on data. A stage leaves out seq_len or data to keep the run's."""
+    from ..config import POSITION_FIELDS
+
+    stages = cfg.stages if stages is None else stages
+    if not stages:
+        return [Stage(cfg.max_steps, cfg.seq_len, cfg.data, {})]
+    out = []
+    for i, entry in enumerate(stages):
+        where = f"training option 'stages' entry {i + 1}"
+        unknown = sorted(set(entry) - set(STAGE_KEYS) - set(POSITION_FIELDS))
+        if unknown:
+            raise Qwen2Error(f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; known keys: "
+                             f"{', '.join(STAGE_KEYS + POSITION_FIELDS)}")
+        steps, seq_len = entry.get("steps"), entry.get("seq_len", cfg.seq_len)
+        for name, value in (("steps", steps), ("seq_len", seq_len)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise Qwen2Error(f"{where}: {name!r} must be an integer of at least 1, got {value!r}")
+        data = entry.get("data", cfg.data)
+        data_sources(data)
+        out.append(Stage(steps, seq_len, data, {k: v for k, v in entry.items() if k in POSITION_FIELDS}))
+    return out
+
+
 def _stem(path: str) -> str:
     return os.path.basename(path).split(".")[0] or path
 
@@ -83,7 +120,9 @@ class TrainConfig:
     data: str | list = ""
     output_dir: str = ""
     from_scratch: bool = False  # pretrain: random weights; `model` supplies the config and tokenizer only
-    model_config: dict = field(default_factory=dict)  # with from_scratch: config fields to change (hidden_size, ...)
+    # from_scratch: config fields to change (hidden_size, ...); continuing a model: its position
+    # encoding only (rope_theta, max_position_embeddings, rope_scaling: qwen2.config.POSITION_FIELDS)
+    model_config: dict = field(default_factory=dict)
     device: str = "cpu"  # cpu, cuda, cuda:1, or auto
     precision: str = "fp32"  # fp32; bf16 autocast (refused where the hardware lacks bf16); auto picks
     distributed: str = "none"  # under torchrun: ddp or fsdp2 (see qwen2/train/distributed.py)
@@ -92,6 +131,10 @@ class TrainConfig:
     pack_documents: bool = True  # pretrain: pack documents into full rows, attention kept within each document
     on_bad_record: str = "fail"  # fail: stop at the first bad record; skip: report it (file:line) and go on
     eval_every: int = 0  # held-out loss of each data source with a `heldout` file every N steps (0: at the end)
+    # pretrain/sft in stages, one after the other in one run: [{steps = N, seq_len = L, data = ...,
+    # rope_theta = ..., ...}, ...]; each stage's position fields change the encoding from then on
+    # (the report's 4K -> 32K stage with RoPE base 1e6); max_steps is the sum of their steps
+    stages: list[dict] = field(default_factory=list)
     # --- optimisation --------------------------------------------------------------------------
     batch_size: int = 8  # rows (pretrain, sft) or preference pairs (dpo) per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -152,17 +195,21 @@ def _field_types() -> dict[str, type]:
 
 
 DATA_TYPE = str | list  # one file, or a mixture of DataSource tables
+TABLES = list[dict]
 
 
 def _type_name(t: type) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
-            dict: "a table", DATA_TYPE: "a file path or a list of {path, weight} tables"}[t]
+            dict: "a table", DATA_TYPE: "a file path or a list of {path, weight} tables",
+            TABLES: "a list of tables"}[t]
 
 
 def _coerce(name: str, value, t: type):
     """`value` as type `t`, or a one-line error. Ints are accepted for floats; nothing else is converted."""
     if t is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if t == TABLES and isinstance(value, (list, tuple)) and all(isinstance(v, dict) for v in value):
+        return [dict(v) for v in value]
     if t == DATA_TYPE and isinstance(value, (str, list, tuple)):
         return value if isinstance(value, str) else [dict(v) if isinstance(v, dict) else v for v in value]
     if t is list and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
@@ -190,7 +237,7 @@ def _parse_override(name: str, text: str, t: type):
             return False
     elif t is list:
         return [s.strip() for s in text.split(",") if s.strip()]
-    elif t is dict:
+    elif t is dict or t == TABLES:
         try:
             return json.loads(text)
         except json.JSONDecodeError:
@@ -209,7 +256,10 @@ def from_dict(options: dict, source: str = "config") -> TrainConfig:
     if unknown:
         raise Qwen2Error(f"unknown training option(s) {', '.join(map(repr, unknown))} in {source}; "
                          f"known options: {', '.join(types)}")
-    return TrainConfig(**{k: _coerce(k, v, types[k]) for k, v in options.items()})
+    values = {k: _coerce(k, v, types[k]) for k, v in options.items()}
+    if values.get("stages") and "max_steps" not in values:  # a staged run trains through its stages
+        values["max_steps"] = sum(stage.steps for stage in training_stages(TrainConfig(), values["stages"]))
+    return TrainConfig(**values)
 
 
 def read_file(path: str | os.PathLike) -> dict:
@@ -289,6 +339,9 @@ def check(cfg: TrainConfig) -> None:
         if getattr(cfg, name) < 1:
             raise Qwen2Error(f"training option {name!r} must be at least 1, got {getattr(cfg, name)}")
     data_sources(cfg.data)
+    if cfg.stages and sum(s.steps for s in training_stages(cfg)) != cfg.max_steps:
+        raise Qwen2Error(f"max_steps ({cfg.max_steps}) must be the sum of the stages' steps "
+                         f"({sum(s.steps for s in training_stages(cfg))}); leave max_steps out")
     for name in ("warmup_steps", "save_every", "eval_every"):
         if getattr(cfg, name) < 0:
             raise Qwen2Error(f"training option {name!r} must be 0 or more, got {getattr(cfg, name)}")
@@ -310,7 +363,7 @@ def check(cfg: TrainConfig) -> None:
 
 def require_paths(cfg: TrainConfig) -> None:
     """What a run needs before anything is loaded (a bare TrainConfig() is valid, e.g. for tests)."""
-    sources = data_sources(cfg.data)
+    sources = [s for stage in training_stages(cfg) for s in data_sources(stage.data)]
     if not sources:
         raise Qwen2Error("no training data: set data = \"path/to/file.jsonl\" in the config or data=... on the command line")
     for path in [s.path for s in sources] + [s.heldout for s in sources if s.heldout]:

@@ -10,17 +10,19 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import POSITION_FIELDS
 from ..errors import Qwen2Error
 from ..fileio import write_text_atomic
 from ..model.moe import load_balancing_loss
 from . import data as D
 from . import distributed
-from .config import TrainConfig, data_sources, from_dict, load_config, require_paths, to_dict
+from .config import TrainConfig, data_sources, from_dict, load_config, require_paths, to_dict, training_stages
 from .dpo import DirectPreference, PreferenceBatch
 from .forward import forward, lm_loss_sum
 from .loop import Trainer
 from .lora import apply_lora, merge_lora, save_adapters, trainable_parameters
 from .mixture import Mixture, MixtureReport
+from .stages import StageReport, StagedRows
 from .reward import (PairwiseReward, RewardModel, TrainedReward, from_language_model, load_reward_model,
                      save_reward_model)
 from .run_dir import CONFIG_FILE
@@ -134,10 +136,13 @@ def load_model(cfg: TrainConfig, device: torch.device):
     from ..checkpoint import load_checkpoint
 
     if not cfg.from_scratch:
-        if cfg.model_config:
-            raise Qwen2Error("model_config changes the architecture of a model trained from_scratch only; "
-                             "set from_scratch=true or remove model_config")
+        other = sorted(set(cfg.model_config) - set(POSITION_FIELDS))
+        if other:
+            raise Qwen2Error(f"model_config may change {', '.join(other)} of a model trained from_scratch only; "
+                             f"a continued training may change its position encoding ({', '.join(POSITION_FIELDS)})")
         m = load(cfg.model, device=device)
+        if cfg.model_config:  # e.g. a longer context and a higher RoPE base, as the report's long-context stage
+            m.model.encode_positions_as(dataclasses.replace(m.model.config, **cfg.model_config))
     else:
         config, _, tokenizer, generation_config = load_checkpoint(cfg.model)
         try:
@@ -184,34 +189,14 @@ def _run_in_world(task: str, cfg: TrainConfig, world: distributed.World, reward)
     rows_per_micro_batch = cfg.batch_size * world.size  # drawn as one; each rank takes its slice
     mine = slice(world.rank * cfg.batch_size, (world.rank + 1) * cfg.batch_size)
 
-    mixture_report = None
+    step_report = None
     if task in ("pretrain", "sft"):
-        sources = data_sources(cfg.data)
-
-        def rows_of(path: str, report: D.DataReport) -> list[D.Row]:
-            if task == "sft":
-                return D.sft_rows(tokenizer, path, cfg.seq_len, report)
-            return D.pretraining_rows(tokenizer, path, cfg.seq_len, cfg.pack_documents, report)
-
-        reports = [D.DataReport(s.path, cfg.on_bad_record) for s in sources]
-        rows = [rows_of(s.path, r) for s, r in zip(sources, reports)]
-        for source, source_rows in zip(sources, rows):
-            if not source_rows:
-                raise Qwen2Error(f"training data {source.path} holds no usable example")
-        mixture = Mixture(sources, rows, cfg.seed)
-        data_summary = reports[0].summary()
-        if isinstance(cfg.data, list):
-            data_summary = {"sources": [{"name": s.name, "weight": w, **r.summary()}
-                                        for s, w, r in zip(sources, mixture.weights, reports)]}
-            heldout = {s.name: rows_of(s.heldout, D.DataReport(s.heldout, cfg.on_bad_record))
-                       for s in sources if s.heldout}
-            mixture_report = MixtureReport(mixture, heldout, rows_per_micro_batch * cfg.grad_accum, cfg.eval_every,
-                                           cfg.max_steps, cfg.batch_size, tokenizer.pad_token_id, device)
-        described = ", ".join(f"{r.records} from {s.path}" for s, r in zip(sources, reports))
-        skipped, truncated = sum(r.skipped for r in reports), sum(r.truncated for r in reports)
+        rows_plan = _row_plan(task, cfg, m.model, tokenizer, rows_per_micro_batch, mine, device)
+        rows_micro_batch, step_report, data_summary, described, skipped, truncated = rows_plan
     else:
-        if isinstance(cfg.data, list):
-            raise Qwen2Error(f"a data mixture is for pretrain and sft; {task} reads one file: set data = \"FILE.jsonl\"")
+        if isinstance(cfg.data, list) or cfg.stages:
+            raise Qwen2Error(f"data mixtures and stages are for pretrain and sft; {task} reads one file: "
+                             "set data = \"FILE.jsonl\" and no stages")
         from . import online
 
         report = D.DataReport(cfg.data, cfg.on_bad_record)
@@ -242,11 +227,6 @@ def _run_in_world(task: str, cfg: TrainConfig, world: distributed.World, reward)
         if task == "reward":
             m.model.score.requires_grad_(True)  # the new head is always trained in full
 
-    def rows_micro_batch(index: int) -> D.Batch:
-        first = index * rows_per_micro_batch
-        chosen = [mixture.row(i) for i in range(first, first + rows_per_micro_batch)][mine]
-        return D.collate(chosen, tokenizer.pad_token_id).to(device)
-
     def preference_micro_batch(index: int) -> PreferenceBatch:
         chosen = [examples[i] for i in order.micro_batch(index)[mine]]
         rows = D.collate([p.chosen for p in chosen] + [p.rejected for p in chosen], tokenizer.pad_token_id)
@@ -269,7 +249,7 @@ def _run_in_world(task: str, cfg: TrainConfig, world: distributed.World, reward)
     else:
         micro_batch, objective = rows_micro_batch, language_modelling(m.model, cfg.activation_checkpointing)
     trainer = Trainer(cfg, m.model, objective, micro_batch, device, extra_state={"data": data_summary},
-                      reference_deltas=reference_deltas, step_report=mixture_report)
+                      reference_deltas=reference_deltas, step_report=step_report)
     trainer.start()
     if world.is_main:
         write_text_atomic(os.path.join(cfg.output_dir, CONFIG_FILE), json.dumps(to_dict(cfg), indent=2))
@@ -284,6 +264,48 @@ def _run_in_world(task: str, cfg: TrainConfig, world: distributed.World, reward)
         model_dir, adapter_dir = _export(cfg, m)
     distributed.barrier()
     return RunResult(log, data_summary, cfg.output_dir, model_dir, adapter_dir)
+
+
+def _row_plan(task: str, cfg: TrainConfig, model, tokenizer, rows_per_micro_batch: int, mine: slice, device):
+    """What a pretrain or sft run reads: (micro_batch(m), the log's step report or None, the data
+    summary, a line describing the data, records skipped, records truncated). Each stage's sources
+    become rows at its seq_len (each file read once per row length) and a `Mixture`; a run of one
+    stage on a data mixture logs each source's share and held-out loss, a staged run its stage."""
+    stages = training_stages(cfg)
+    rows_by_file: dict[tuple[str, int], tuple[list[D.Row], D.DataReport]] = {}
+
+    def rows_of(path: str, seq_len: int) -> tuple[list[D.Row], D.DataReport]:
+        if (path, seq_len) not in rows_by_file:
+            report = D.DataReport(path, cfg.on_bad_record)
+            rows = (D.sft_rows(tokenizer, path, seq_len, report) if task == "sft"
+                    else D.pretraining_rows(tokenizer, path, seq_len, cfg.pack_documents, report))
+            if not rows:
+                raise Qwen2Error(f"training data {path} holds no usable example")
+            rows_by_file[path, seq_len] = rows, report
+        return rows_by_file[path, seq_len]
+
+    mixtures, summaries = [], []
+    for stage in stages:
+        sources = data_sources(stage.data)
+        read = [rows_of(s.path, stage.seq_len) for s in sources]
+        mixtures.append(Mixture(sources, [rows for rows, _ in read], cfg.seed))
+        summaries.append({"sources": [{"name": s.name, "weight": w, **r.summary()}
+                                      for s, w, (_, r) in zip(sources, mixtures[-1].weights, read)]})
+    staged = StagedRows(stages, mixtures, model, cfg.grad_accum, rows_per_micro_batch, mine, tokenizer.pad_token_id,
+                        device)
+    reports = [r for _, r in rows_by_file.values()]
+    described = ", ".join(f"{r.records} from {r.path}" for r in reports)
+    skipped, truncated = sum(r.skipped for r in reports), sum(r.truncated for r in reports)
+    if cfg.stages:
+        summary = {"stages": [{"steps": st.steps, "seq_len": st.seq_len, **sm} for st, sm in zip(stages, summaries)]}
+        return staged, StageReport(staged, stages, cfg.grad_accum), summary, described, skipped, truncated
+    if not isinstance(cfg.data, list):
+        return staged, None, reports[0].summary(), described, skipped, truncated
+    sources = data_sources(cfg.data)
+    heldout = {s.name: rows_of(s.heldout, cfg.seq_len)[0] for s in sources if s.heldout}
+    report = MixtureReport(mixtures[0], heldout, rows_per_micro_batch * cfg.grad_accum, cfg.eval_every,
+                           cfg.max_steps, cfg.batch_size, tokenizer.pad_token_id, device)
+    return staged, report, summaries[0], described, skipped, truncated
 
 
 def _gathered(cfg: TrainConfig, sharded: torch.nn.Module) -> torch.nn.Module:
