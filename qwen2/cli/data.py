@@ -3,6 +3,8 @@ One function per verb adds its subparser; the work is in qwen2/data/, imported i
 (datatrove and the corpora's packages load only when a verb runs)."""
 from __future__ import annotations
 
+import os
+
 from ..data import PIPELINE_EXECUTORS
 
 VERBS = []  # functions (subparsers) -> None, one per verb, in the order `qwen2 data --help` lists them
@@ -89,10 +91,13 @@ def add_run_args(p, inputs: bool = True) -> None:
 
 def run_options(args):
     """The RunOptions of a verb's parsed arguments (`add_run_args`)."""
-    from ..data.shards import RunOptions
+    from ..data.shards import RunOptions, connect_ray
 
-    return RunOptions(workers=args.workers, executor=args.executor, ray_address=args.address,
-                      skip_bad=args.skip_bad, removed=args.removed, progress=not args.no_progress)
+    options = RunOptions(workers=args.workers, executor=args.executor, ray_address=args.address,
+                         skip_bad=args.skip_bad, removed=args.removed, progress=not args.no_progress)
+    if options.executor == "ray":  # now, before the verb writes anything: a dead address is one line, in seconds
+        connect_ray(options.ray_address)
+    return options
 
 
 @verb
@@ -182,12 +187,11 @@ def add_filter(what) -> None:
     """`qwen2 data filter IN... OUT [--heuristics ...] [--model M --max-perplexity X] [--classifier DIR --min-score S]`:
     heuristic rules and model scores (qwen2/data/quality.py)."""
     def run(args) -> None:
-        from ..data.quality import FilterSettings, filter_shards, resolve_models
-        from ..data.quality_heuristics import parse_heuristics
+        from ..data.pipeline import filter_settings
+        from ..data.quality import filter_shards
 
-        settings = FilterSettings(parse_heuristics(args.heuristics),
-                                  resolve_models(args.model, args.classifier, args.quantize, args.dtype, args.max_tokens),
-                                  args.classifier, args.max_perplexity, args.min_score, args.batch_size)
+        settings = filter_settings(args.heuristics, args.model, args.quantize, args.dtype, args.max_tokens,
+                                   args.batch_size, args.max_perplexity, args.classifier, args.min_score)
         stats = filter_shards(args.inputs, args.out, settings, run_options(args))
         print(f"{stats['documents_in']} records in, {stats['documents_out']} out; removed: "
               + (", ".join(f"{k} {v}" for k, v in stats["removed"].items()) or "none"))
@@ -215,6 +219,25 @@ def add_filter(what) -> None:
                                                                       "(`qwen2 data train-classifier`)")
     p.add_argument("--min-score", type=float, default=None, metavar="S",
                    help="drop records the classifier scores below S (its P(good), 0 to 1)")
+    p.set_defaults(func=run)
+
+
+@verb
+def add_pipeline(what) -> None:
+    """`qwen2 data pipeline CONFIG.yaml`: dedup, filter, langid and decontaminate as one run, here or on Ray."""
+    def run(args) -> None:
+        from ..data.pipeline import load_config, run_pipeline, summary
+
+        config = load_config(args.config)  # every step checked before the executor is reached
+        stats = run_pipeline(config, run_options(args))
+        print(summary(stats))
+        print(f"output: {stats['output']} (every step's stats: {os.path.join(config.output, 'stats.json')})")
+
+    p = what.add_parser("pipeline", help="run several steps (dedup, filter, langid, decontaminate) from a YAML config "
+                                         "as one pipeline, on this machine or a Ray cluster")
+    p.add_argument("config", metavar="CONFIG", help="a YAML file: input (shards or directories), output (a "
+                                                    "directory), steps (each verb with its options; see README)")
+    add_run_args(p, inputs=False)
     p.set_defaults(func=run)
 
 

@@ -9,6 +9,7 @@ The `qwen2 data` verbs (qwen2/cli/data.py) are these modules, each a datatrove p
     quality*.py             heuristic filters (Gopher, C4, FineWeb) and model scores (perplexity, classifier)
     langid.py               language ID (lingua, offline), keep and balance by language
     decontaminate.py        13-gram overlap with the evaluation sets
+    pipeline.py             those steps as one run from a YAML config, resumable, here or on a Ray cluster
     tokenizer_training.py   a byte-level BPE learnt with Qwen2's own normaliser and pre-tokenisation
     corpora.py              the offline sources: translation catalogues, man pages, docs, Python, plays
     planted.py              a test corpus from them with labelled duplicates, junk and HumanEval copies

@@ -279,14 +279,16 @@ def execute(pipeline: Sequence, tasks: int, options: RunOptions, logging_dir: st
     failure) in a worker process comes back as its one-line Qwen2Error."""
     from loguru import logger
 
-    if options.executor == "ray":
-        executor = _ray_executor(pipeline, tasks, options, logging_dir)
-    else:
-        executor = QuietLocalExecutor(pipeline, tasks=tasks, workers=min(options.workers, tasks),
-                                       logging_dir=logging_dir, skip_completed=True)
     logger.disable("datatrove")  # its per-file and per-task log: the bars and stats.json say it here
     try:
+        if options.executor == "ray":
+            executor = _ray_executor(pipeline, tasks, options, logging_dir)
+        else:
+            executor = QuietLocalExecutor(pipeline, tasks=tasks, workers=min(options.workers, tasks),
+                                           logging_dir=logging_dir, skip_completed=True)
         executor.run()
+        if options.executor == "ray":  # datatrove's Ray executor logs a failed task and carries on
+            _raise_failed_tasks(executor, tasks, logging_dir)
     except Qwen2Error:
         raise
     except Exception as e:
@@ -317,20 +319,69 @@ def _one_line(error: BaseException) -> str:
     return text[-1] if text else type(error).__name__
 
 
-def _ray_executor(pipeline, tasks: int, options: RunOptions, state: str):
+RAY_CONNECT_TIMEOUT = 5.0  # seconds to wait for a Ray cluster's port to answer
+
+
+def connect_ray(address: str | None = None) -> None:
+    """Join the Ray cluster at `address` ("HOST:PORT", "ray://HOST:PORT", "auto"; None: the one
+    RAY_ADDRESS names, or a new local one), once per process. A named address is tried with a plain
+    TCP connect first: ray.init retries a dead address for minutes, and the error should come in
+    seconds, before any output is written."""
     try:
         import ray
+    except ImportError:
+        raise Qwen2Error("--executor ray needs Ray: pip install -e '.[data-ray]'") from None
+    if ray.is_initialized():
+        return
+    if address and address not in ("auto", "local"):
+        _check_ray_port(address)
+    try:
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    except Exception as e:
+        raise Qwen2Error(f"cannot reach a Ray cluster at {address or 'the default address'}: "
+                         f"{_one_line(e)}") from None
+
+
+def _check_ray_port(address: str) -> None:
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise Qwen2Error(f"Ray address {address!r} is not HOST:PORT (the head node's `ray start --head` prints it)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_TIMEOUT).close()
+    except OSError as e:
+        raise Qwen2Error(f"no Ray cluster answers at {address} ({e.strerror or e}); start one there with "
+                         f"`ray start --head --port {port}`, give the address its head node printed, or leave out "
+                         "--address to run on a local Ray instance") from None
+
+
+def _ray_executor(pipeline, tasks: int, options: RunOptions, state: str):
+    try:
         from datatrove.executor.ray import RayPipelineExecutor
     except ImportError:
         raise Qwen2Error("--executor ray needs Ray: pip install -e '.[data-ray]'") from None
-    if not ray.is_initialized():
-        try:
-            ray.init(address=options.ray_address, ignore_reinit_error=True, log_to_driver=False)
-        except Exception as e:
-            raise Qwen2Error(f"cannot reach a Ray cluster at {options.ray_address or 'the default address'}: "
-                             f"{_one_line(e)}") from None
+    connect_ray(options.ray_address)
     return RayPipelineExecutor(pipeline, tasks=tasks, workers=options.workers, logging_dir=state,
                                skip_completed=True)
+
+
+def _raise_failed_tasks(executor, tasks: int, state: str) -> None:
+    """The first failed task's error as one line (from its log, which the Ray executor copies to
+    `state`/logs), when any task did not finish."""
+    failed = executor.get_incomplete_ranks(range(tasks))
+    if not failed:
+        return
+    cause = ""
+    try:
+        with open(os.path.join(state, "logs", f"task_{failed[0]:05d}.log"), encoding="utf-8") as f:
+            errors = [line for line in f if "Error: " in line and not line.startswith(" ")]
+        if errors:
+            cause = errors[-1].split("Error: ", 1)[1].strip()
+    except OSError:
+        pass
+    raise Qwen2Error(cause or f"{len(failed)} of {tasks} tasks failed on the Ray cluster (their logs: "
+                              f"{os.path.join(state, 'logs')}); a rerun retries them and skips the finished ones")
 
 
 def summarise(state: str, tasks: int, seconds: float, verb: str = "") -> dict:
