@@ -1,5 +1,6 @@
-"""`qwen2 synth ...`: post-training data made by a model and checked by a verifier (added to the
-`qwen2` parser by qwen2/cli/__init__.py). Heavy imports happen inside the commands."""
+"""`qwen2 synth ...`: post-training data made by a model and checked (rejection sampling, constitutional
+feedback, reward-model scores), added to the `qwen2` parser by qwen2/cli/__init__.py. Heavy imports
+happen inside the commands."""
 from __future__ import annotations
 
 import json
@@ -24,8 +25,63 @@ def cmd_reject(args) -> None:
     print(json.dumps({k: stats[k] for k in ("prompts", "samples", "passing", "kept")}))
 
 
+def cmd_constitution(args) -> None:
+    from ..runtime.generate import SamplingParams
+    from ..synth import constitution
+
+    principles = constitution.read_principles(args.principles)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    stats = constitution.constitution(args.prompts, principles, lambda: model_args.load_model(args), args.out,
+                                      params=params, seed=args.seed, batch=args.batch,
+                                      on_bad_record="skip" if args.skip_bad else "fail", progress=not args.no_progress)
+    print(f"{stats['prompts']} prompts x {stats['principles']} principles: {stats['revised']} revised "
+          f"({stats['unchanged']} unchanged): {stats['sft']} SFT records, {stats['pairs']} DPO pairs in {args.out}")
+
+
+def cmd_score(args) -> None:
+    from ..fileio import write_text_atomic
+    from ..train.data import DataReport, jsonl_records
+    from ..train.reward import load_reward_model, score_replies
+
+    model, tokenizer = load_reward_model(args.reward_model)
+    report = DataReport(args.replies, "skip" if args.skip_bad else "fail")
+    records, conversations, slots = [], [], []  # slots: (record, key) each score goes to
+    for number, record in jsonl_records(args.replies, report):
+        prompt = record.get("prompt")
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        replies = [(k, record[k]) for k in ("response", "chosen", "rejected") if isinstance(record.get(k), str)]
+        if isinstance(record.get("messages"), list):
+            conversations.append(record["messages"])
+            slots.append((len(records), "reward"))
+        elif isinstance(prompt, list) and replies:
+            for key, reply in replies:
+                conversations.append(prompt + [{"role": "assistant", "content": reply}])
+                slots.append((len(records), "reward" if key == "response" else f"reward_{key}"))
+        else:
+            report.bad(number, 'a record needs "messages", or "prompt" with "response" (or "chosen" and "rejected")')
+            continue
+        records.append(record)
+    for (i, key), value in zip(slots, score_replies(model, tokenizer, conversations, batch=args.batch)):
+        records[i][key] = value
+    write_text_atomic(args.out, "".join(json.dumps(r) + "\n" for r in records))
+    print(f"scored {len(conversations)} replies of {len(records)} records into {args.out}"
+          + (f" ({report.skipped} bad records skipped)" if report.skipped else ""))
+
+
+def _add_sampling_args(p) -> None:
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0, help="reply k of prompt t samples with its own seed from this one")
+    p.add_argument("--batch", type=int, default=8, help="replies decoded together (continuous batching)")
+    p.add_argument("--skip-bad", action="store_true", help="skip malformed prompt records (with a warning) "
+                   "instead of stopping at the first")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def add_synth_parser(sub) -> None:
-    synth = sub.add_parser("synth", help="post-training data made by a model and checked: rejection sampling")
+    synth = sub.add_parser("synth", help="post-training data made by a model and checked: rejection sampling, "
+                                         "constitutional feedback, reward-model scores")
     what = synth.add_subparsers(dest="what", required=True)
     p = what.add_parser("reject", help="sample K replies per prompt, keep those a verifier accepts: SFT records "
                                        "and (--pairs) DPO pairs")
@@ -39,13 +95,23 @@ def add_synth_parser(sub) -> None:
     p.add_argument("--per-prompt", type=int, default=1, help="SFT records and pairs kept per prompt (default 1)")
     p.add_argument("--reference-fallback", action="store_true",
                    help="a prompt no sample passes gets its record's reference solution (code)")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0, help="reply i of prompt t samples with its own seed from this one")
-    p.add_argument("--batch", type=int, default=8, help="replies decoded together (continuous batching)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per test run of the code verifier")
-    p.add_argument("--skip-bad", action="store_true", help="skip malformed prompt records (with a warning) "
-                   "instead of stopping at the first")
-    p.add_argument("--no-progress", action="store_true")
+    _add_sampling_args(p)
     p.set_defaults(func=cmd_reject)
+
+    p = what.add_parser("constitution", help="draft, critique against each principle, revise: SFT records of the "
+                                             "revisions and DPO pairs (revision over draft)")
+    p.add_argument("prompts", help="JSONL of {task_id, prompt (string or chat messages)}")
+    p.add_argument("--principles", required=True, help="a text file, one principle per line")
+    model_args.add_model_args(p)
+    p.add_argument("--out", required=True, help="directory for records.jsonl, sft.jsonl, pairs.jsonl, stats.json")
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_constitution)
+
+    p = what.add_parser("score", help="score replies with a reward model (qwen2 train reward)")
+    p.add_argument("replies", help='JSONL of {"messages"} or {"prompt", "response"} (or "chosen" and "rejected")')
+    p.add_argument("--reward-model", required=True, help="a directory qwen2 train reward wrote (its model/)")
+    p.add_argument("--out", required=True, help="the records again, each with its reward(s)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--skip-bad", action="store_true", help="skip malformed records instead of stopping at the first")
+    p.set_defaults(func=cmd_score)

@@ -112,11 +112,18 @@ def generate_replies(m: Qwen2, jobs: list[tuple[list[int], SamplingParams]], max
         yield j, text
 
 
+def loaded(model: Qwen2 | str | os.PathLike | Callable[[], Qwen2]) -> Qwen2:
+    """The model `model` names: a loaded one as it is, a path or registry name loaded, a loader called."""
+    if isinstance(model, (str, os.PathLike)):
+        return load(model)
+    return model() if callable(model) else model
+
+
 def reply_seed(seed: int, task_index: int, reply_index: int) -> int:
     return (seed * 1_000_003 + task_index) * 1_000 + reply_index
 
 
-def _read_samples(path: str) -> list[dict]:
+def read_lines(path: str) -> list[dict]:
     """The task lines a previous run finished; a cut last line (killed while writing) is dropped."""
     if not os.path.exists(path):
         return []
@@ -127,7 +134,7 @@ def _read_samples(path: str) -> list[dict]:
         try:
             done.append(json.loads(line))
         except json.JSONDecodeError:
-            raise Qwen2Error(f"{path} line {number} is not JSON: not a samples file; give another path") from None
+            raise Qwen2Error(f"{path} line {number} is not JSON: not a file this run wrote; give another path") from None
     return done
 
 
@@ -146,13 +153,13 @@ def sample_and_score(path: str | os.PathLike, tasks: list[dict], model: Qwen2 | 
     if not (isinstance(batch, int) and batch >= 1):
         raise Qwen2Error(f"the sampling batch must be an integer >= 1, got {batch!r}")
     path = os.fspath(path)
-    done = _read_samples(path)
+    done = read_lines(path)
     have = {s["task_id"] for s in done}
     todo = [(t, task) for t, task in enumerate(tasks) if task["task_id"] not in have]
     if todo:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         write_text_atomic(path, "".join(json.dumps(s) + "\n" for s in done))  # drops a cut last line
-        m = load(model) if isinstance(model, (str, os.PathLike)) else model() if callable(model) else model
+        m = loaded(model)
         scorer = scorer or verifier("code")
         jobs, owner = [], []  # owner[j] = (todo position, reply index)
         for position, (t, task) in enumerate(todo):
