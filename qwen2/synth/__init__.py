@@ -4,6 +4,8 @@ what checks them, become the data it is fine-tuned on next.
     rejection.py  rejection sampling with execution feedback: sample k replies per programming task,
                   run each reply's code with the task's tests in the sandbox, keep the replies that
                   pass (SFT records) and pair them against those that fail (DPO preference pairs)
+    repurpose.py  data repurposing: passages of public-domain texts into summaries, extractive
+                  questions (the answer a verbatim sentence), continuations and paraphrases
     constitution.py  constitutional feedback: draft, critique against each written principle, revise;
                   the revisions as SFT records and preference pairs (revision over draft)
     verifiers.py  what decides a reply is right: the math answer (Math-Verify), the code's tests, or

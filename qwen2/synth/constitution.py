@@ -23,7 +23,6 @@ from typing import Callable
 from ..api import Qwen2
 from ..errors import Qwen2Error
 from ..fileio import read_text, write_text_atomic
-from ..progress import progress_bar
 from ..runtime.generate import SamplingParams
 from . import rejection
 from .verifiers import Verifier
@@ -65,21 +64,11 @@ def constitution(prompts: str | os.PathLike, principles: list[str], model: Qwen2
     tasks = rejection.read_tasks(prompts, on_bad_record, NO_FIELDS)
     if not tasks:
         raise Qwen2Error(f"{os.fspath(prompts)} holds no prompt")
-    path = os.path.join(out_dir, RECORDS_FILE)
-    done = {r["task_id"]: r for r in rejection.read_lines(path)}
-    todo = [(t, task) for t, task in enumerate(tasks) if task["task_id"] not in done]
-    if todo:
-        os.makedirs(out_dir, exist_ok=True)
-        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in done.values()))  # drops a cut last line
-        m = rejection.loaded(model)
-        with open(path, "a", encoding="utf-8") as out, progress_bar(
-                total=len(todo), desc="constitution", unit="prompt", disable=not progress) as bar:
-            for first in range(0, len(todo), batch):
-                for record in _chain(m, todo[first:first + batch], principles, params, seed, batch):
-                    out.write(json.dumps(record) + "\n")
-                    done[record["task_id"]] = record
-                out.flush()
-                bar.update(len(todo[first:first + batch]))
+    index = {task["task_id"]: (t, task) for t, task in enumerate(tasks)}
+    done = rejection.append_in_chunks(
+        os.path.join(out_dir, RECORDS_FILE), list(index), "task_id", model,
+        lambda m, ids: _chain(m, [index[i] for i in ids], principles, params, seed, batch), batch, "constitution",
+        progress)
     records = [done[t["task_id"]] for t in tasks]
     sft = [{"messages": r["prompt"] + [{"role": "assistant", "content": r["revision"]}], "task_id": r["task_id"]}
            for r in records]

@@ -119,6 +119,29 @@ def loaded(model: Qwen2 | str | os.PathLike | Callable[[], Qwen2]) -> Qwen2:
     return model() if callable(model) else model
 
 
+def append_in_chunks(path: str, keys: list[str], key_field: str, model, work: Callable[[Qwen2, list[str]], list[dict]],
+                     chunk: int, desc: str, progress: bool = True) -> dict[str, dict]:
+    """The records of the JSONL file `path` by their `key_field`, completed: the keys not there yet
+    are done by `work(model, keys)` `chunk` keys at a time, each chunk's records appended as it
+    finishes, so a killed run goes on with the keys left (a cut last line is dropped). The model is
+    loaded (`loaded`) only when keys are left."""
+    done = {r[key_field]: r for r in read_lines(path)}
+    todo = [k for k in keys if k not in done]
+    if todo:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in done.values()))  # drops a cut last line
+        m = loaded(model)
+        with open(path, "a", encoding="utf-8") as out, progress_bar(total=len(todo), desc=desc, unit="item",
+                                                                    disable=not progress) as bar:
+            for first in range(0, len(todo), chunk):
+                for record in work(m, todo[first:first + chunk]):
+                    out.write(json.dumps(record) + "\n")
+                    done[record[key_field]] = record
+                out.flush()
+                bar.update(len(todo[first:first + chunk]))
+    return done
+
+
 def reply_seed(seed: int, task_index: int, reply_index: int) -> int:
     return (seed * 1_000_003 + task_index) * 1_000 + reply_index
 
