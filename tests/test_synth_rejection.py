@@ -232,3 +232,23 @@ def test_synth_reject_refuses_prompts_without_what_the_verifier_reads(small_dir,
     assert capsys.readouterr().err.strip() == (f"error: bad record at {prompts}:1: the math verifier needs a \"answer\" "
                                                "field in every record (set on_bad_record=skip to skip such records)")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_verifier_that_fails_mid_run_is_one_line_and_the_finished_prompts_stay(small_dir, tmp_path, monkeypatch,
+                                                                                 capsys):
+    (tmp_path / "picky.py").write_text("def check(record, reply):\n"
+                                       "    if record['task_id'] == 'm2':\n"
+                                       "        raise ValueError('cannot read ' + reply)\n"
+                                       "    return True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"task_id": f"m{i}", "prompt": f"say {i}"}) + "\n" for i in (1, 2, 3)))
+    monkeypatch.setattr(rejection, "generate_replies", engine_answering({f"say {i}": (lambda seed, i=i: f"reply {i}")
+                                                                         for i in (1, 2, 3)}))
+    out = tmp_path / "out"
+    assert main(["synth", "reject", str(prompts), "--model", small_dir, "--out", str(out), "--samples", "1",
+                 "--verifier", "python:picky.check", "--batch", "1", "--no-progress"]) == 1
+    assert capsys.readouterr().err.strip() == ("error: verifier python:picky.check raised ValueError on task 'm2': "
+                                               "cannot read reply 2")
+    kept = [json.loads(line)["task_id"] for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert kept == ["m1"] and not (out / "sft.jsonl").exists()
