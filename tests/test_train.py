@@ -356,6 +356,10 @@ def test_a_rerun_resumes_only_a_run_with_the_same_options(tmp_path):
     run.mkdir()
     (run / "train_config.json").write_text(json.dumps(to_dict(from_dict({**options, "resume": True}))))
     check_same_run(str(run), options)  # same options: resume
+    saved = to_dict(from_dict({**options, "resume": True}))
+    del saved["stages"], saved["eval_every"]  # a run made before these options existed had their defaults
+    (run / "train_config.json").write_text(json.dumps(saved))
+    check_same_run(str(run), options)
     with pytest.raises(Qwen2Error, match=r"other options \(lr: 0.002 -> 0.001\)"):
         check_same_run(str(run), {**options, "lr": 1e-3})
 
@@ -648,3 +652,12 @@ def test_config_files_overrides_and_their_errors(tmp_path, capsys):
         load_config(None, ["schedule=step"])
     assert main(["train", "pretrain", "lr=fast"]) == 1
     assert capsys.readouterr().err == "error: training option 'lr' must be a number, got 'fast'\n"
+
+
+def test_a_record_holding_a_unicode_line_separator_is_one_record(small_dir, tmp_path):
+    """JSONL lines end at "\\n" only; U+0085, U+2028 and U+2029 may stand unescaped inside a JSON string."""
+    texts = ["mojibake \u0085 here", "a\u2028b\u2029c", "plain"]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\r\n" for t in texts), encoding="utf-8")
+    report = D.DataReport(str(path))
+    assert D.read_documents(str(path), report) == texts and report.records == 3

@@ -70,7 +70,9 @@ class DataReport:
 
 def jsonl_records(path: str, report: DataReport) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line; bad JSON or a non-object goes to `report`."""
-    for number, line in enumerate(read_text(path).splitlines(), 1):
+    # Lines end at "\n" only: str.splitlines would also break at U+0085, U+2028 and other characters
+    # JSON leaves unescaped inside strings, cutting a record in two.
+    for number, line in enumerate(read_text(path).split("\n"), 1):
         if not line.strip():
             continue
         try:

@@ -11,7 +11,7 @@ import json
 import os
 
 from ..errors import Qwen2Error
-from .config import from_dict, to_dict
+from .config import TrainConfig, from_dict, to_dict
 
 LOG_FILE = "log.jsonl"
 CONFIG_FILE = "train_config.json"
@@ -51,9 +51,12 @@ def check_same_run(output_dir: str, options: dict) -> None:
         return
     with open(path, encoding="utf-8") as f:
         before = json.load(f)
+    # An option the saved config lacks (one added since the run was made) had its default then.
+    default = to_dict(TrainConfig())
+    before = {k: before.get(k, default[k]) for k in default}
     now = to_dict(from_dict(options))
-    changed = sorted(k for k in now if k != "resume" and before.get(k) != now[k])
+    changed = sorted(k for k in now if k != "resume" and before[k] != now[k])
     if changed:
-        what = ", ".join(f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed)
+        what = ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed)
         raise Qwen2Error(f"{output_dir} holds a run with other options ({what}); "
                          "rerun with the same options to resume, or choose another --out")
