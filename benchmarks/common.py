@@ -59,6 +59,17 @@ def write_results(out: str, data: dict, markdown: str) -> None:
     print(f"\nwrote {os.path.relpath(out)} and {os.path.relpath(md)}", file=sys.stderr)
 
 
+def read_records(folder: str) -> list[dict]:
+    """Every record of the JSONL shards in `folder` (a `qwen2 data` output), in shard order."""
+    import glob
+
+    records = []
+    for path in sorted(glob.glob(os.path.join(folder, "*.jsonl"))):
+        with open(path, encoding="utf-8") as f:
+            records += [json.loads(line) for line in f]
+    return records
+
+
 def fmt(value, spec: str = ".1f") -> str:
     return "–" if value is None else format(value, spec)
 

@@ -28,7 +28,6 @@ benchmarks/results/data_filter.{md,json,png} (with --smoke: in <out>/results/).
 from __future__ import annotations
 
 import argparse
-import fileinput
 import glob
 import json
 import os
@@ -36,22 +35,13 @@ import random
 import sys
 import time
 
-from benchmarks.common import RESULTS_DIR, apply_preset, machine_facts, save_png, write_report
+from benchmarks.common import RESULTS_DIR, apply_preset, machine_facts, read_records, save_png, write_report
 from qwen2.errors import Qwen2Error
 
 RESULTS = os.path.join(RESULTS_DIR, "data_filter")
 FULL = dict(eval_mb=20.0, train_mb=8.0, train_docs=300, eval_clean=600, max_tokens=256)
 SMOKE = dict(eval_mb=2.0, train_mb=1.0, train_docs=40, eval_clean=60, max_tokens=64)
 EVAL_SEED, TRAIN_SEED = 22, 21
-
-
-def read_records(folder: str) -> list[dict]:
-    """Every record of the JSONL shards in `folder`, in shard order."""
-    files = sorted(glob.glob(os.path.join(folder, "*.jsonl")))
-    if not files:  # fileinput would read stdin
-        return []
-    with fileinput.input(files, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
 
 
 def write_records(path: str, records: list[dict]) -> str:
