@@ -112,3 +112,23 @@ def test_synth_score_writes_each_replys_reward(tokenizer, tmp_path, capsys):
     got = [scored[0]["reward"], scored[1]["reward_chosen"], scored[1]["reward_rejected"], scored[2]["reward"]]
     assert got == pytest.approx(expected, abs=1e-6) and scored[1]["id"] == 7
     assert "scored 4 replies of 3 records" in capsys.readouterr().out
+
+
+def test_the_real_model_check_runs_and_reports(small_dir, tmp_path):
+    """benchmarks/experiments/synth_constitution_check.py, as a command, on the tiny model and 2 of its
+    20 prompts: its report counts what the records hold."""
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-m", "benchmarks.experiments.synth_constitution_check", "--model", small_dir,
+                          "--quantize", "none", "--limit", "2", "--max-new-tokens", "4", "--out", str(tmp_path / "out"),
+                          "--results", str(tmp_path / "report")], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    records = [json.loads(line) for line in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
+    assert report["stats"]["prompts"] == len(records) == 2 and report["stats"]["principles"] == 3
+    assert report["revision_differs"] == sum(r["revision"].strip() != r["draft"].strip() for r in records)
+    assert [e["draft"] for e in report["examples"]] == [r["draft"] for r in records]
+    assert "prompts x 3 principles" in (tmp_path / "report.md").read_text()
