@@ -294,7 +294,8 @@ def _row_plan(task: str, cfg: TrainConfig, model, tokenizer, rows_per_micro_batc
     staged = StagedRows(stages, mixtures, model, cfg.grad_accum, rows_per_micro_batch, mine, tokenizer.pad_token_id,
                         device)
     reports = [r for _, r in rows_by_file.values()]
-    described = ", ".join(f"{r.records} from {r.path}" for r in reports)
+    described = ", ".join(f"{r.records} from {r.path}" + (f" in rows of {n}" if cfg.stages else "")
+                          for (_, n), (_, r) in rows_by_file.items())
     skipped, truncated = sum(r.skipped for r in reports), sum(r.truncated for r in reports)
     if cfg.stages:
         summary = {"stages": [{"steps": st.steps, "seq_len": st.seq_len, **sm} for st, sm in zip(stages, summaries)]}
