@@ -439,6 +439,24 @@ def save_png(fig, path: str, dpi: int = 110) -> None:
     plt.close(fig)
 
 
+def one_line_errors(main):
+    """A script's `main(argv) -> int`, whose Qwen2Error (bad options, bad data) is one line on stderr
+    and exit status 1 instead of a traceback."""
+    import functools
+
+    from qwen2.errors import Qwen2Error
+
+    @functools.wraps(main)
+    def wrapped(argv=None) -> int:
+        try:
+            return main(argv)
+        except Qwen2Error as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+
+    return wrapped
+
+
 def apply_preset(args, full: dict, smoke: dict, run_name: str, results: str) -> None:
     """Options left unset take the full run's (or with --smoke the smoke run's) values; the run
     directory defaults to runs/<run_name>[-smoke], and a smoke run's results stay inside it."""

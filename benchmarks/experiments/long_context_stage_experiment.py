@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, apply_preset, machine_facts, save_png, write_report
+from benchmarks.common import RESULTS_DIR, apply_preset, machine_facts, one_line_errors, save_png, write_report
 from qwen2.errors import Qwen2Error
 from qwen2.fileio import write_text_atomic
 
@@ -166,6 +166,7 @@ def plot(s: dict, path: str) -> None:
     save_png(fig, path)
 
 
+@one_line_errors
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true")
@@ -176,33 +177,28 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     apply_preset(args, FULL, SMOKE, "long-context-stage", RESULTS)
-    try:
-        if min(args.short_steps, args.long_steps) % args.eval_every:
-            raise Qwen2Error("--short-steps and --long-steps must be multiples of --eval-every")
-        torch.set_num_threads(args.threads)
-        os.makedirs(args.out, exist_ok=True)
-        start = time.perf_counter()
-        init_dir, data, held = prepare(args)
-        runs = {}
-        for name, theta in BASES.items():
-            options = run_options(args, init_dir, data, "base-" + f"{theta:.0e}".replace("+0", ""), theta)
-            log = train(options)
-            runs[name] = {"rope_theta": theta, "log": log, "scores": scores(options, held, args)}
-        first = [[r["loss"] for r in run["log"][:args.short_steps]] for run in runs.values()]
-        final = {name: {"ppl_long": run["scores"][-1][f"ppl_{args.long}"],
-                        "ppl_short": run["scores"][-1][f"ppl_{args.short}"]} for name, run in runs.items()}
-        names = list(runs)
-        summary = {"args": {k: getattr(args, k) for k in FULL}, "machine": machine_facts(threads=args.threads),
-                   "arch": ARCH, "heldout_plays": len(held), "runs": runs, "final": final,
-                   "stage1_equal": first[0] == first[1],
-                   "raised_base_better": final[names[0]]["ppl_long"] < final[names[1]]["ppl_long"],
-                   "seconds": time.perf_counter() - start}
-        write_report(summary, args.results, args.smoke, markdown, plot)
-        return 0
-    except Qwen2Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-
+    if min(args.short_steps, args.long_steps) % args.eval_every:
+        raise Qwen2Error("--short-steps and --long-steps must be multiples of --eval-every")
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    start = time.perf_counter()
+    init_dir, data, held = prepare(args)
+    runs = {}
+    for name, theta in BASES.items():
+        options = run_options(args, init_dir, data, "base-" + f"{theta:.0e}".replace("+0", ""), theta)
+        log = train(options)
+        runs[name] = {"rope_theta": theta, "log": log, "scores": scores(options, held, args)}
+    first = [[r["loss"] for r in run["log"][:args.short_steps]] for run in runs.values()]
+    final = {name: {"ppl_long": run["scores"][-1][f"ppl_{args.long}"],
+                    "ppl_short": run["scores"][-1][f"ppl_{args.short}"]} for name, run in runs.items()}
+    names = list(runs)
+    summary = {"args": {k: getattr(args, k) for k in FULL}, "machine": machine_facts(threads=args.threads),
+               "arch": ARCH, "heldout_plays": len(held), "runs": runs, "final": final,
+               "stage1_equal": first[0] == first[1],
+               "raised_base_better": final[names[0]]["ppl_long"] < final[names[1]]["ppl_long"],
+               "seconds": time.perf_counter() - start}
+    write_report(summary, args.results, args.smoke, markdown, plot)
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

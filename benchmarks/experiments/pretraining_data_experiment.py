@@ -66,7 +66,8 @@ import time
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, apply_preset, machine_facts, read_records, save_png, write_report
+from benchmarks.common import (RESULTS_DIR, apply_preset, machine_facts, one_line_errors, read_records, save_png,
+                               write_report)
 from qwen2.errors import Qwen2Error
 from qwen2.fileio import write_text_atomic
 
@@ -716,26 +717,23 @@ def parse_args(argv=None):
     return args
 
 
+@one_line_errors
 def main(argv=None) -> int:
-    try:
-        args = parse_args(argv)
-        torch.set_num_threads(args.threads)
-        os.makedirs(args.out, exist_ok=True)
-        start = time.perf_counter()
-        ctx = context(args, SMOKE_MODEL if args.smoke else MODEL)
-        if args.part in ("both", "filter"):
-            summary = filter_part(args, ctx)
-            summary["invocation_seconds"] = round(time.perf_counter() - start, 1)  # a rerun reuses what is done
-            write_report(summary, args.results, args.smoke, markdown_filter, plot_filter)
-        if args.part in ("both", "mixture"):
-            summary = mixture_part(args, ctx)
-            summary["invocation_seconds"] = round(time.perf_counter() - start, 1)  # a rerun reuses what is done
-            write_report(summary, os.path.join(os.path.dirname(args.results), MIXTURE_RESULTS), args.smoke,
-                         markdown_mixture, plot_mixture)
-        return 0
-    except Qwen2Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    start = time.perf_counter()
+    ctx = context(args, SMOKE_MODEL if args.smoke else MODEL)
+    if args.part in ("both", "filter"):
+        summary = filter_part(args, ctx)
+        summary["invocation_seconds"] = round(time.perf_counter() - start, 1)  # a rerun reuses what is done
+        write_report(summary, args.results, args.smoke, markdown_filter, plot_filter)
+    if args.part in ("both", "mixture"):
+        summary = mixture_part(args, ctx)
+        summary["invocation_seconds"] = round(time.perf_counter() - start, 1)  # a rerun reuses what is done
+        write_report(summary, os.path.join(os.path.dirname(args.results), MIXTURE_RESULTS), args.smoke,
+                     markdown_mixture, plot_mixture)
+    return 0
 
 
 if __name__ == "__main__":

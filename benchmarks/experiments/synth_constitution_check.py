@@ -17,8 +17,7 @@ import os
 import sys
 import time
 
-from benchmarks.common import DATA_DIR, RESULTS_DIR, REPO_ROOT, command_line, machine_facts
-from qwen2.errors import Qwen2Error
+from benchmarks.common import DATA_DIR, REPO_ROOT, RESULTS_DIR, command_line, machine_facts, one_line_errors
 from qwen2.fileio import write_text_atomic
 
 PROMPTS = os.path.join(DATA_DIR, "constitution_prompts.jsonl")
@@ -55,6 +54,7 @@ def markdown(s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@one_line_errors
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
@@ -67,39 +67,35 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(REPO_ROOT, "runs", "synth-constitution"))
     ap.add_argument("--results", default=os.path.join(RESULTS_DIR, "synth_constitution"))
     args = ap.parse_args(argv)
-    try:
-        import torch
+    import torch
 
-        import qwen2
-        from qwen2.runtime.generate import SamplingParams
-        from qwen2.synth import constitution
+    import qwen2
+    from qwen2.runtime.generate import SamplingParams
+    from qwen2.synth import constitution
 
-        torch.set_num_threads(args.threads)
-        quantize = None if args.quantize in ("none", "") else args.quantize
-        args.quantize = quantize
-        prompts = PROMPTS
-        if args.limit:
-            prompts = os.path.join(args.out, "prompts.jsonl")
-            os.makedirs(args.out, exist_ok=True)
-            with open(PROMPTS, encoding="utf-8") as f:
-                write_text_atomic(prompts, "".join(f.readlines()[:args.limit]))
-        start = time.perf_counter()
-        stats = constitution.constitution(
-            prompts, constitution.read_principles(PRINCIPLES), lambda: qwen2.load(args.model, quantize=quantize),
-            args.out, params=SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=0.95),
-            batch=args.batch)
-        stats["seconds"] = stats.get("seconds", time.perf_counter() - start)
-        with open(os.path.join(args.out, constitution.RECORDS_FILE), encoding="utf-8") as f:
-            records = [json.loads(line) for line in f]
-        summary = summarise(records, stats, args)
-        os.makedirs(os.path.dirname(args.results), exist_ok=True)
-        write_text_atomic(args.results + ".json", json.dumps(summary, indent=1) + "\n")
-        write_text_atomic(args.results + ".md", markdown(summary))
-        print(markdown(summary).split("\n\n")[2])
-        return 0
-    except Qwen2Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    torch.set_num_threads(args.threads)
+    quantize = None if args.quantize in ("none", "") else args.quantize
+    args.quantize = quantize
+    prompts = PROMPTS
+    if args.limit:
+        prompts = os.path.join(args.out, "prompts.jsonl")
+        os.makedirs(args.out, exist_ok=True)
+        with open(PROMPTS, encoding="utf-8") as f:
+            write_text_atomic(prompts, "".join(f.readlines()[:args.limit]))
+    start = time.perf_counter()
+    stats = constitution.constitution(
+        prompts, constitution.read_principles(PRINCIPLES), lambda: qwen2.load(args.model, quantize=quantize),
+        args.out, params=SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=0.95),
+        batch=args.batch)
+    stats["seconds"] = stats.get("seconds", time.perf_counter() - start)
+    with open(os.path.join(args.out, constitution.RECORDS_FILE), encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    summary = summarise(records, stats, args)
+    os.makedirs(os.path.dirname(args.results), exist_ok=True)
+    write_text_atomic(args.results + ".json", json.dumps(summary, indent=1) + "\n")
+    write_text_atomic(args.results + ".md", markdown(summary))
+    print(markdown(summary).split("\n\n")[2])
+    return 0
 
 
 if __name__ == "__main__":

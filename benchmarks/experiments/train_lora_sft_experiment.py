@@ -48,7 +48,7 @@ import time
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, apply_preset, save_png, smooth, write_report
+from benchmarks.common import RESULTS_DIR, apply_preset, one_line_errors, save_png, smooth, write_report
 from qwen2.errors import Qwen2Error
 from qwen2.eval.answers import accuracy, answer_line, score
 from qwen2.fileio import write_text_atomic
@@ -305,29 +305,26 @@ def parse_args(argv=None):
     return args
 
 
+@one_line_errors
 def main(argv=None) -> int:
-    try:
-        args = parse_args(argv)
-        torch.set_num_threads(args.threads)
-        os.makedirs(args.out, exist_ok=True)
-        data, held_out = write_data(args)
-        options = train_options(args, data)
-        write_text_atomic(os.path.join(args.out, "train_options.json"), json.dumps(options, indent=1) + "\n")
-        if args.prepare_only:
-            print(f"prepared {args.out} (train.jsonl, heldout.jsonl, train_options.json); nothing loaded", flush=True)
-            return 0
-        # One 0.5B model in memory at a time: the base model for "before", sft's own, then the base
-        # model again with the adapters for "after".
-        before = evaluate(args, "before", held_out, None)
-        adapter_dir = train(args, options)
-        gc.collect()
-        after = evaluate(args, "after", held_out, adapter_dir)
-        summary = summarise(args, options, before, after)
-        write_report(summary, args.results, args.smoke, markdown, plot)
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    data, held_out = write_data(args)
+    options = train_options(args, data)
+    write_text_atomic(os.path.join(args.out, "train_options.json"), json.dumps(options, indent=1) + "\n")
+    if args.prepare_only:
+        print(f"prepared {args.out} (train.jsonl, heldout.jsonl, train_options.json); nothing loaded", flush=True)
         return 0
-    except Qwen2Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    # One 0.5B model in memory at a time: the base model for "before", sft's own, then the base
+    # model again with the adapters for "after".
+    before = evaluate(args, "before", held_out, None)
+    adapter_dir = train(args, options)
+    gc.collect()
+    after = evaluate(args, "after", held_out, adapter_dir)
+    summary = summarise(args, options, before, after)
+    write_report(summary, args.results, args.smoke, markdown, plot)
+    return 0
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ import time
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, apply_preset, save_png, smooth, write_report
+from benchmarks.common import RESULTS_DIR, apply_preset, one_line_errors, save_png, smooth, write_report
 from qwen2.config import Qwen2Config
 from qwen2.data.corpora import plays, split_plays
 from qwen2.data.tokenizer_training import CONTROL_TOKENS, END_OF_DOCUMENT, train_tokenizer
@@ -279,26 +279,23 @@ def parse_args(argv=None):
     return args
 
 
+@one_line_errors
 def main(argv=None) -> int:
-    try:
-        args = parse_args(argv)
-        torch.set_num_threads(args.threads)
-        arch = SMOKE_MODEL if args.smoke else MODEL
-        os.makedirs(args.out, exist_ok=True)
-        init_dir, data, held_ids = prepare(args, arch)
-        options = train_options(args, init_dir, data)
-        write_text_atomic(os.path.join(args.out, "train_options.json"), json.dumps(options, indent=1) + "\n")
-        if args.prepare_only:
-            print(f"prepared {args.out} (init, train.jsonl, train_options.json); nothing trained", flush=True)
-            return 0
-        train(args, options)
-        evals = evaluate(args, options, held_ids)
-        summary = summarise(args, arch, options, held_ids, evals)
-        write_report(summary, args.results, args.smoke, markdown, plot)
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    arch = SMOKE_MODEL if args.smoke else MODEL
+    os.makedirs(args.out, exist_ok=True)
+    init_dir, data, held_ids = prepare(args, arch)
+    options = train_options(args, init_dir, data)
+    write_text_atomic(os.path.join(args.out, "train_options.json"), json.dumps(options, indent=1) + "\n")
+    if args.prepare_only:
+        print(f"prepared {args.out} (init, train.jsonl, train_options.json); nothing trained", flush=True)
         return 0
-    except Qwen2Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    train(args, options)
+    evals = evaluate(args, options, held_ids)
+    summary = summarise(args, arch, options, held_ids, evals)
+    write_report(summary, args.results, args.smoke, markdown, plot)
+    return 0
 
 
 if __name__ == "__main__":

@@ -33,8 +33,7 @@ import sys
 import time
 import zlib
 
-from benchmarks.common import RESULTS_DIR, apply_preset, machine_facts, save_png, write_report
-from qwen2.errors import Qwen2Error
+from benchmarks.common import RESULTS_DIR, apply_preset, machine_facts, one_line_errors, save_png, write_report
 from qwen2.fileio import atomic_file
 
 RESULTS = os.path.join(RESULTS_DIR, "train_tokenizer")
@@ -221,13 +220,10 @@ def parse_args(argv=None):
     return args
 
 
+@one_line_errors
 def main(argv=None) -> int:
-    try:
-        args = parse_args(argv)
-        summary = run(args)
-    except Qwen2Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    args = parse_args(argv)
+    summary = run(args)
     write_report(summary, args.results, args.smoke, markdown, plot)
     return 0
 
