@@ -28,7 +28,6 @@ benchmarks/results/data_filter.{md,json,png} (with --smoke: in <out>/results/).
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import random

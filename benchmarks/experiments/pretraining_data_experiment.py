@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
 import json
 import math
 import os

@@ -309,10 +309,10 @@ def reject(prompts: str | os.PathLike, model: Qwen2 | str | os.PathLike | Callab
                          "(it accepted them once, or they are reference solutions that fail); a verifier must give "
                          "the same answer every time")
     write_jsonl(os.path.join(out_dir, SFT_FILE), sft)
-    replies = [x for s in scored for x in s["rewards"]]
-    stats = {"verifier": scorer.name, "prompts": len(scored), "samples": len(replies),
-             "passing": sum(x == 1.0 for x in replies), "acceptance_rate": sum(x == 1.0 for x in replies) / len(replies),
-             "kept": len(sft), "reverified": reverified, "sft": sft_stats}
+    scores = [x for s in scored for x in s["rewards"]]
+    passing = sum(x == 1.0 for x in scores)
+    stats = {"verifier": scorer.name, "prompts": len(scored), "samples": len(scores), "passing": passing,
+             "acceptance_rate": passing / len(scores), "kept": len(sft), "reverified": reverified, "sft": sft_stats}
     if pairs:
         preference, pair_stats = preference_records(scored, by_id, per_task, fallback)
         write_jsonl(os.path.join(out_dir, PAIRS_FILE), preference)
