@@ -65,6 +65,46 @@ def hf_reference(real_gguf):
 
 
 @pytest.fixture
+def offline(monkeypatch):
+    """No network but loopback (a test's own server), and no model hub: what an offline machine is."""
+    import socket
+
+    connect, create_connection = socket.socket.connect, socket.create_connection
+
+    def loopback(address) -> bool:
+        return isinstance(address, tuple) and address[0] in ("127.0.0.1", "::1", "localhost")
+
+    def loopback_only(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6) and not loopback(address):
+            raise OSError(f"the test refused a connection to {address}")
+        return connect(self, address)
+
+    def create_loopback_only(address, *args, **kwargs):
+        if not loopback(address):
+            raise OSError(f"the test refused a connection to {address}")
+        return create_connection(address, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", loopback_only)
+    monkeypatch.setattr(socket, "create_connection", create_loopback_only)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model():
+    """A tiny random Qwen2 with the small byte-level tokenizer and its chat template, 2,048 positions:
+    what the benchmark runners' tests generate with."""
+    from ggufs import random_model, small_tokenizer_metadata, tiny_config
+
+    from qwen2.api import Qwen2
+    from qwen2.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf_metadata(small_tokenizer_metadata())
+    config = tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=2048)
+    return Qwen2(random_model(config, seed=7), tok, {"eos_token_id": [tok.eos_token_id]}, source="tiny")
+
+
+@pytest.fixture
 def no_loading(monkeypatch):
     """Reading any checkpoint fails the test: bad options must be refused before the weights are read."""
     def refuse(*args, **kwargs):

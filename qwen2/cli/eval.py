@@ -78,6 +78,58 @@ def cmd_lm_eval(args) -> None:
         sys.exit(code)
 
 
+# The generation benchmarks: `qwen2 eval VERB --task NAME`, VERB -> (the module whose BENCHMARKS maps
+# task names to `qwen2.eval.runner.GenerationBenchmark`s, the default task, help). A new benchmark is a
+# module and a line here.
+GENERATION_VERBS: dict[str, tuple[str, str, str]] = {
+    "math": ("qwen2.eval.math_benchmarks", "gsm8k", "final-answer math (GSM8K, MATH, MGSM): generate, extract, "
+             "strict and flexible match"),
+    "bbh": ("qwen2.eval.bbh", "all", "BIG-Bench Hard, chain-of-thought few-shot, exact match"),
+    "ifeval": ("qwen2.eval.ifeval", "ifeval", "instruction following (IFEval's verifiable instructions), "
+               "strict and loose, prompt and instruction level"),
+}
+
+
+def benchmark_of(verb: str, task: str | None):
+    """The GenerationBenchmark `qwen2 eval VERB --task TASK` names; an unknown task is a one-line error."""
+    import importlib
+
+    module, default, _ = GENERATION_VERBS[verb]
+    benchmarks = importlib.import_module(module).BENCHMARKS
+    task = task or default
+    if task not in benchmarks:
+        raise Qwen2Error(f"unknown {verb} task {task!r}; choose one of: {', '.join(benchmarks)}")
+    return benchmarks[task]
+
+
+def cmd_generation_benchmark(args) -> None:
+    from ..eval import runner
+
+    bench = benchmark_of(args.benchmark, args.task)
+    out = args.out or f"{args.benchmark}-{bench.name}.jsonl"
+    m = model_args.load_model(args)
+    chat = m.tokenizer.chat_template is not None if args.chat is None else args.chat == "on"
+    summary = runner.run(bench, runner.model_replier(m, batch=args.batch_size), out, tokenizer=m.tokenizer,
+                         model=args.model, data=args.data, limit=args.limit, shots=args.shots, chat=chat,
+                         max_new_tokens=args.max_new_tokens)
+    print(runner.describe(summary))
+    print(f"results: {out}")
+
+
+def add_benchmark_args(p, add_model_args) -> None:
+    """The options every native benchmark runner takes."""
+    add_model_args(p)
+    p.add_argument("--data", default=None, help="a full test set, JSONL or Parquet in the public dataset's "
+                   "columns (default: the offline pack shipped with qwen2)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N items")
+    p.add_argument("--shots", type=int, default=None, help="few-shot examples per prompt (default: the task's)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences run together (default 8)")
+    p.add_argument("--chat", choices=["on", "off"], default=None,
+                   help="prompt through the chat template (default: when the model has one)")
+    p.add_argument("--out", default=None, help="per-item results JSONL, appended as it goes; a run resumes "
+                   "from it (default: VERB-TASK.jsonl); the summary goes beside it (.summary.json)")
+
+
 def add_eval_parser(sub, add_model_args) -> None:
     """The `eval` command and its subcommands, on the top-level subparsers `sub`."""
     ev = sub.add_parser("eval", help="benchmarks: humaneval, perplexity, passkey, needle, lm-eval")
@@ -121,6 +173,21 @@ def add_eval_parser(sub, add_model_args) -> None:
         p.add_argument("--max-new-tokens", type=int, default=16)
         p.add_argument("--out", default=None, help="write every prompt's record as JSONL")
         p.set_defaults(func=cmd_retrieval, kind=kind)
+
+    for verb, (_, default, helptext) in GENERATION_VERBS.items():
+        p = what.add_parser(verb, help=helptext)
+        add_benchmark_args(p, add_model_args)
+        p.add_argument("--task", default=None, help=f"which {verb} benchmark (default: {default})")
+        p.add_argument("--max-new-tokens", type=int, default=None, help="reply length limit (default: the task's)")
+        p.set_defaults(func=cmd_generation_benchmark)
+
+    from .eval_mc import add_mc_parser
+    from .eval_mt_bench import add_mt_bench_parser
+    from .eval_report import add_report_parser
+
+    add_mc_parser(what, add_benchmark_args, add_model_args)
+    add_mt_bench_parser(what, add_benchmark_args, add_model_args)
+    add_report_parser(what)
 
     # Everything after `lm-eval` is lm_eval's (its options look like ours, so none are parsed here).
     p = what.add_parser("lm-eval", prefix_chars="+", add_help=False,

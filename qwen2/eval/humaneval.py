@@ -31,6 +31,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 from ..errors import Qwen2Error
 from ..fileio import write_text_atomic
 from ..progress import progress_bar
+from .results import summary_path
 from .sandbox import Limits, run_python
 
 INSTRUCTION = ("Please provide a self-contained Python script that solves the following problem "
@@ -266,27 +267,16 @@ def model_generator(m, batch: int = 8) -> Generator:
     sequences decode together and a finished one's row is refilled at once. Each row attends over
     its own keys as if alone, so greedy replies are the ones the model gives each prompt by itself.
     Choice i of a sampled problem uses seed `settings.seed + index + i`."""
-    from ..serve.engine import Engine, complete_all
+    from .replies import generate_replies
 
     def generate(jobs, settings):
-        if not jobs:
-            return
-        requests = [(m.tokenizer.encode(prompt), m.sampling(
-            max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, stop=[settings.stop],
-            **({"top_p": settings.top_p, "seed": settings.seed + index} if settings.temperature > 0 else {})),
-            settings.samples) for index, prompt in jobs]
-        longest = max(len(ids) for ids, _, _ in requests) + settings.max_new_tokens
-        engine = Engine(m.decoder, m.tokenizer, m.eos_ids, max_batch=max(batch, settings.samples),
-                        max_model_len=min(longest, m.config.max_position_embeddings))
-        for j, texts in complete_all(engine, requests):
+        prompts = [prompt for _, prompt in jobs]
+        for j, texts in generate_replies(m, prompts, max_new_tokens=settings.max_new_tokens, stop=[settings.stop],
+                                         batch=batch, samples=settings.samples, temperature=settings.temperature,
+                                         top_p=settings.top_p, seeds=[settings.seed + index for index, _ in jobs]):
             yield jobs[j][0], texts
 
     return generate
-
-
-def summary_path(out_path: str | os.PathLike) -> str:
-    root, _ = os.path.splitext(os.fspath(out_path))
-    return root + ".summary.json"
 
 
 def _read_done(out_path: str, settings: Settings) -> list[dict]:
