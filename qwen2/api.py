@@ -1,6 +1,7 @@
 """`qwen2.load(...)`: a model, its tokenizer and its generation defaults in one object."""
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 from typing import Iterator, Sequence
@@ -10,7 +11,10 @@ from .errors import Qwen2Error
 from .options import LoadOptions
 from .runtime.compile import check_compilable
 from .runtime.executor import make_decoder
-from .runtime.generate import SamplingParams, generate_text, stream_rows
+from .runtime.generate import SamplingParams, decode_steps, generate_text, stream_rows
+
+# the compiled executor's traced decode step would not see which adapter each batch's rows take
+COMPILED_WITH_ADAPTERS = "LoRA adapters are not served with executor='compiled'; load with executor='auto'"
 
 
 class Qwen2:
@@ -28,6 +32,7 @@ class Qwen2:
         self.source = source
         self._drafts: dict[str, Qwen2] = {}  # draft models loaded by name for speculative decoding
         self._checked_drafts = weakref.WeakSet()  # drafts whose tokenizer matched ours (a 151k-entry compare)
+        self._adapters = None  # the LoRA adapters served over .model (qwen2.adapters.AdapterSet), once one is added
 
     @property
     def config(self):
@@ -67,7 +72,8 @@ class Qwen2:
         return self.tokenizer
 
     def generate(self, prompt: str | Sequence[str], stream: bool = False, speculative=None, draft_model=None,
-                 num_draft_tokens: int | None = None, **sampling) -> str | list[str] | Iterator[str]:
+                 num_draft_tokens: int | None = None, json_schema=None, regex=None, grammar=None,
+                 adapter: str | Sequence[str | None] | None = None, **sampling) -> str | list[str] | Iterator[str]:
         """Continue `prompt` (a string, or a list of strings decoded as one batch).
 
         Sampling options: max_new_tokens, temperature (0 = greedy), top_k, top_p, min_p,
@@ -76,6 +82,13 @@ class Qwen2:
         speculative="prompt-lookup" (or a `qwen2.runtime.speculative` Drafter, whose `.stats` then holds the
         acceptance counts), or draft_model= a smaller Qwen2 with the same vocabulary (a loaded one,
         a registry name or a path); num_draft_tokens= tokens drafted per target forward.
+        Structured output (`qwen2.runtime.constrained`, on llguidance): the reply must be JSON valid
+        under json_schema= (a dict or its JSON text; {"type": "object"}: any object), match regex=
+        as a whole, or be in the language of grammar= (Lark); with a list of prompts, one for all or a
+        list with one per prompt (None: that row is free). Checked before any generation.
+        LoRA adapters (`add_adapter`, or load's adapters=): adapter= the name of the one to use, or
+        with a list of prompts, one name (or None: the base model) per prompt; rows on different
+        adapters decode in one batch, nothing merged.
         """
         tokenizer = self._require_tokenizer()
         batch = not isinstance(prompt, str)
@@ -84,6 +97,8 @@ class Qwen2:
             raise Qwen2Error("prompt must be a non-empty string or a non-empty list of strings")
         params = self.sampling(**sampling)
         steps = self._speculative_steps(speculative, draft_model, num_draft_tokens, params, batch)
+        steps = self._constrained_steps(steps, len(prompts), json_schema=json_schema, regex=regex, grammar=grammar)
+        steps = self._adapter_steps(steps, adapter, len(prompts))
         ids = [tokenizer.encode(p) for p in prompts]
         if stream:
             if batch:
@@ -91,6 +106,61 @@ class Qwen2:
             return (piece for _, piece in stream_rows(self.decoder, tokenizer, ids, params, self.eos_ids, steps=steps))
         texts = generate_text(self.decoder, tokenizer, ids, params, self.eos_ids, steps=steps)
         return texts if batch else texts[0]
+
+    @property
+    def adapters(self):
+        """The LoRA adapters served over this model (`qwen2.adapters.AdapterSet`: `.names`), or None."""
+        return self._adapters
+
+    def add_adapter(self, name: str, path: str | os.PathLike) -> None:
+        """Serve the LoRA adapter in directory `path` (what `qwen2 train ... lora=true` writes, or HF
+        PEFT's adapter_config.json + adapter_model.safetensors) as `name`, beside the base model and
+        any others: `generate(..., adapter=name)`, or "model": name in a server request. An adapter
+        that does not fit the model is a Qwen2Error naming it and the tensor."""
+        from .adapters import read_adapter
+
+        self._attach_adapter(read_adapter(name, path))
+
+    def _attach_adapter(self, adapter) -> None:
+        from .adapters import AdapterSet
+
+        if self._adapters is None:
+            if self.decoder.name == "compiled":
+                raise Qwen2Error(COMPILED_WITH_ADAPTERS)
+            self._adapters = AdapterSet(self.model)
+        self._adapters.add(adapter)
+
+    def _adapter_steps(self, steps, adapter, n_rows: int):
+        """The steps factory with each row's adapter chosen before its forwards (`steps` itself on a
+        model without adapters), the names checked before any work."""
+        if self._adapters is None:
+            if adapter is not None:
+                raise Qwen2Error(f"no adapter named {adapter!r}: this model has no LoRA adapters loaded "
+                                 "(qwen2.load(..., adapters={name: DIR}) or add_adapter)")
+            return steps
+        names = [adapter] * n_rows if adapter is None or isinstance(adapter, str) else list(adapter)
+        if len(names) != n_rows:
+            raise Qwen2Error(f"adapter= has {len(names)} names for {n_rows} prompts; give one per prompt "
+                             "(None: the base model)")
+        for name in names:
+            if name is not None:
+                self._adapters.index(name)  # a Qwen2Error naming an unknown one, before any work
+        return self._adapters.steps_with(steps, names)
+
+    def _constrained_steps(self, steps, n_rows: int, **requested):
+        """The steps factory for structured output (`steps` itself when none is asked for), each row's
+        constraint compiled and checked before any work."""
+        if all(value is None for value in requested.values()):
+            return steps
+        from .runtime.constrained import constrained_choice, row_constraints
+
+        if steps is not None:
+            raise Qwen2Error("json_schema, regex and grammar cannot be combined with speculative decoding; drop one")
+        constraints = row_constraints(n_rows, self._require_tokenizer(), self.eos_ids, self.config.vocab_size,
+                                      **requested)
+        if constraints is None:  # a list of None: every row free
+            return None
+        return functools.partial(decode_steps, choose=constrained_choice([c and c.start() for c in constraints]))
 
     def _speculative_steps(self, speculative, draft_model, num_draft_tokens, params: SamplingParams, batch: bool):
         """The steps factory for the speculative options (None without them), checked before any work."""
@@ -137,6 +207,32 @@ class Qwen2:
                                                                tokenize=False, tools=tools)
         return self.generate(prompt, stream=stream, **sampling)
 
+    def infill(self, prefix: str | Sequence[str], suffix: str | Sequence[str], stream: bool = False,
+               speculative=None, draft_model=None, num_draft_tokens: int | None = None,
+               **sampling) -> str | list[str] | Iterator[str]:
+        """Fill in the middle (Qwen2.5-Coder's FIM, `qwen2.fim`): the text that goes between `prefix`
+        and `suffix`, and only that. Generation stops at the FIM end tokens (`<|endoftext|>`,
+        `<|fim_pad|>`, `<|file_sep|>`, `<|repo_name|>`) besides the model's end ids. Two strings, or
+        two lists of strings of one length (one batch). Takes generate's options; a model whose
+        tokenizer has no FIM tokens is a Qwen2Error naming them."""
+        from .fim import FimTokens
+
+        tokenizer = self._require_tokenizer()
+        fim = FimTokens.of(tokenizer)
+        batch = isinstance(prefix, (list, tuple))
+        if batch != isinstance(suffix, (list, tuple)) or batch and (len(prefix) != len(suffix) or not prefix):
+            raise Qwen2Error("prefix and suffix must be two strings, or two non-empty lists of strings of one length")
+        ids = [fim.prompt(tokenizer, p, s) for p, s in (zip(prefix, suffix) if batch else [(prefix, suffix)])]
+        params = self.sampling(**sampling)
+        steps = self._speculative_steps(speculative, draft_model, num_draft_tokens, params, batch)
+        ends = fim.stop_ids(self.eos_ids)
+        if stream:
+            if batch:
+                raise Qwen2Error("stream=True takes one prefix and suffix, not lists")
+            return (piece for _, piece in stream_rows(self.decoder, tokenizer, ids, params, ends, steps=steps))
+        texts = generate_text(self.decoder, tokenizer, ids, params, ends, steps=steps)
+        return texts if batch else texts[0]
+
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
         """Write an HF model directory (config.json, safetensors, tokenizer, generation_config.json)
         that transformers' `from_pretrained` and `qwen2.load` both read. Atomic."""
@@ -145,6 +241,9 @@ class Qwen2:
         if getattr(self.model, "quantization", None):
             raise Qwen2Error("a quantised model cannot be saved as an HF directory; save the fp32 model "
                              "(load without quantize=) and quantise it when loading")
+        if self._adapters is not None:  # its linears are wrapped: the state dict is not an HF checkpoint's
+            raise Qwen2Error("a model serving LoRA adapters cannot be saved as an HF directory; save the base model "
+                             "(load it without adapters=), or merge one adapter with qwen2 train's merge_lora")
         save_hf_dir(path, self.config, self.model.state_dict(), self.tokenizer, self.generation_config,
                     overwrite=overwrite)
 
@@ -157,7 +256,8 @@ class Qwen2:
                 f"dtype={self.model.dtype}" + (f", quantize={describe(self.model)!r}" if quantized else "") + ")")
 
 
-def load(source: str | os.PathLike = DEFAULT_MODEL, options: LoadOptions | None = None, **kwargs) -> Qwen2:
+def load(source: str | os.PathLike = DEFAULT_MODEL, options: LoadOptions | None = None,
+         adapters: dict[str, str | os.PathLike] | None = None, **kwargs) -> Qwen2:
     """Load a model by registry name (e.g. "qwen2.5-coder-0.5b-instruct"), HF directory or .gguf file.
 
     How: `options`, a `qwen2.LoadOptions`, or its fields as keywords (over `options` when both):
@@ -173,6 +273,9 @@ def load(source: str | os.PathLike = DEFAULT_MODEL, options: LoadOptions | None 
     blocks our layouts hold exactly are taken as they are instead of requantised: in the int4 modes
     (group size 32) Q4_K, and Q6_K for the layers that are int8, as their own super-blocks
     (`qwen2.quant.kquant`), Q8_0 and Q5_0 as int8 (the layers that are int8). See `qwen2.quant`.
+    On a Qwen2-MoE model every expert, routed and shared, is quantised by the same rules, the router
+    and the shared-expert gate stay in `dtype`, and "int4" keeps the attention int8 (`qwen2.quant.moe`);
+    with expert_dtype="bfloat16" a bf16 checkpoint's experts are quantised from bf16, never held in fp32.
 
     executor: how forwards run (`qwen2.runtime.executor`): "auto" (default: "native" on an fp32 CPU
     model where the native kernels build, else "eager"), "native", "eager" (PyTorch ops only), or
@@ -191,11 +294,22 @@ def load(source: str | os.PathLike = DEFAULT_MODEL, options: LoadOptions | None 
     bf16 while the rest stays in `dtype`: half their memory and, on CPUs with bf16 units, several
     times faster expert matmuls, for rounding the experts' inputs and outputs to bf16
     (`qwen2.model.moe.set_expert_dtype`). The experts are built in bf16 directly: a bf16 checkpoint's
-    are never held in fp32."""
+    are never held in fp32.
+
+    adapters={"name": DIR, ...}: LoRA adapters served beside the base model, chosen per prompt
+    (`generate(..., adapter="name")`) or per server request ("model": "name"), rows on different
+    adapters in one batch, nothing merged (`qwen2.adapters`). DIR is what `qwen2 train ... lora=true`
+    writes or an HF PEFT LoRA directory (adapter_model.safetensors). An adapter that does not fit the
+    base (shape, rank, a module it lacks) is a one-line Qwen2Error naming it and the tensor. Adapted
+    blocks' decode steps run their linears from Python (the native executor computes only their
+    attention), so a model with adapters decodes somewhat slower than without, even on the base rows."""
     from . import long_context as lc
     from . import quant as q
 
     options = LoadOptions.from_kwargs(options, **kwargs)  # every value checked here, before any file is read
+    lora = _read_adapters(adapters)  # their files checked before the base's weights are read
+    if lora and options.executor == "compiled":
+        raise Qwen2Error(COMPILED_WITH_ADAPTERS)
     # the options' group_size is None outside the int4 modes
     group_size = q.DEFAULT_GROUP_SIZE if options.group_size is None else options.group_size
     config, weights, tokenizer, generation_config = load_checkpoint(
@@ -220,5 +334,19 @@ def load(source: str | os.PathLike = DEFAULT_MODEL, options: LoadOptions | None 
         from . import kernels
         kernels.ops()  # built here, once per machine, so its notice comes before any answer, not inside one
         q.keep_heap_blocks()  # activations from malloc's heap, not fresh mappings faulted in op by op
-    return Qwen2(model, tokenizer, generation_config, source=os.fspath(source),
+    qwen = Qwen2(model, tokenizer, generation_config, source=os.fspath(source),
                  decoder=make_decoder(model, options.executor), options=options)
+    for adapter in lora:
+        qwen._attach_adapter(adapter)
+    return qwen
+
+
+def _read_adapters(adapters) -> list:
+    """load's adapters= ({name: directory}) read and checked as far as their files tell."""
+    if adapters is None:
+        return []
+    if not isinstance(adapters, dict):
+        raise Qwen2Error(f"adapters must be a dict of name -> adapter directory, not {type(adapters).__name__}")
+    from .adapters import read_adapter
+
+    return [read_adapter(name, path) for name, path in adapters.items()]

@@ -97,6 +97,7 @@ class Tokenizer:
             vocab[spec.content] = spec.id
         self._added = dict(sorted(added.items()))
         self._backend = _build_backend(vocab, merges, self._added.values())
+        self._plain_backend = _without_added_tokens(self._backend)
 
         self.vocab_size = max(vocab_size or 0, max(vocab.values(), default=-1) + 1)
         self.eos_token_id = vocab[eos_token]
@@ -206,17 +207,24 @@ class Tokenizer:
         id. Qwen2 adds no BOS or EOS."""
         return self._encoding(text).ids
 
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of `text` as plain text: an added token's string in it (`<|fim_prefix|>`,
+        `<|im_end|>`) is spelt out by BPE like any other text, never read as that token. For text
+        from a user that goes between special ids of a prompt built in ids (fill-in-the-middle),
+        which it must not be able to end or restructure."""
+        return self._encoding(text, self._plain_backend).ids
+
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """`encode(text)` and, for each token, the [start, end) character span of `text` it came
         from (training uses them to find which tokens belong to which chat turn)."""
         encoding = self._encoding(text)
         return encoding.ids, [tuple(o) for o in encoding.offsets]
 
-    def _encoding(self, text: str):
+    def _encoding(self, text: str, backend: _Backend | None = None):
         if not isinstance(text, str):
             raise Qwen2Error(f"encode takes a str, not {type(text).__name__}")
         try:
-            return self._backend.encode(text, add_special_tokens=False)
+            return (backend or self._backend).encode(text, add_special_tokens=False)
         except TypeError:  # tokenizers refuses lone surrogates; say where, not "TextInputSequence must be str"
             raise Qwen2Error(unicode_problem(text) or "tokenizers cannot encode this text") from None
 
@@ -345,6 +353,15 @@ def _build_backend(vocab: dict[str, int], merges: Sequence[tuple[str, str]],
     backend.add_special_tokens([AddedToken(s.content, normalized=False, special=True) for s in specs if s.special])
     backend.add_tokens([AddedToken(s.content, normalized=False, special=False) for s in specs if not s.special])
     return backend
+
+
+def _without_added_tokens(backend: _Backend) -> _Backend:
+    """The same pipeline with no added tokens: it shares `backend`'s BPE model (no copy of the
+    vocabulary), so building it costs microseconds."""
+    plain = _Backend(backend.model)
+    plain.normalizer, plain.pre_tokenizer = backend.normalizer, backend.pre_tokenizer
+    plain.decoder, plain.post_processor = backend.decoder, backend.post_processor
+    return plain
 
 
 def _named_token_spec(content: str, vocab: Mapping[str, int], added: Mapping[int, AddedTokenSpec]) -> AddedTokenSpec:

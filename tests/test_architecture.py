@@ -9,17 +9,20 @@ import pytest
 import qwen2
 
 ROOT = os.path.dirname(qwen2.__file__)
-# Lowest first. A module may import from lower layers only; packages sharing a layer (the decoder
-# and the quantised linears) may not import each other.
+# Lowest first. A module may import from lower layers only; packages sharing a layer may not import
+# each other.
 LAYERS = [
     ("qwen2.errors",),
     ("qwen2.progress", "qwen2.fileio"),
     ("qwen2.long_context",),  # configuration of the long-context methods: checks and presets
     ("qwen2.config", "qwen2.tokenizer"),
+    ("qwen2.fim",),  # fill-in-the-middle prompts from a tokenizer's own FIM tokens
     ("qwen2.kernels",),
-    ("qwen2.model", "qwen2.quant"),
+    ("qwen2.model",),
+    ("qwen2.quant",),  # quantised linears, and the decoder's models quantised (an MoE block's experts too)
     ("qwen2.checkpoint",),
     ("qwen2.runtime",),
+    ("qwen2.adapters",),  # LoRA adapters served per request: their files, the multi-adapter linear
     ("qwen2.options",),  # LoadOptions: how load builds a model, checked once (api, cli, serve, eval share it)
     ("qwen2.api",),
     ("qwen2.serve",),

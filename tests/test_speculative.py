@@ -259,15 +259,43 @@ def test_api_errors(tiny_api, kwargs, message):
 def test_batch_and_vocabulary_errors(tiny_api, target, other):
     with pytest.raises(Qwen2Error, match="speculative decoding takes one prompt, not a list"):
         tiny_api.generate(["a", "b"], speculative="prompt-lookup")
-    with pytest.raises(Qwen2Error, match=r"draft model's vocabulary \(94 tokens\) differs from the target's \(151936\)"):
-        tiny_api.generate("a", draft_model=target)
-    with pytest.raises(Qwen2Error, match=r"vocabulary \(151936 tokens\) differs from the target's \(94\)"):
+    with pytest.raises(Qwen2Error, match=r"draft model's vocabulary \(151936 rows\) is larger than the target's \(94\)"):
         next(speculative_steps(target, [1, 2], SamplingParams(max_new_tokens=8), DraftModelDrafter(tiny_api.model)))
     small = tiny_model(4, context=16)
     with pytest.raises(Qwen2Error, match="exceeds the draft model's context length of 16"):
         next(speculative_steps(target, [1, 2], SamplingParams(max_new_tokens=20), DraftModelDrafter(small)))
     with pytest.raises(Qwen2Error, match="empty prompt"):
         next(speculative_steps(target, [], SamplingParams(), PromptLookupDrafter()))
+
+
+# ---- drafts with fewer vocabulary rows ------------------------------------------------------------
+
+def test_a_draft_with_fewer_vocabulary_rows_gives_the_targets_greedy_tokens():
+    """Qwen2's small models pad the vocabulary to 151,936 rows, the 7B/72B to 152,064: the target here
+    is a random model with 152,064 rows whose last 128 win its argmax now and then, the draft the same
+    weights cut to 151,936 rows. The draft never proposes those ids and reads them as token 0 when the
+    target emits them; the output is still exactly the target's greedy decode."""
+    target = tiny_model(5, vocab_size=152064)
+    with torch.no_grad():
+        target.lm_head.weight[151936:] *= 1.3
+    draft = tiny_model(5, vocab_size=151936)
+    draft.load_state_dict({k: v[:151936] if v.shape[0] == 152064 else v for k, v in target.state_dict().items()})
+    prompt = [5, 17, 80, 3, 9, 44]
+    expected = plain(target, prompt, 40)
+    assert any(t >= 151936 for t in expected)  # the target does emit ids the draft has no row for
+    drafter = DraftModelDrafter(draft, num_draft_tokens=4)
+    assert speculate(target, prompt, 40, drafter) == expected
+    check_stats(drafter.stats, 40)
+    assert drafter.stats.accepted > 0
+
+
+def test_api_takes_a_draft_with_the_same_tokenizer_and_fewer_rows(tiny_api, tokenizer):
+    big = tiny_model(3, vocab_size=152064, tie=True)
+    big.load_state_dict({k: torch.cat([v, v[:128]]) if v.shape[0] == 151936 else v
+                         for k, v in tiny_api.model.state_dict().items()}, strict=False)
+    target = Qwen2(big, tokenizer, source="tiny-152064")
+    expected = target.generate("def f(x):\n", max_new_tokens=20)
+    assert target.generate("def f(x):\n", max_new_tokens=20, draft_model=tiny_api) == expected
 
 
 # ---- the real model -------------------------------------------------------------------------------

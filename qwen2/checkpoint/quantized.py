@@ -131,7 +131,7 @@ class GGUFPlan:
         layers, plain, exact = result
         mode, group_size, lm_head, dtype = self.settings
         model = build_model(config, plain, dtype=dtype, device="cpu", modules=layers)
-        model.quantization = quantization_record(mode, group_size, lm_head)
+        model.quantization = quantization_record(config, mode, group_size, lm_head)
         counts: dict[str, int] = {}
         for name in self.order:  # in the order swapping them into a quantised model takes them
             if name in exact:

@@ -11,6 +11,8 @@ from ..progress import answer_line_open
 from ..runtime.speculative import SPECULATIVE_METHODS
 from . import model_args
 from .model_args import add_dtype_arg, add_long_context_args, add_model_args, add_quantize_args
+from .adapter_args import add_lora_arg, lora_adapters
+from .structured_args import add_structured_args, structured_options
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -67,17 +69,22 @@ def _print_stream(pieces) -> str:
 
 
 def cmd_generate(args) -> None:
+    structured = structured_options(args)  # files read before the model loads
     m = model_args.load_model(args)
     m.sampling(**_sampling(args))  # validate options before any work
     speculative = _speculative(args, m)
-    _print_stream(m.generate(args.prompt, stream=True, **_sampling(args), **speculative))
+    if args.suffix is None:
+        _print_stream(m.generate(args.prompt, stream=True, **_sampling(args), **speculative, **structured))
+    else:  # fill in the middle: PROMPT is the text before it
+        _print_stream(m.infill(args.prompt, args.suffix, stream=True, **_sampling(args), **speculative, **structured))
 
 
 def cmd_chat(args) -> None:
+    structured = structured_options(args)  # files read before the model loads
     m = model_args.load_model(args)
     sampling = _sampling(args)
     m.sampling(**sampling)
-    sampling.update(_speculative(args, m))
+    sampling.update(_speculative(args, m), **structured)
     base = [{"role": "system", "content": args.system}] if args.system else []
     if args.message is not None:  # one question, one answer
         _print_stream(m.chat(base + [{"role": "user", "content": args.message}], stream=True, **sampling))
@@ -194,8 +201,9 @@ def cmd_serve(args) -> None:
         raise Qwen2Error(f"qwen2 serve needs fastapi and uvicorn ({e.name} is missing); "
                          "install them with pip install -e '.[serve]'") from None
     api_key = args.api_key or os.environ.get("QWEN2_API_KEY") or None
+    lora_adapters(args)  # a malformed --lora fails now, before the socket and the model
     with listening_socket(args.host, args.port) as sock:  # a bad or busy port fails now, not after loading
-        m = model_args.load_model(args)
+        m = model_args.load_model(args)  # with the --lora adapters
         app = create_app(m, api_key=api_key, max_batch=args.max_batch, max_model_len=args.max_model_len,
                          max_queue=args.max_queue)
         engine = app.state.engine
@@ -239,10 +247,12 @@ def cmd_train(args) -> None:
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    """What generate and chat both take: the model, sampling, speculative decoding, long context."""
+    """What generate and chat both take: the model, sampling, speculative decoding, structured output,
+    long context."""
     add_model_args(p)
     _add_sampling_args(p)
     _add_speculative_args(p)
+    add_structured_args(p)
     add_long_context_args(p)
 
 
@@ -250,8 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen2", description="Run Qwen2-architecture models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("generate", help="continue a prompt (streams to stdout)")
+    p = sub.add_parser("generate", help="continue a prompt, or fill in the middle with --suffix (streams to stdout)")
     p.add_argument("prompt")
+    p.add_argument("--suffix", default=None, help="fill in the middle (Qwen2.5-Coder): print the text between "
+                   "PROMPT and SUFFIX")
     _add_generation_args(p)
     p.set_defaults(func=cmd_generate)
 
@@ -300,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt + completion tokens per sequence (default: the context, at most 2048)")
     p.add_argument("--max-queue", type=int, default=None, help="requests waiting for a slot before 429 "
                    "(default: 4 x max-batch)")
+    add_lora_arg(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("models", help="list the registry of known models")

@@ -5,10 +5,12 @@ import torch
 import torch.nn as nn
 
 from ..errors import Qwen2Error
+from ..model.moe import SparseMoeBlock
 from .linear import (BACKENDS, BLOCK_LINEARS, DEFAULT_GROUP_SIZE, INT4_KEEP_INT8, MODES, Int4Linear, Int8Linear,
                      QuantLinear, buffer_shapes, check_group_size, quantized_linears)
 from .gguf_blocks import GGUFEmbedding
 from .memory import file_mappings, release_pages
+from .moe import MOE_INT4_KEEP_INT8, QuantizedMoeBlock, moe_linears, quantize_moe_blocks, role
 
 
 def check_mode(mode: str | None) -> str | None:
@@ -25,6 +27,10 @@ def quantize_model(model, mode: str, group_size: int = DEFAULT_GROUP_SIZE, lm_he
     output head, always int8: see below) of a `Transformer` by quantised linears, in place; returns it.
     mode "int8": all int8 (groups of 32, `int8_group_size`). "int4": group-wise int4, but v_proj and
     down_proj int8 (see INT4_KEEP_INT8). "int4-pure": all seven int4.
+    In a Qwen2-MoE block every expert's gate/up/down projections, routed and shared, take the MLP's
+    place under the same rules; the router and the shared-expert gate stay as they are, and the block
+    becomes a `QuantizedMoeBlock` (qwen2/quant/moe.py). "int4" keeps an MoE model's whole attention
+    int8 (MOE_INT4_KEEP_INT8).
 
     `lm_head` None means the mode's default: int8 in the int4 modes, fp32 in int8 mode. The lm_head
     is the largest single matrix of a small model (136 M of the 0.5B model's 494 M parameters), so
@@ -55,15 +61,37 @@ def quantize_model(model, mode: str, group_size: int = DEFAULT_GROUP_SIZE, lm_he
     # pages released), so a later lookup faults its row back in from the checkpoint, and a GGUF's exact
     # head soon replaces the table altogether (QuantEmbedding).
     release_chunk = None if not mapped else (lambda t: release_pages(t, mapped))
+    _quantize_linears(model, layouts, mode, group_size, on_chunk=release_chunk)
+    quantize_moe_blocks(model)
+    model.quantization = quantization_record(model.config, mode, group_size, lm_head)
+    return model
+
+
+def quantize_moe_block(block: SparseMoeBlock, config, mode: str,
+                       group_size: int = DEFAULT_GROUP_SIZE) -> QuantizedMoeBlock:
+    """One MoE block of a model of `config`, its experts quantised as `quantize_model` quantises them
+    in the model (the block's linears replaced in place, then the block wrapped): to measure or
+    check a layer alone (benchmarks/speed/bench_moe.py)."""
+    mode = check_mode(mode)
+    if mode is None:
+        raise Qwen2Error("quantize_moe_block needs a quantization mode")
+    check_quantizable(config, mode, group_size)
+    layer = next(i for i in range(config.num_hidden_layers) if config.is_moe_layer(i))
+    prefix = f"model.layers.{layer}.mlp."
+    _quantize_linears(block, {name.removeprefix(prefix): layout for name, layout in linear_layouts(config, mode).items()
+                              if name.startswith(prefix)}, mode, group_size)
+    return QuantizedMoeBlock(block)
+
+
+def _quantize_linears(root: nn.Module, layouts: dict[str, str], mode: str, group_size: int, on_chunk=None) -> None:
+    """Replace each linear `layouts` names (relative to `root`) by its quantised layer, in place."""
     with torch.no_grad():
         for name, layout in layouts.items():
             parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
+            parent = root.get_submodule(parent_name) if parent_name else root
             linear = getattr(parent, attr)
-            layer = quantize_linear(linear.weight.detach(), linear.bias, layout, group_size, on_chunk=release_chunk)
+            layer = quantize_linear(linear.weight.detach(), linear.bias, layout, group_size, on_chunk=on_chunk)
             setattr(parent, attr, configure_linear(layer, name, mode))
-    model.quantization = quantization_record(mode, group_size, lm_head)
-    return model
 
 
 # --------------------------------------------------------------------------------------------------
@@ -73,14 +101,17 @@ def quantize_model(model, mode: str, group_size: int = DEFAULT_GROUP_SIZE, lm_he
 
 def check_quantizable(config, mode: str, group_size: int) -> None:
     """Raise Qwen2Error unless a model of `config` can be quantised to `mode` (a checked mode) at `group_size`."""
-    if config.num_experts:
-        raise Qwen2Error("quantised linears do not cover mixture-of-experts layers yet; load this Qwen2-MoE model "
-                         "without quantize=")
     if mode.startswith("int4"):
-        check_group_size(group_size, {
-            "q/k/v/gate/up_proj (hidden size)": config.hidden_size,
-            "o_proj (heads x head dim)": config.num_attention_heads * config.head_dim,
-            "down_proj (intermediate size)": config.intermediate_size})
+        layers = range(config.num_hidden_layers)
+        widths = {"q/k/v/gate/up_proj (hidden size)": config.hidden_size,
+                  "o_proj (heads x head dim)": config.num_attention_heads * config.head_dim}
+        if not all(config.is_moe_layer(i) for i in layers):
+            widths["down_proj (intermediate size)"] = config.intermediate_size
+        if any(config.is_moe_layer(i) for i in layers):
+            widths["the experts' down_proj (moe_intermediate_size)"] = config.moe_intermediate_size
+            widths["the shared expert's down_proj (shared_expert_intermediate_size)"] = \
+                config.shared_expert_intermediate_size
+        check_group_size(group_size, widths)
 
 
 def lm_head_quantized(mode: str, lm_head: bool | None) -> bool:
@@ -90,10 +121,15 @@ def lm_head_quantized(mode: str, lm_head: bool | None) -> bool:
 
 def linear_layouts(config, mode: str, lm_head: bool | None = None) -> dict[str, str]:
     """Module name -> the layout `quantize_model` gives it ("int4" or "int8"), in the model's module
-    order: every block linear, then "lm_head" when it is quantised. Linears not named stay as they are."""
-    keep_int8 = INT4_KEEP_INT8 if mode == "int4" else ()
-    layouts = {f"model.layers.{i}.{path}": "int8" if path in keep_int8 else ("int4" if mode.startswith("int4") else "int8")
-               for i in range(config.num_hidden_layers) for path in BLOCK_LINEARS}
+    order: every block linear (an MoE block's: its experts', `moe_linears`), then "lm_head" when it is
+    quantised. Linears not named stay as they are."""
+    keep_int8 = int4_keep_int8(config) if mode == "int4" else ()
+    dense_mlp = [path for path in BLOCK_LINEARS if path.startswith("mlp.")]
+    attention = [path for path in BLOCK_LINEARS if path not in dense_mlp]
+    low = "int4" if mode.startswith("int4") else "int8"
+    layouts = {f"model.layers.{i}.{path}": "int8" if role(path) in keep_int8 else low
+               for i in range(config.num_hidden_layers)
+               for path in attention + (moe_linears(config) if config.is_moe_layer(i) else dense_mlp)}
     if lm_head_quantized(mode, lm_head):
         layouts["lm_head"] = "int8"
     return layouts
@@ -126,9 +162,15 @@ def configure_linear(layer: QuantLinear, name: str, mode: str) -> QuantLinear:
     return layer
 
 
-def quantization_record(mode: str, group_size: int, lm_head: bool | None) -> dict:
-    """What a model quantised to `mode` says of itself (`model.quantization`), before any GGUF blocks are taken."""
-    keep_int8 = INT4_KEEP_INT8 if mode == "int4" else ()
+def int4_keep_int8(config) -> tuple[str, ...]:
+    """The block linears (by role: "self_attn.v_proj", "mlp.down_proj") that "int4" mode keeps int8."""
+    return MOE_INT4_KEEP_INT8 if config.num_experts else INT4_KEEP_INT8
+
+
+def quantization_record(config, mode: str, group_size: int, lm_head: bool | None) -> dict:
+    """What a model of `config` quantised to `mode` says of itself (`model.quantization`), before any
+    GGUF blocks are taken."""
+    keep_int8 = int4_keep_int8(config) if mode == "int4" else ()
     return {"mode": mode, "group_size": group_size if mode.startswith("int4") else None,
             "int8": [p.split(".")[1] for p in keep_int8], "lm_head": "int8" if lm_head_quantized(mode, lm_head) else None}
 

@@ -132,9 +132,11 @@ def check_fits(model, prompt_lengths: Sequence[int], max_new_tokens: int) -> Non
 
 
 def decode_steps(model, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                 pad_id: int = 0) -> Iterator[torch.Tensor]:
+                 pad_id: int = 0, choose=next_token) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,) per step, up to params.max_new_tokens steps.
-    Prompts of different lengths are left-padded; the caller stops iterating when done."""
+    Prompts of different lengths are left-padded; the caller stops iterating when done.
+    `choose` has `next_token`'s signature and picks each step's tokens (structured output passes
+    `qwen2.runtime.constrained.constrained_choice(...)`, which masks each row's logits first)."""
     model = as_decoder(model)  # a bare model runs through its fastest executor
     check_fits(model, [len(p) for p in prompts], params.max_new_tokens)
     B, T = len(prompts), max(len(p) for p in prompts)
@@ -157,7 +159,7 @@ def decode_steps(model, prompts: Sequence[Sequence[int]], params: SamplingParams
         logits = model(ids, attention_mask=None if bool(mask.all()) else mask, cache=cache, last_only=True)
     for step in range(params.max_new_tokens):
         with torch.inference_mode():
-            token = next_token(logits[:, -1], params, seen, generator)  # (B,)
+            token = choose(logits[:, -1], params, seen, generator)  # (B,)
             if seen is not None:
                 seen.scatter_(1, token[:, None], True)
         yield token

@@ -9,8 +9,11 @@ the text is exactly plain greedy decoding's; only the number of target forwards 
 Drafters:
   `PromptLookupDrafter`  n-gram lookup in prompt + output: no second model. Suits code editing,
                          summaries, anything whose output copies the input.
-  `DraftModelDrafter`    a smaller model with the same vocabulary proposes k greedy tokens from
-                         its own KV cache (e.g. Qwen2.5-Coder-0.5B for the 1.5B).
+  `DraftModelDrafter`    a smaller model with the same tokenizer proposes k greedy tokens from
+                         its own KV cache (e.g. Qwen2.5-Coder-0.5B for the 1.5B). Its embedding
+                         may have fewer rows than the target's (Qwen2's 0.5B/1.5B pad the
+                         vocabulary to 151,936 rows, the 7B and 72B to 152,064): every row it
+                         has is the same token, so it can only propose ids the target knows.
 
 `speculative_steps` has `decode_steps`' contract (one (1,) LongTensor per token, up to
 params.max_new_tokens), so `TextStream` ends on eos ids and stop strings exactly as it does for
@@ -103,8 +106,10 @@ class PromptLookupDrafter(Drafter):
 
 
 class DraftModelDrafter(Drafter):
-    """A draft model (a `Qwen2` from `qwen2.load`, or a `Transformer`) with the target's
-    vocabulary proposes k greedy tokens, through its own KV cache, rewound like the target's."""
+    """A draft model (a `Qwen2` from `qwen2.load`, or a `Transformer`) with the target's tokenizer
+    proposes k greedy tokens, through its own KV cache, rewound like the target's. A token of the
+    target's beyond the draft's rows (a padding row, never a real token of a shared tokenizer) is
+    read by the draft as token 0: only its guesses can suffer, never the output."""
 
     def __init__(self, draft_model, num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS["draft-model"]):
         super().__init__(num_draft_tokens)
@@ -116,6 +121,7 @@ class DraftModelDrafter(Drafter):
         self.model = as_decoder(model)
         self.cache = None
         self.cached: list[int] = []  # the tokens in self.cache, slot by slot
+        self.rows = self.model.config.vocab_size
 
     def start(self, target: Transformer, prompt: Sequence[int], max_len: int) -> None:
         check_vocab_compatible(target.config.vocab_size, self.model.config.vocab_size)
@@ -139,7 +145,8 @@ class DraftModelDrafter(Drafter):
         draft: list[int] = []
         with torch.inference_mode():
             while True:
-                logits = self.model(torch.tensor([feed], device=device), cache=self.cache, last_only=True)
+                readable = [t if t < self.rows else 0 for t in feed]
+                logits = self.model(torch.tensor([readable], device=device), cache=self.cache, last_only=True)
                 self.cached += feed
                 draft.append(int(greedy_choice(logits[0, -1].float())))
                 if len(draft) == k:
@@ -148,9 +155,11 @@ class DraftModelDrafter(Drafter):
 
 
 def check_vocab_compatible(target_vocab: int, draft_vocab: int) -> None:
-    if target_vocab != draft_vocab:
-        raise Qwen2Error(f"draft model's vocabulary ({draft_vocab} tokens) differs from the target's ({target_vocab}); "
-                         "a draft model must share the target's tokenizer and vocabulary size")
+    """A draft's vocabulary may be the target's or a prefix of it (fewer padding rows), not larger:
+    it could propose ids the target has no row for."""
+    if draft_vocab > target_vocab:
+        raise Qwen2Error(f"draft model's vocabulary ({draft_vocab} rows) is larger than the target's ({target_vocab}); "
+                         "a draft model must share the target's tokenizer, with at most as many embedding rows")
 
 
 def check_greedy(params: SamplingParams) -> None:

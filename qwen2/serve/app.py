@@ -3,7 +3,7 @@
     GET  /                     the chat page (static, no build step, no CDN)
     GET  /health               {"status": "ok", ...}
     GET  /metrics              Prometheus text
-    GET  /v1/models            the one served model
+    GET  /v1/models            the served model, and the LoRA adapters served over it (`--lora`)
     POST /v1/chat/completions  chat, tools, `stream: true` as server-sent events
     POST /v1/completions       raw text continuation
 
@@ -31,10 +31,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import Qwen2Error
+from ..fim import FimTokens
 from ..tokenizer import unicode_problem
 from . import engine as E
 from .metrics import Metrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest
+from .structured import request_constraint
 from .tools import ToolCallGate, parse_tool_calls, template_messages
 
 OPEN_PATHS = {"/", "/health", "/openapi.json"}  # everything else needs the API key when one is set
@@ -171,8 +173,15 @@ def create_app(qwen, *, model_name: str | None = None, api_key: str | None = Non
     if qwen.tokenizer is None:
         raise Qwen2Error(f"{qwen.source} has no tokenizer files; the server needs them to read and write text")
     engine = engine or E.Engine(qwen.decoder, qwen.tokenizer, qwen.eos_ids, max_batch=max_batch,
-                                max_model_len=max_model_len, max_queue=max_queue)
+                                max_model_len=max_model_len, max_queue=max_queue, adapters=qwen.adapters)
     model_name = model_name or served_name(qwen.source)
+    adapter_names = qwen.adapters.names if qwen.adapters is not None else []  # LoRA adapters, served by name
+    if model_name in adapter_names:
+        raise Qwen2Error(f"adapter {model_name!r} has the base model's name; give it another (--lora NAME=DIR)")
+    try:  # fill-in-the-middle (`suffix`) exists or not for the whole life of the server
+        fim, no_fim = FimTokens.of(qwen.tokenizer), None
+    except Qwen2Error as missing:
+        fim, no_fim = None, str(missing)
     metrics = Metrics()
     created = int(time.time())
 
@@ -239,15 +248,21 @@ def create_app(qwen, *, model_name: str | None = None, api_key: str | None = Non
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "qwen2", "max_model_len": engine.max_model_len}]}
+        base = {"id": model_name, "object": "model", "created": created, "owned_by": "qwen2",
+                "max_model_len": engine.max_model_len}
+        return {"object": "list", "data": [base] + [dict(base, id=name, parent=model_name) for name in adapter_names]}
 
     # ---- generation --------------------------------------------------------------------------------
 
-    def check_model(name: str | None) -> None:
-        if name is not None and name != model_name:
-            raise APIError(404, f"model {name!r} does not exist; this server serves {model_name!r}",
+    def check_model(name: str | None) -> str | None:
+        """The LoRA adapter the request's model names (None: the base model); 404 for an unknown name."""
+        if name is None or name == model_name:
+            return None
+        if name not in adapter_names:
+            adapters = f" and the adapters {', '.join(map(repr, adapter_names))}" if adapter_names else ""
+            raise APIError(404, f"model {name!r} does not exist; this server serves {model_name!r}{adapters}",
                            param="model", code="model_not_found")
+        return name
 
     def sampling(body, prompt_len: int):
         """SamplingParams for one prompt (max_tokens defaults to the rest of the context)."""
@@ -260,33 +275,39 @@ def create_app(qwen, *, model_name: str | None = None, api_key: str | None = Non
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        check_model(body.model)
-        check_unicode(body.model_dump(exclude_none=True))
+        adapter = check_model(body.model)
+        check_unicode(body.model_dump(exclude_none=True, by_alias=True))
         if body.logprobs:
             raise APIError(400, "logprobs are not supported by this server; leave them out", param="logprobs")
-        if body.response_format is not None and body.response_format.type != "text":
-            raise APIError(400, f"response_format {body.response_format.type} is not supported by this server yet; "
-                                "leave it out", param="response_format")
         choice = body.tool_choice
-        if isinstance(choice, dict) or choice == "required":
-            raise APIError(400, "tool_choice 'required' or a named function is not supported; use 'auto' or 'none'",
-                           param="tool_choice")
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools and choice != "none" else None
         text = qwen.tokenizer.apply_chat_template(template_messages(body.messages), add_generation_prompt=True,
                                                   tools=tools)
         prompt = qwen.tokenizer.encode(text)
-        job = Job(engine, metrics, model_name, "chat", [prompt], [sampling(body, len(prompt))], body)
+        params = [sampling(body, len(prompt))]
+        constraint = await asyncio.to_thread(request_constraint, body, qwen)  # compiling: off the event loop
+        job = Job(engine, metrics, adapter or model_name, "chat", [prompt], params, body, constraint=constraint,
+                  adapter=adapter)
         return await job.respond(request, chat=True, tool_names=frozenset(t["function"]["name"] for t in tools or ()))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        check_model(body.model)
-        check_unicode(body.model_dump(exclude_none=True))
-        for name in ("echo", "logprobs", "best_of", "suffix"):
+        adapter = check_model(body.model)
+        check_unicode(body.model_dump(exclude_none=True, by_alias=True))
+        for name in ("echo", "logprobs", "best_of"):
             value = getattr(body, name)
             if value not in (None, False, 0) and not (name == "best_of" and value == 1):
                 raise APIError(400, f"{name} is not supported by this server; leave it out", param=name)
-        if isinstance(body.prompt, str):
+        stop_ids = ()
+        if body.suffix is not None:  # fill in the middle: each prompt is the text before the completion
+            if fim is None:
+                raise APIError(400, f"suffix: {no_fim}", param="suffix", code="fim_unsupported")
+            texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+            if not isinstance(texts[0], str):
+                raise APIError(400, "suffix needs the prompt as text (the code before the middle), not token ids",
+                               param="prompt")
+            prompts, stop_ids = [fim.prompt(qwen.tokenizer, text, body.suffix) for text in texts], fim.ends
+        elif isinstance(body.prompt, str):
             prompts = [qwen.tokenizer.encode(body.prompt)]
         elif isinstance(body.prompt[0], int):
             if max(body.prompt) >= qwen.config.vocab_size:
@@ -295,7 +316,10 @@ def create_app(qwen, *, model_name: str | None = None, api_key: str | None = Non
             prompts = [list(body.prompt)]
         else:
             prompts = [qwen.tokenizer.encode(p) for p in body.prompt]
-        job = Job(engine, metrics, model_name, "completions", prompts, [sampling(body, len(p)) for p in prompts], body)
+        params = [sampling(body, len(p)) for p in prompts]
+        constraint = await asyncio.to_thread(request_constraint, body, qwen)  # compiling: off the event loop
+        job = Job(engine, metrics, adapter or model_name, "completions", prompts, params, body, stop_ids=stop_ids,
+                  constraint=constraint, adapter=adapter)
         return await job.respond(request, chat=False, tool_names=frozenset())
 
     return app
@@ -305,10 +329,14 @@ class Job:
     """One HTTP generation request: its engine requests (one per prompt, each with n choices), the
     event queue the scheduler thread fills, and the response built from it."""
 
-    def __init__(self, engine: E.Engine, metrics: Metrics, model_name: str, endpoint: str, prompts, params, body):
+    def __init__(self, engine: E.Engine, metrics: Metrics, model_name: str, endpoint: str, prompts, params, body,
+                 stop_ids=(), constraint=None, adapter: str | None = None):
         self.engine, self.metrics, self.model_name, self.endpoint, self.body = engine, metrics, model_name, endpoint, body
+        self.adapter = adapter  # the LoRA adapter every choice runs with (None: the base model)
         self.n = body.n
         self.prompts, self.params = prompts, params
+        self.stop_ids = stop_ids  # end ids of these prompts besides the model's (fill-in-the-middle's)
+        self.constraint = constraint  # structured output (qwen2/serve/structured.py): every choice's row follows it
         self.id = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.started = time.perf_counter()
@@ -326,7 +354,8 @@ class Job:
                     for r in self.requests:
                         r.cancel()
             request = E.Request(prompt, params, emit, n=self.n, presence_penalty=self.body.presence_penalty,
-                                frequency_penalty=self.body.frequency_penalty)
+                                frequency_penalty=self.body.frequency_penalty, stop_ids=self.stop_ids,
+                                constraint=self.constraint, adapter=self.adapter)
             try:
                 self.engine.submit(request)
             except E.QueueFull as full:

@@ -16,7 +16,13 @@ row's slot is also its position.
 
 Sampling is per sequence, with `qwen2.runtime.generate`'s pieces: `next_token` with the request's
 SamplingParams and its own seeded generator (a seeded request samples what `qwen2.runtime.generate` samples
-with that seed), and `TextStream` for end tokens, stop strings and whole UTF-8 characters.
+with that seed), and `TextStream` for end tokens, stop strings and whole UTF-8 characters. A
+request's `constraint` (structured output, `qwen2.runtime.constrained`) gives each of its choices a
+parser of its own, which masks that row's logits before each choice.
+
+LoRA adapters (`qwen2.adapters`): a request's `adapter` names the one its rows run with. Before each
+forward (a prefill: its one request; a decode step: every live row) the engine tells the model's
+`AdapterSet` which adapter each row takes, so rows on different adapters, or none, share the step.
 """
 from __future__ import annotations
 
@@ -34,8 +40,13 @@ import torch
 from .. import long_context
 from ..errors import Qwen2Error
 from ..model.static_cache import StaticKV
+from ..runtime.constrained import Constraint, constrained_choice
 from ..runtime.executor import as_decoder
 from ..runtime.generate import SamplingParams, TextStream, next_token
+
+
+def _base_model_only(names) -> None:
+    """A model serving no adapters: every row runs the base model (`submit` refused any other)."""
 
 
 class QueueFull(Exception):
@@ -70,6 +81,9 @@ class Request:
     n: int = 1
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    stop_ids: Sequence[int] = ()  # end ids of this request besides the engine's (fill-in-the-middle's)
+    constraint: Constraint | None = None  # structured output: each choice's row gets its own parser
+    adapter: str | None = None  # the LoRA adapter its rows run with (qwen2.adapters); None: the base model
     cancelled: bool = False  # set by the client side (disconnect); the scheduler retires its rows
     submitted_at: float = field(default_factory=time.perf_counter)
 
@@ -83,7 +97,7 @@ class LiveSequence:
     def __init__(self, request: Request, index: int, tokenizer, eos_ids, vocab_size: int, device):
         self.request, self.index = request, index
         params = request.params
-        self.stream = TextStream(tokenizer, eos_ids, params.stop)
+        self.stream = TextStream(tokenizer, [*eos_ids, *request.stop_ids], params.stop)
         self.length = len(request.prompt)  # tokens in the cache
         self.pending: int | None = None  # sampled, not yet fed
         self.generated = 0
@@ -97,6 +111,8 @@ class LiveSequence:
         self.counts = None  # OpenAI presence/frequency penalties: generated tokens only
         if request.presence_penalty or request.frequency_penalty:
             self.counts = torch.zeros(1, vocab_size, device=device)
+        # next_token, or for structured output next_token over logits this choice's own parser masked
+        self.next_token = next_token if request.constraint is None else constrained_choice([request.constraint.start()])
 
     def choose(self, logits: torch.Tensor) -> int:
         """logits (1, V) -> the next token, with this request's sampling."""
@@ -104,7 +120,7 @@ class LiveSequence:
         if self.counts is not None:
             logits = logits.float() - request.frequency_penalty * self.counts \
                 - request.presence_penalty * (self.counts > 0).float()
-        token = int(next_token(logits, request.params, self.seen, self.generator))
+        token = int(self.next_token(logits, request.params, self.seen, self.generator))
         if self.seen is not None:
             self.seen[0, token] = True
         if self.counts is not None:
@@ -117,7 +133,8 @@ class Engine:
     `max_model_len` tokens (prompt + completion). `start()` runs the scheduler thread, `close()` stops it."""
 
     def __init__(self, model, tokenizer, eos_ids: Sequence[int], max_batch: int = 8,
-                 max_model_len: int | None = None, max_queue: int | None = None, prefill_budget: int = 512):
+                 max_model_len: int | None = None, max_queue: int | None = None, prefill_budget: int = 512,
+                 adapters=None):
         config = model.config
         max_model_len = max_model_len or min(config.max_position_embeddings, 2048)
         if not isinstance(max_batch, int) or max_batch < 1:
@@ -130,6 +147,9 @@ class Engine:
         self.max_batch, self.max_model_len = max_batch, max_model_len
         self.max_queue = max_queue if max_queue is not None else 4 * max_batch
         self.prefill_budget = prefill_budget  # prompt tokens admitted per step (one longer prompt still goes alone)
+        # LoRA adapters (a qwen2.adapters.AdapterSet over this model): each forward's rows choose theirs first
+        self.adapters = adapters
+        self._select_adapters = adapters.select if adapters is not None else _base_model_only
         # Each row attends over its own keys, unmasked, as it would alone (B small SDPA calls per layer
         # instead of one masked one): greedy text then equals the request's alone, quantised models too.
         self.exact_rows = not (long_context.sliding_layers(config) or config.dual_chunk_attention_config)
@@ -187,6 +207,10 @@ class Engine:
     def submit(self, request: Request) -> None:
         """Queue a request (thread-safe). Raises QueueFull when max_queue requests are waiting."""
         self.check(len(request.prompt), request.params.max_new_tokens, request.n)
+        if request.adapter is not None:
+            if self.adapters is None:
+                raise Qwen2Error(f"no adapter named {request.adapter!r}: this model serves no LoRA adapters")
+            self.adapters.index(request.adapter)  # a Qwen2Error naming an unknown one
         with self._wake:
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"{len(self._queue)} requests are already waiting; retry shortly")
@@ -280,6 +304,7 @@ class Engine:
             return
         T = len(request.prompt)
         cache = self.model.new_cache(1, T + request.params.max_new_tokens)  # the span decode_steps gives it
+        self._select_adapters([request.adapter])
         logits = self.model(torch.tensor([request.prompt], device=self.model.device), cache=cache, last_only=True)
         self.prompt_tokens += T
         for index in range(request.n):
@@ -300,6 +325,7 @@ class Engine:
         valid = torch.arange(S, device=device)[None, :] <= lengths[:, None]  # (n, S)
         ids = torch.tensor([[s.pending] for s in self.rows], device=device)  # (n, 1)
         cache = StaticKV(self.k[:, :n, :, :S], self.v[:, :n, :, :S], valid, lengths, lengths, exact_rows=self.exact_rows)
+        self._select_adapters([s.request.adapter for s in self.rows])
         logits = self.model(ids, cache=cache)
         for seq in self.rows:
             seq.length += 1

@@ -21,9 +21,8 @@ import re
 import uuid
 from collections.abc import Collection
 
+from ..runtime.tool_grammar import TOOL_CLOSE, TOOL_OPEN
 from .protocol import APIError, ChatMessage
-
-TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 _BLOCK = re.compile(re.escape(TOOL_OPEN) + r"(.*?)(?:" + re.escape(TOOL_CLOSE) + r"|$)", re.S)
 FENCE = "```"
 _FENCED = re.compile(r"```(?:json)?(.*)```", re.S | re.I)

@@ -18,11 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..adapters.formats import ADAPTER_CONFIG, ADAPTER_FILE  # one layout, which serving reads (qwen2.adapters)
 from ..errors import Qwen2Error
 from ..fileio import atomic_file, write_text_atomic
-
-ADAPTER_FILE = "adapter.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 class LoRALinear(nn.Linear):
