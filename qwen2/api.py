@@ -100,11 +100,17 @@ class Qwen2:
         steps = self._constrained_steps(steps, len(prompts), json_schema=json_schema, regex=regex, grammar=grammar)
         steps = self._adapter_steps(steps, adapter, len(prompts))
         ids = [tokenizer.encode(p) for p in prompts]
+        return self._decode(ids, params, steps, self.eos_ids, stream, batch, "stream=True takes one prompt, not a list")
+
+    def _decode(self, ids, params: SamplingParams, steps, end_ids, stream: bool, batch: bool, one_only: str):
+        """The texts (or, streamed, the one row's pieces) of prompts `ids`, ending at `end_ids`:
+        what generate and infill share once their prompts and steps are built. `one_only` is the
+        error for a streamed batch."""
         if stream:
             if batch:
-                raise Qwen2Error("stream=True takes one prompt, not a list")
-            return (piece for _, piece in stream_rows(self.decoder, tokenizer, ids, params, self.eos_ids, steps=steps))
-        texts = generate_text(self.decoder, tokenizer, ids, params, self.eos_ids, steps=steps)
+                raise Qwen2Error(one_only)
+            return (piece for _, piece in stream_rows(self.decoder, self.tokenizer, ids, params, end_ids, steps=steps))
+        texts = generate_text(self.decoder, self.tokenizer, ids, params, end_ids, steps=steps)
         return texts if batch else texts[0]
 
     @property
@@ -225,13 +231,8 @@ class Qwen2:
         ids = [fim.prompt(tokenizer, p, s) for p, s in (zip(prefix, suffix) if batch else [(prefix, suffix)])]
         params = self.sampling(**sampling)
         steps = self._speculative_steps(speculative, draft_model, num_draft_tokens, params, batch)
-        ends = fim.stop_ids(self.eos_ids)
-        if stream:
-            if batch:
-                raise Qwen2Error("stream=True takes one prefix and suffix, not lists")
-            return (piece for _, piece in stream_rows(self.decoder, tokenizer, ids, params, ends, steps=steps))
-        texts = generate_text(self.decoder, tokenizer, ids, params, ends, steps=steps)
-        return texts if batch else texts[0]
+        return self._decode(ids, params, steps, fim.stop_ids(self.eos_ids), stream, batch,
+                            "stream=True takes one prefix and suffix, not lists")
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
         """Write an HF model directory (config.json, safetensors, tokenizer, generation_config.json)
