@@ -250,11 +250,11 @@ def test_quantised_linear_layout_follows_its_settings():
     layer = Q.quantize_model(tiny(6, intermediate_size=128), "int4").model.layers[0].self_attn.q_proj
     kind, group_size, digits, tensors = N.native_linear(layer, 1)
     assert (group_size, digits) == (32, 2) and tensors[0] is layer.weight
-    assert N.native_linear(layer, layer.dense_rows) is None  # a prefill: forward dequantises
+    assert N.native_linear(layer, layer.gemm_rows) is None  # a prefill: forward dequantises
     layer.activation_digits = 1
     assert N.native_linear(layer, 1)[2] == 1
     layer.backend = "kernel"
-    assert N.native_linear(layer, layer.dense_rows) is not None
+    assert N.native_linear(layer, layer.gemm_rows) is not None
     layer.backend = "reference"
     assert N.native_linear(layer, 1) is None
     layer.backend = "auto"

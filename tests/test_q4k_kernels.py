@@ -142,61 +142,61 @@ def test_bits_per_weight():
 @pytest.mark.parametrize("kind", ["Q4_K", "Q6_K"])
 @pytest.mark.parametrize("N, K, d_range", [(1, 256, None), (7, 1536, None), (33, 512, 1e-3)])
 def test_kernel_computes_its_integer_arithmetic_exactly(kind, N, K, d_range):
-    """The kernel equals the float64 model of its arithmetic up to fp32 rounding (relative to the
-    magnitudes it adds up; 3000 random cases gave at most 4e-8), for 1 to 8 rows of x (it takes them 4 at a time), one or two digits, odd
-    output counts, extreme fp16 super-scales (every finite one, +-65504) and all-zero blocks of
-    weights and of x."""
+    """The decode kernel and the GEMM equal the float64 model of their arithmetic up to fp32 rounding
+    (relative to the magnitudes they add up; 3000 random cases gave at most 4e-8 for the kernel), for 1
+    to 8 rows of x (the kernel takes them 4 at a time, the GEMM 4 against each panel of 16 or 32 weight
+    rows) and 37 (the GEMM's size), one or two digits, odd output counts, extreme fp16 super-scales (every
+    finite one, +-65504) and all-zero blocks of weights and of x."""
     rows = random_rows(kind, N, K, seed=N + K, d_range=d_range, zero_blocks=N * K // 256 // 4)
     layer = layer_of(kind, rows)
-    layer.backend = "kernel"
     w_scaled, w_min = weight_parts(kind, rows)
     gen = torch.Generator().manual_seed(K)
-    for M in (1, 2, 3, 4, 5, 8):
+    for M in (1, 2, 3, 4, 5, 8, 37):
         x = torch.randn(M, K, generator=gen) * torch.rand(M, K // 32, 1, generator=gen).mul(8).exp().repeat_interleave(32, 1).reshape(M, K)
         x[0, :32] = 0.0  # an all-zero activation block
-        for digits in (1, 2):
-            layer.activation_digits = digits
-            got = layer(x)
-            assert got.shape == (M, N) and got.dtype == torch.float32
-            error = (got.double() - kernel_model(x, w_scaled, w_min, digits)).abs()
-            scale = magnitude(x.double(), w_scaled.double(), None if w_min is None else w_min.double())
-            assert float((error / scale.clamp_min(1e-300)).max()) < 1e-6, (M, digits)  # measured <= 4e-8
+        scale = magnitude(x.double(), w_scaled.double(), None if w_min is None else w_min.double())
+        for backend in ("kernel", "gemm"):
+            layer.backend = backend
+            for digits in (1, 2):
+                layer.activation_digits = layer.gemm_digits = digits
+                got = layer(x)
+                assert got.shape == (M, N) and got.dtype == torch.float32
+                error = (got.double() - kernel_model(x, w_scaled, w_min, digits)).abs()
+                assert float((error / scale.clamp_min(1e-300)).max()) < 1e-6, (backend, M, digits)  # measured <= 4e-8
 
 
 @pytest.mark.parametrize("kind", ["Q4_K", "Q6_K"])
 @pytest.mark.parametrize("N, K", [(256, 1536), (61, 768)])
 def test_every_path_matches_the_dequantised_reference(kind, N, K):
-    """Kernel ("auto" for few rows) within the rounding bound of the module docstring, "dense" (the
-    prefill: bf16 GEMM where the CPU has bf16 units) within bf16's bound, "reference" exact: all
-    against x @ W^T + b with W the GGUF's own weights in fp32."""
+    """Kernel and GEMM ("auto": the kernel for few rows, the GEMM for many) within the rounding bound of
+    the module docstring, "dense" (bf16 GEMM where the CPU has bf16 units) within bf16's bound,
+    "reference" exact: all against x @ W^T + b with W the GGUF's own weights in fp32."""
     d_range = 4e-3 if kind == "Q4_K" else 1e-4  # weights of order 0.1, as in a model
     rows = random_rows(kind, N, K, seed=N, d_range=d_range, zero_blocks=5)
     bias = torch.randn(N)
     layer = layer_of(kind, rows, bias)
     w = gguf_dequantized(kind, rows)
     w_scaled, _ = weight_parts(kind, rows)
-    for M in (1, 8, 40, 100):  # decode sizes and, past dense_rows (96), a prefill
+    for M in (1, 8, 40, 100):  # decode sizes and, past gemm_rows, a prefill
         x = torch.randn(M, K)
         x[:, 5] *= 30  # an outlier channel, as Qwen2's activations have
         expected = x @ w.T + bias
         layer.backend = "reference"
         torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-4)
         for digits in (1, 2):
-            layer.activation_digits = digits
+            layer.activation_digits = layer.gemm_digits = digits
             step = rounded_x(x, digits)[1].float()
             bound = step @ w_scaled.abs().T + 1e-5 * (x.abs() @ w.abs().T)
-            layer.backend = "kernel"
-            assert bool(((layer(x) - expected).abs() <= bound * 1.01 + 1e-6).all()), (M, digits)
-            layer.backend = "auto"
-            if M < layer.dense_rows:
-                assert layer.path(M) == "kernel"
-                assert bool(((layer(x) - expected).abs() <= bound * 1.01 + 1e-6).all()), (M, digits)
+            for backend in ("kernel", "gemm", "auto"):
+                layer.backend = backend
+                assert bool(((layer(x) - expected).abs() <= bound * 1.01 + 1e-6).all()), (backend, M, digits)
+            assert layer.path(M) == ("kernel" if M < layer.gemm_rows else "gemm")
         layer.backend = "dense"
         w16 = layer.dequantize(layer.dense_dtype).float()
         dense_bound = (2.0 ** -8 * (x.abs() @ w16.abs().T) + x.abs() @ (w16 - w).abs().T
                        if layer.dense_dtype != torch.float32 else 1e-5 * (x.abs() @ w.abs().T))
         assert bool(((layer(x) - expected).abs() <= dense_bound * 1.01 + 1e-5).all()), M
-    assert layer.path(layer.dense_rows) in ("dense", "reference")
+
 
 
 def test_without_native_kernels_decode_takes_the_reference(monkeypatch):
@@ -206,11 +206,13 @@ def test_without_native_kernels_decode_takes_the_reference(monkeypatch):
         rows = random_rows(kind, 16, 512, seed=3, d_range=1e-3)
         layer = LAYERS[kind](torch.from_numpy(rows))
         assert not layer.kernel_ok and layer.path(1) == "reference"
+        assert layer.path(layer.gemm_rows) == ("dense" if layer.dense_dtype != torch.float32 else "reference")
         x = torch.randn(2, 512)
         torch.testing.assert_close(layer(x), x @ gguf_dequantized(kind, rows).T, rtol=0, atol=1e-5)
-        layer.backend = "kernel"
-        with pytest.raises(Qwen2Error, match=f"no native {layer.mode} kernel"):
-            layer(x)
+        for backend in ("kernel", "gemm"):
+            layer.backend = backend
+            with pytest.raises(Qwen2Error, match=f"no native {layer.mode} kernel"):
+                layer(x)
 
 
 def test_bad_rows_and_shapes_are_refused():

@@ -125,10 +125,10 @@ CASES = [  # (mode, N, K, group_size, bias)
 ]
 
 
-def _kernel_bound(layer, x):
+def _kernel_bound(layer, x, digits):
     x2 = x.reshape(-1, layer.in_features)
     block_step = x2.view(x2.shape[0], -1, 32).abs().amax(-1, keepdim=True) / 127
-    if layer.activation_digits == 2:  # the second digit's step; a full one, as it is clamped to 127
+    if digits == 2:  # the second digit's step; a full one, as it is clamped to 127
         steps = (block_step / 256).expand(-1, -1, 32).reshape(x2.shape)
     else:
         steps = (block_step / 2).expand(-1, -1, 32).reshape(x2.shape)
@@ -142,8 +142,8 @@ def _dense_bound(layer, x):
     return EPS_BF16 * (xa @ w16.abs().T) + xa @ (w16 - ref_w).abs().T
 
 
-def _kernel_math(layer, x):
-    """The kernel's arithmetic in float64: x rounded per block of 32 to two int8 digits (xq with step
+def _kernel_math(layer, x, digits):
+    """The kernels' (decode and GEMM) arithmetic in float64, with `digits` activation digits: x rounded per block of 32 to two int8 digits (xq with step
     absmax / 127, then the rest xr in steps of 1/256 of that; round half to even, as fp32 in the
     kernel), times the dequantised weight; int4's min term takes the exact x."""
     x2 = x.reshape(-1, layer.in_features).double()
@@ -152,7 +152,7 @@ def _kernel_math(layer, x):
     inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
     t = blocks.float() * inv
     xq = torch.round(t)
-    if layer.activation_digits == 2:
+    if digits == 2:
         xr = torch.round((t - xq) * 256).clamp(-127, 127)
         xhat = ((xq.double() * 256 + xr.double()) * (amax / 127 / 256).double()).view_as(x2)
     else:
@@ -171,7 +171,7 @@ def test_paths_match_the_dequantised_reference(mode, N, K, group_size, bias, dig
     w = _weight(N, K)
     b = torch.randn(N) if bias else None
     layer = _make(mode, w, b, group_size)
-    layer.activation_digits = digits
+    layer.activation_digits = layer.gemm_digits = digits
     assert layer.kernel_ok, f"the native kernels are expected on this machine: {kernels.status()}"
     x = torch.randn(3, 7, K)  # 21 rows
     layer.backend = "reference"
@@ -180,39 +180,44 @@ def test_paths_match_the_dequantised_reference(mode, N, K, group_size, bias, dig
     torch.testing.assert_close(ref, expect, rtol=0, atol=1e-5)
     # the quantised weight is close to the original one (so the reference is the right reference)
     torch.testing.assert_close(layer.dequantize(), w, rtol=0, atol=0.02 if mode == "int4" else 0.0025)
-    bounds = {"kernel": _kernel_bound(layer, x), "dense": _dense_bound(layer, x)}
-    for path in ("kernel", "dense", "auto"):
+    bounds = {"kernel": _kernel_bound(layer, x, digits), "dense": _dense_bound(layer, x)}
+    layer.backend = "auto"
+    assert layer.path(21) == "gemm"  # 21 rows: past gemm_rows
+    for path in ("kernel", "gemm", "dense", "auto"):
         layer.backend = path
         y = layer(x)
         assert y.shape == (3, 7, N) and y.dtype == torch.float32
-        bound = bounds["kernel" if path == "auto" else path].reshape(3, 7, N)
+        bound = bounds["dense" if path == "dense" else "kernel"].reshape(3, 7, N)
         err = (y - ref).abs()
         assert bool((err <= bound * 1.01 + 1e-6).all()), (path, float((err / bound).max()))
 
 
 @pytest.mark.parametrize("mode,N,K,group_size,bias", CASES)
-@pytest.mark.parametrize("rows", [1, 3, 4, 9])
+@pytest.mark.parametrize("rows", [1, 3, 4, 9, 37])
 @pytest.mark.parametrize("digits", [1, 2])
 def test_kernel_computes_its_integer_arithmetic_exactly(mode, N, K, group_size, bias, rows, digits):
-    """Tighter than the bound above: the kernel equals the float64 model of its own arithmetic up to
-    fp32 rounding, for 1 to 9 rows of x (it takes rows 4 at a time), one or two activation digits,
-    fp32 and bf16 scales alike."""
+    """Tighter than the bound above: the decode kernel and the GEMM equal the float64 model of their
+    arithmetic up to fp32 rounding, for 1 to 37 rows of x (both take rows 4 at a time; the GEMM each
+    against a panel of 16 or 32 weight rows), one or two activation digits, fp32 and bf16 scales alike."""
     for scale_dtype in (torch.bfloat16, torch.float32):
         w = _weight(N, K, seed=rows)
         layer = (Q.Int8Linear.from_float(w, None, group_size, scale_dtype=scale_dtype) if mode == "int8"
                  else Q.Int4Linear.from_float(w, None, group_size, scale_dtype=scale_dtype))
-        layer.backend, layer.activation_digits = "kernel", digits
+        layer.activation_digits = layer.gemm_digits = digits
         x = torch.randn(rows, K)
         x[0, :32] = 0.0  # an all-zero block
-        got, model = layer(x).double(), _kernel_math(layer, x)
+        model = _kernel_math(layer, x, digits)
         scale = x.abs().double() @ layer.dequantize().abs().double().T
-        assert float(((got - model).abs() / scale.clamp_min(1e-30)).max()) < 1e-5
+        for backend in ("kernel", "gemm"):
+            layer.backend = backend
+            got = layer(x).double()
+            assert float(((got - model).abs() / scale.clamp_min(1e-30)).max()) < 1e-5, backend
 
 
-def test_auto_uses_the_kernel_for_few_rows_and_dense_for_many():
+def test_auto_uses_the_kernel_for_few_rows_and_the_gemm_for_many():
     layer = Q.Int8Linear.from_float(_weight(128, 256))
-    assert layer.path(1) == "kernel" and layer.path(layer.dense_rows - 1) == "kernel"
-    assert layer.path(layer.dense_rows) in ("dense", "reference")
+    assert layer.path(1) == "kernel" and layer.path(layer.gemm_rows - 1) == "kernel"
+    assert layer.path(layer.gemm_rows) == "gemm"
     layer.backend = "reference"
     assert layer.path(1) == "reference"
     layer.backend = "nonsense"
@@ -235,6 +240,7 @@ def test_without_native_kernels_decode_takes_the_reference(monkeypatch):
     monkeypatch.setattr(kernels, "status", lambda: "disabled for this test")
     layer = Q.Int4Linear.from_float(_weight(64, 128))
     assert layer.path(1) == "reference"
+    assert layer.path(layer.gemm_rows) == ("dense" if layer.dense_dtype != torch.float32 else "reference")
     x = torch.randn(1, 128)
     torch.testing.assert_close(layer(x), x @ layer.dequantize().T, rtol=0, atol=1e-6)
 
@@ -424,11 +430,13 @@ def ppl_ids(real_model):
 
 
 def test_real_perplexity_close_to_fp32(real_model, real_int8, real_int4, ppl_ids):
+    # the whole text in one forward: every quantised linear takes the prefill's integer GEMM
+    assert {layer.path(len(ppl_ids)) for m in (real_int8, real_int4) for layer in Q.quantized_linears(m.model).values()} == {"gemm"}
     fp32 = _perplexity(real_model.model, ppl_ids)
     int8 = _perplexity(real_int8.model, ppl_ids)
     int4 = _perplexity(real_int4.model, ppl_ids)
-    print(f"\nperplexity over {len(ppl_ids)} tokens: fp32 {fp32:.3f}, int8 {int8:.3f} ({int8 / fp32 - 1:+.2%}), "
-          f"int4 g32 {int4:.3f} ({int4 / fp32 - 1:+.2%})")
+    print(f"\nperplexity over {len(ppl_ids)} tokens through the {kernels.ops().vector_isa()} GEMM: fp32 {fp32:.3f}, "
+          f"int8 {int8:.3f} ({int8 / fp32 - 1:+.2%}), int4 g32 {int4:.3f} ({int4 / fp32 - 1:+.2%})")
     assert 1.5 < fp32 < 20  # code with docstrings, which the Coder model knows: a sanity check of the measure
     # No worse than 1 % (int8) and 3 % (int4); lower than fp32 only by noise.
     assert 0.99 * fp32 < int8 <= 1.01 * fp32

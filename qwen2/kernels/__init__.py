@@ -1,4 +1,5 @@
-"""Native CPU kernels (`quant_linear.cpp`: quantised linears; `decode_attention.cpp`: the decode
+"""Native CPU kernels (`quant_linear.cpp`: quantised linears for a few rows of x; `quant_gemm.cpp`: the same for
+many rows (prefill); `decode_attention.cpp`: the decode
 step's attention; `decode_block.cpp`: a decoder block, or all of them, of a decode step in one call), compiled on
 first use and cached.
 
@@ -27,8 +28,8 @@ from ..fileio import cache_dir
 from ..progress import notice
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quant_linear.cpp")
-SOURCES = [SOURCE] + [os.path.join(os.path.dirname(SOURCE), name) for name in ("decode_attention.cpp", "decode_block.cpp")]
-HEADERS = [os.path.join(os.path.dirname(SOURCE), "layer_kinds.h")]  # included by the sources: part of the build's key
+SOURCES = [SOURCE] + [os.path.join(os.path.dirname(SOURCE), name) for name in ("quant_gemm.cpp", "decode_attention.cpp", "decode_block.cpp")]
+HEADERS = [os.path.join(os.path.dirname(SOURCE), name) for name in ("layer_kinds.h", "int8_blocks.h")]  # included by the sources: part of the build's key
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]  # OpenMP: at::parallel_for splits work only when compiled with it
 LDFLAGS = ["-fopenmp"]
 # QWEN2_KERNELS_ISA=avx2 builds, on an AVX-512 CPU too, the 256-bit kernels that AVX2-only CPUs run (no

@@ -77,10 +77,7 @@ class KQuantLinear(QuantLinear):
     block_bytes = 0
     bits_per_weight = 0.0
     gguf_type = ""
-    # like int4's measured crossover (the kernel re-reads the weights for every 4 rows of x); not
-    # re-measured for these layouts
-    dense_rows = 96
-    linear_op = dequantize_op = ""  # its qwen2_kernels ops (names fixed here: decode calls ~200 per token)
+    linear_op = gemm_op = dequantize_op = ""  # its qwen2_kernels ops (names fixed here: decode calls ~200 per token)
 
     def __init__(self, rows: torch.Tensor, bias: torch.Tensor | None = None):
         if rows.dtype != torch.uint8 or rows.dim() != 2 or rows.shape[1] % self.block_bytes:
@@ -117,6 +114,9 @@ class KQuantLinear(QuantLinear):
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         return getattr(self._ops, self.linear_op)(x, self.weight, self.activation_digits)
 
+    def _gemm(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self._ops, self.gemm_op)(x, self.weight, self.gemm_digits)
+
     def _native_dequantize(self, rows: torch.Tensor) -> torch.Tensor:
         return getattr(self._ops, self.dequantize_op)(rows)
 
@@ -132,7 +132,7 @@ class Q4KLinear(KQuantLinear):
     """Q4_K: per 256 weights fp16 d and dmin, 6-bit scales and mins per 32, 4-bit quants."""
 
     mode, gguf_type, block_bytes = "q4_k", "Q4_K", Q4K_BYTES
-    linear_op, dequantize_op = "q4k_linear", "q4k_dequantize"
+    linear_op, gemm_op, dequantize_op = "q4k_linear", "q4k_gemm", "q4k_dequantize"
     _dequantize = staticmethod(q4k_dequantize)
 
 
@@ -140,5 +140,5 @@ class Q6KLinear(KQuantLinear):
     """Q6_K: per 256 weights an fp16 d, int8 scales per 16, 6-bit quants (4 + 2 bits)."""
 
     mode, gguf_type, block_bytes = "q6_k", "Q6_K", Q6K_BYTES
-    linear_op, dequantize_op = "q6k_linear", "q6k_dequantize"
+    linear_op, gemm_op, dequantize_op = "q6k_linear", "q6k_gemm", "q6k_dequantize"
     _dequantize = staticmethod(q6k_dequantize)

@@ -154,10 +154,12 @@ def quantized_buffer_shapes(layout: str, out_features: int, in_features: int, gr
 def configure_linear(layer: QuantLinear, name: str, mode: str) -> QuantLinear:
     """Set the kernel settings `quantize_model` gives the quantised layer at `name` in `mode`; returns it.
     Two activation digits for the attention projections (and everywhere in int8 mode), one elsewhere;
-    int8 mode, the accuracy mode, prefills in fp32 (a bf16 prefill alone flips 1-2 of 20 greedy
-    continuations)."""
+    the prefill's GEMM one digit, but two in int8 mode, the accuracy mode (one flipped 4 of 20 greedy
+    continuations of the 0.5B model, as a bf16 prefill flipped 1-2), which without the native kernels
+    also prefills in fp32."""
     layer.activation_digits = 2 if "self_attn" in name or mode == "int8" else 1
     if mode == "int8":
+        layer.gemm_digits = 2
         layer.dense_dtype = torch.float32
     return layer
 
