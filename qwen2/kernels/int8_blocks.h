@@ -64,9 +64,8 @@ inline __m256i pack_int8(__m256i a, __m256i b, __m256i c, __m256i d) {
   return _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
-// Vectorised: decode calls this ~200 times per token, on one thread while the other waits, and a
-// scalar loop (a chain of dependent adds for the sum) cost ~2 % of the 1.5B model's decode.
-const QuantizedX& quantize_x(const float* x, int64_t M, int64_t K, int64_t group_size, bool two_digits) {
+// The calling thread's buffers for M rows of x, sized (quantize_blocks fills them).
+QuantizedX& sized_x(int64_t M, int64_t K, int64_t group_size) {
   static thread_local QuantizedX r;
   const int64_t B = K / kBlock;
   r.q.resize(M * K);
@@ -76,10 +75,17 @@ const QuantizedX& quantize_x(const float* x, int64_t M, int64_t K, int64_t group
   r.offset.resize(M * B * 8);
   r.group.resize(B);
   for (int64_t b = 0; b < B; ++b) r.group[b] = static_cast<int32_t>(b * kBlock / group_size);
+  return r;
+}
+
+// Blocks [i0, i1) of x (blocks of 32 inputs, row after row) rounded into r; any thread may fill any range.
+// Vectorised: decode calls this ~200 times per token, on one thread while the other waits, and a
+// scalar loop (a chain of dependent adds for the sum) cost ~2 % of the 1.5B model's decode.
+void quantize_blocks(const float* x, QuantizedX& r, int64_t i0, int64_t i1, bool two_digits) {
   const __m256 sign = _mm256_set1_ps(-0.f), lim = _mm256_set1_ps(127.f), k256 = _mm256_set1_ps(256.f);
   const __m256i ones = _mm256_set1_epi8(1);
   constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;  // ties to even, as nearbyint
-  for (int64_t i = 0; i < M * B; ++i) {
+  for (int64_t i = i0; i < i1; ++i) {
     const float* xb = x + i * kBlock;
     __m256 v[4];
     for (int j = 0; j < 4; ++j) v[j] = _mm256_loadu_ps(xb + 8 * j);
@@ -110,6 +116,11 @@ const QuantizedX& quantize_x(const float* x, int64_t M, int64_t K, int64_t group
     r.scale[i] = two_digits ? amax / 127.f / 256.f : amax / 127.f;
     r.sum[i] = sum;
   }
+}
+
+const QuantizedX& quantize_x(const float* x, int64_t M, int64_t K, int64_t group_size, bool two_digits) {
+  QuantizedX& r = sized_x(M, K, group_size);
+  quantize_blocks(x, r, 0, M * (K / kBlock), two_digits);
   return r;
 }
 

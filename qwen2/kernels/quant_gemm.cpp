@@ -352,7 +352,10 @@ template <Layout L>
 at::Tensor gemm(const at::Tensor& x, const Weights& w, int64_t N, int64_t digits) {
   TORCH_CHECK(digits == 1 || digits == 2, "digits must be 1 or 2");
   const int64_t M = x.size(0);
-  const QuantizedX& xq = quantize_x(x.data_ptr<float>(), M, w.K, w.group_size, digits == 2);
+  // x rounded on every thread (quantize_x is one thread's: decode calls it for one row)
+  QuantizedX& xq = sized_x(M, w.K, w.group_size);
+  const float* xp = x.data_ptr<float>();
+  at::parallel_for(0, M * (w.K / kBlock), 1024, [&](int64_t i0, int64_t i1) { quantize_blocks(xp, xq, i0, i1, digits == 2); });
   auto y = at::empty({M, N}, x.options());
   if (digits == 2) run<L, true>(w, xq, M, N, y.data_ptr<float>());
   else run<L, false>(w, xq, M, N, y.data_ptr<float>());
