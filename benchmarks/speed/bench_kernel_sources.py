@@ -78,7 +78,21 @@ def build(spec: str, text: str):
     load(name=tag, sources=[source], extra_cflags=kernels.cflags(), extra_ldflags=kernels.LDFLAGS,
          extra_include_paths=[os.path.dirname(kernels.SOURCE)],  # its headers (layer_kinds.h)
          build_directory=directory, is_python_module=False, verbose=False)
-    return getattr(torch.ops, tag)
+    return WithInstalledOps(getattr(torch.ops, tag))
+
+
+class WithInstalledOps:
+    """A build's op namespace; the ops its source does not define (the prefill's GEMM, in quant_gemm.cpp)
+    come from the installed kernels, so a decode step's prefill runs whichever build its layers hold."""
+
+    def __init__(self, ops):
+        self.ops = ops
+
+    def __getattr__(self, name: str):
+        try:
+            return getattr(self.ops, name)
+        except AttributeError:
+            return getattr(kernels.ops(), name)
 
 
 def layer_kind(name: str, layer: QuantLinear) -> str:

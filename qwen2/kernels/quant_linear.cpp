@@ -43,7 +43,19 @@
 namespace {
 
 constexpr int kMaxRows = 4;  // rows of x that share one pass over the weights
-constexpr int kPrefetchRows = 3;  // how far ahead the weights are prefetched (2-4 measured alike, 6 slower)
+// How far ahead the weights are prefetched: whole rows, about 5 KB, but 3 to 6 rows. Why not a fixed 3
+// rows: rows of 864 bytes (the 1.5B model's Q4_K gate/up/q/o, 1536 inputs) prefetched 3 rows ahead, 2.6 KB,
+// arrive late; 6 rows ahead, one decode step's kernel calls took 34.3 -> 31.5 ms (AVX-512 VNNI build) and
+// 41.3 -> 37.2 ms (AVX2 build), whole steps 45.4 -> 41.5 and 50.4 -> 45.3 ms (AMD EPYC Zen 4,
+// bench_kernel_sources). 5-7 KB rows (down_proj) gain nothing past 3 rows, and too far loses it again:
+// 10 rows of 864 bytes, or 12 of the 0.5B model's 448-byte int4 rows (its gate/up 10-15 % slower).
+constexpr int kMinPrefetchRows = 3, kMaxPrefetchRows = 6;
+constexpr int64_t kPrefetchBytes = 5 << 10;
+
+// The prefetch distance for rows of `row_bytes`, in whole rows.
+inline int64_t prefetch_rows(int64_t row_bytes) {
+  return std::clamp<int64_t>((kPrefetchBytes + row_bytes - 1) / row_bytes, kMinPrefetchRows, kMaxPrefetchRows);
+}
 
 inline float dot(const float* a, const float* b, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
@@ -55,7 +67,7 @@ inline float dot(const float* a, const float* b, int64_t n) {
 }
 
 // The cache lines of [p, p + bytes) on their way in (`prefetcht1`: into L2), for the weights
-// kPrefetchRows rows ahead of the ones being read. Without it the kernels read half as fast (the
+// prefetch_rows rows ahead of the ones being read. Without it the kernels read half as fast (the
 // hardware prefetcher alone keeps too few lines in flight here). Issued a block at a time as a row
 // is read, never a whole row at once: a burst of ~100 prefetches for one of the down projection's
 // 5-7 KB rows fills the core's miss buffers and the loads behind it wait (measured on the 1.5B
@@ -66,11 +78,11 @@ inline void prefetch(const uint8_t* p, int64_t bytes) {
     _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T1);
 }
 
-// Super-block s of a k-quant row (kBytes each), its counterpart kPrefetchRows rows ahead prefetched.
+// Super-block s of a k-quant row (kBytes each), its counterpart `ahead` bytes on prefetched.
 template <int64_t kBytes>
-inline const uint8_t* super_block(const uint8_t* row, int64_t s, int64_t row_bytes) {
+inline const uint8_t* super_block(const uint8_t* row, int64_t s, int64_t ahead) {
   const uint8_t* block = row + s * kBytes;
-  prefetch(block + kPrefetchRows * row_bytes, kBytes);
+  prefetch(block + ahead, kBytes);
   return block;
 }
 
@@ -79,12 +91,12 @@ inline const uint8_t* super_block(const uint8_t* row, int64_t s, int64_t row_byt
 // super-block of the row; then store(n, acc0, acc1).
 template <int M, int kBytes, typename Vec, typename Body, typename Store>
 inline void super_block_rows(const uint8_t* w, int64_t S, int64_t n0, int64_t n1, Vec zero, Body&& body, Store&& store) {
-  const int64_t row_bytes = S * kBytes;
+  const int64_t row_bytes = S * kBytes, ahead = prefetch_rows(row_bytes) * row_bytes;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * row_bytes;
     Vec acc0[M], acc1[M];
     for (int m = 0; m < M; ++m) acc0[m] = acc1[m] = zero;
-    for (int64_t s = 0; s < S; ++s) body(s, super_block<kBytes>(row, s, row_bytes), acc0, acc1);
+    for (int64_t s = 0; s < S; ++s) body(s, super_block<kBytes>(row, s, ahead), acc0, acc1);
     store(n, acc0, acc1);
   }
 }
@@ -136,7 +148,7 @@ void rows(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* q, const 
           const S* min, int64_t group_size, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   const int64_t B = K / kBlock, G = K / group_size, per_group = group_size / kBlock;
   constexpr int64_t kBlockBytes = kInt4 ? kBlock / 2 : kBlock;
-  const int64_t row_bytes = K / kBlock * kBlockBytes;
+  const int64_t row_bytes = K / kBlock * kBlockBytes, rows_ahead = prefetch_rows(row_bytes);
   // int4: per row m of x and group g of weights, the sum of x over g (for the min term)
   float group_sum[M][kInt4 ? G : 1];
   if (kInt4) group_sums(x, xrow, M, B, G, per_group, &group_sum[0][0]);
@@ -145,12 +157,12 @@ void rows(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* q, const 
     const S* sn = scale + n * G;
     float sf[G], mf[G];  // this row's scales (and mins) as fp32
     for (int64_t g = 0; g < G; ++g) sf[g] = to_float(sn[g]), mf[g] = kInt4 ? to_float(min[n * G + g]) : 0.f;
-    prefetch(reinterpret_cast<const uint8_t*>(sn + kPrefetchRows * G), G * int64_t(sizeof(S)));
-    if (kInt4) prefetch(reinterpret_cast<const uint8_t*>(min + (n + kPrefetchRows) * G), G * int64_t(sizeof(S)));
+    prefetch(reinterpret_cast<const uint8_t*>(sn + rows_ahead * G), G * int64_t(sizeof(S)));
+    if (kInt4) prefetch(reinterpret_cast<const uint8_t*>(min + (n + rows_ahead) * G), G * int64_t(sizeof(S)));
     __m256 acc0[M], acc1[M];  // two accumulators, even and odd blocks, so FMAs do not wait on each other
     for (int m = 0; m < M; ++m) acc0[m] = acc1[m] = _mm256_setzero_ps();
     for (int64_t b = 0; b < B; b += 2) {
-      prefetch(qn + kPrefetchRows * row_bytes + b * kBlockBytes, 2 * kBlockBytes);
+      prefetch(qn + rows_ahead * row_bytes + b * kBlockBytes, 2 * kBlockBytes);
       const __m256 s0 = _mm256_set1_ps(sf[x.group[b]]), s1 = _mm256_set1_ps(sf[x.group[b + 1]]);
       const __m256i w0 = load_block<kInt4>(qn, b), w1 = load_block<kInt4>(qn, b + 1);
       for (int m = 0; m < M; ++m) {
@@ -194,6 +206,7 @@ template <int M, bool kTwo, typename S>
 void int4_rows_wide(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* q, const S* scale,
                     const S* min, int64_t group_size, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   const int64_t B = K / kBlock, G = K / group_size, per_group = group_size / kBlock, row_bytes = B * kBlock / 2;
+  const int64_t rows_ahead = prefetch_rows(row_bytes);
   float group_sum[M][G];  // as in `rows`
   group_sums(x, xrow, M, B, G, per_group, &group_sum[0][0]);
   const __m512i zero = _mm512_setzero_si512(), low = _mm512_set1_epi8(0x0F), pair = lanes_of(0, 1);
@@ -201,8 +214,8 @@ void int4_rows_wide(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t*
     const uint8_t* qn = q + n * row_bytes;
     float mf[G];  // the row's mins as fp32
     to_floats(min + n * G, mf, G);
-    prefetch(reinterpret_cast<const uint8_t*>(scale + (n + kPrefetchRows) * G), G * int64_t(sizeof(S)));
-    prefetch(reinterpret_cast<const uint8_t*>(min + (n + kPrefetchRows) * G), G * int64_t(sizeof(S)));
+    prefetch(reinterpret_cast<const uint8_t*>(scale + (n + rows_ahead) * G), G * int64_t(sizeof(S)));
+    prefetch(reinterpret_cast<const uint8_t*>(min + (n + rows_ahead) * G), G * int64_t(sizeof(S)));
     // s_g xs'_b: the fp32 value of one unit of block b's integer dot product. Made from the scales
     // in registers (storing them as fp32 first and reading 64 bytes back stalled on store forwarding).
     float step[M][B];
@@ -220,7 +233,7 @@ void int4_rows_wide(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t*
     __m512 acc[M];
     for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < B; b += 2) {  // K is a multiple of 64: blocks come in pairs
-      if (b % 4 == 0) prefetch(qn + kPrefetchRows * row_bytes + b * kBlock / 2, 2 * kBlock);
+      if (b % 4 == 0) prefetch(qn + rows_ahead * row_bytes + b * kBlock / 2, 2 * kBlock);
       // 16 bytes a block, low nibbles its inputs 0-15, high nibbles 16-31: (low b, low b + 1, high b,
       // high b + 1) 16 bytes each, then into input order
       const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qn + b * kBlock / 2));
@@ -374,14 +387,14 @@ inline __m256i q6k_block_dot(const QuantizedX& x, int64_t i, __m256i w) {
 template <int M, bool kTwo>
 void q4k_rows(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* w, float* y, int64_t ldy,
               int64_t n0, int64_t n1) {
-  const int64_t S = K / kSuper, B = K / kBlock, row_bytes = S * kQ4KBytes;
+  const int64_t S = K / kSuper, B = K / kBlock, row_bytes = S * kQ4KBytes, ahead = prefetch_rows(row_bytes) * row_bytes;
   const __m256i low = _mm256_set1_epi8(0x0F);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * row_bytes;
     __m256 acc0[M], acc1[M], mins[M];  // even and odd sub-blocks; the min term apart
     for (int m = 0; m < M; ++m) acc0[m] = acc1[m] = mins[m] = _mm256_setzero_ps();
     for (int64_t s = 0; s < S; ++s) {
-      const uint8_t* block = super_block<kQ4KBytes>(row, s, row_bytes);
+      const uint8_t* block = super_block<kQ4KBytes>(row, s, ahead);
       __m256 scale, min;
       q4k_scales(block, scale, min);
       alignas(32) float step[M][8];  // d sc_j xs'_j: the fp32 value of one unit of D_j, per row of x
@@ -464,7 +477,7 @@ inline __m512i two_blocks(const int8_t* x, int64_t a, int64_t b) {
 template <int M, bool kTwo>
 void q4k_rows_wide(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* w, float* y, int64_t ldy,
                    int64_t n0, int64_t n1) {
-  const int64_t S = K / kSuper, B = K / kBlock, row_bytes = S * kQ4KBytes;
+  const int64_t S = K / kSuper, B = K / kBlock, row_bytes = S * kQ4KBytes, ahead = prefetch_rows(row_bytes) * row_bytes;
   const __m512i low = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
   const __m512i pick[4] = {lanes_of(0, 2), lanes_of(1, 3), lanes_of(4, 6), lanes_of(5, 7)};  // (low, high) x 2 loads
   const auto dot = [&](int64_t a, __m512i wv) {  // blocks a and a + 2 of x against wv
@@ -478,7 +491,7 @@ void q4k_rows_wide(const QuantizedX& x, int64_t xrow, int64_t K, const uint8_t* 
     __m256 mins[M];
     for (int m = 0; m < M; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps(), mins[m] = _mm256_setzero_ps();
     for (int64_t s = 0; s < S; ++s) {
-      const uint8_t* block = super_block<kQ4KBytes>(row, s, row_bytes);
+      const uint8_t* block = super_block<kQ4KBytes>(row, s, ahead);
       __m256 scale, min;
       q4k_scales(block, scale, min);
       __m512 step[M];  // d sc_j xs'_j in lane j < 8
