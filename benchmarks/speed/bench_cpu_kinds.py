@@ -90,11 +90,10 @@ SMOKE = {"models": MODELS[0], "rounds": 1, "prompt_tokens": 64, "new_tokens": 8,
 # --------------------------------------------------------------------------------------------------
 
 def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return set(next((line for line in f if line.startswith("flags")), ":").split(":", 1)[1].split())
-    except OSError:
-        return set()
+    """The CPU's feature flags, as the kernels' build reads them."""
+    from qwen2 import kernels  # here, not at the top: importing it imports torch
+
+    return set(kernels._cpu_flags().split(":", 1)[-1].split())
 
 
 def cpu_kind(flags: set[str]) -> str:

@@ -142,6 +142,36 @@ constexpr int kSuper = 256;     // weights per k-quant super-block
 constexpr int kQ4KBytes = 144;
 constexpr int kQ6KBytes = 210;
 
+// The arguments of a layout's kernels, decode and GEMM alike, checked. Grouped int4 / int8: x contiguous
+// fp32 (M, K), K a multiple of 64, weight uint8 (N, K / 2 or K), scale (and int4's min) fp32 or bf16
+// (N, K / group_size).
+inline void check_grouped_args(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const at::Tensor* min,
+                               int64_t group_size, int64_t digits, bool int4) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous fp32 (M, K)");
+  const int64_t K = x.size(1), N = q.size(0);
+  TORCH_CHECK(K % (2 * kBlock) == 0 && group_size % kBlock == 0 && K % group_size == 0,
+              "K must be a multiple of 64, group_size a multiple of 32 dividing K");
+  TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous() && q.dim() == 2 && q.size(1) == (int4 ? K / 2 : K),
+              "weight must be contiguous uint8 (N, ", int4 ? K / 2 : K, ")");
+  const auto stype = scale.scalar_type();
+  TORCH_CHECK((stype == at::kFloat || stype == at::kBFloat16) && scale.is_contiguous() && scale.numel() == N * (K / group_size),
+              "scale must be contiguous fp32 or bf16 (N, K / group_size)");
+  TORCH_CHECK(!int4 || (min->scalar_type() == stype && min->is_contiguous() && min->numel() == scale.numel()),
+              "min must be like scale");
+  TORCH_CHECK(digits == 1 || digits == 2, "digits must be 1 or 2");
+}
+
+// GGUF k-quant rows: x contiguous fp32 (M, K), K whole super-blocks, w the GGUF's uint8 rows (N, K / 256 * bytes).
+inline void check_kquant_args(const at::Tensor& x, const at::Tensor& w, int64_t digits, bool q6) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous fp32 (M, K)");
+  const int64_t K = x.size(1);
+  TORCH_CHECK(K % kSuper == 0, "K must be a multiple of 256 (whole super-blocks), not ", K);
+  const int64_t row_bytes = K / kSuper * (q6 ? kQ6KBytes : kQ4KBytes);
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.dim() == 2 && w.size(1) == row_bytes,
+              "weight must be contiguous uint8 (N, ", row_bytes, "): the GGUF's ", q6 ? "Q6_K" : "Q4_K", " rows");
+  TORCH_CHECK(digits == 1 || digits == 2, "digits must be 1 or 2");
+}
+
 inline float half_to_float(const uint8_t* p) {
   uint16_t bits;
   std::memcpy(&bits, p, sizeof bits);  // k-quant blocks are not 2-byte aligned (210 bytes each)

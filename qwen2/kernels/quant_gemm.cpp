@@ -195,9 +195,15 @@ template <Layout L>
 void pack_panel(const Weights& w, int64_t n0, int64_t rows, Panel& p) {
   constexpr int H = Traits<L>::H;
   const int64_t K = w.K, B = K / kBlock;
-  p.bytes.assign(B * kSteps * kPanel, 0);
-  p.a.assign(B * H * kPanel, 0.f);
-  p.c.assign(B * kPanel, 0.f);
+  if (rows < kPanel) {  // the last panel: its missing rows multiply to 0
+    p.bytes.assign(B * kSteps * kPanel, 0);
+    p.a.assign(B * H * kPanel, 0.f);
+    p.c.assign(B * kPanel, 0.f);
+  } else {  // every entry written below (c only where the layout has a min, and only read then)
+    p.bytes.resize(B * kSteps * kPanel);
+    p.a.resize(B * H * kPanel);
+    p.c.resize(B * kPanel);
+  }
   p.row.resize(K);
   p.row_a.resize(B * H);
   p.row_c.resize(B);
@@ -348,9 +354,9 @@ void run(const Weights& w, const QuantizedX& x, int64_t M, int64_t N, float* y) 
   });
 }
 
+// x (M, K), its arguments checked, times W (N rows) in layout L.
 template <Layout L>
 at::Tensor gemm(const at::Tensor& x, const Weights& w, int64_t N, int64_t digits) {
-  TORCH_CHECK(digits == 1 || digits == 2, "digits must be 1 or 2");
   const int64_t M = x.size(0);
   // x rounded on every thread (quantize_x is one thread's: decode calls it for one row)
   QuantizedX& xq = sized_x(M, w.K, w.group_size);
@@ -362,41 +368,25 @@ at::Tensor gemm(const at::Tensor& x, const Weights& w, int64_t N, int64_t digits
   return y;
 }
 
-void check_x(const at::Tensor& x, int64_t multiple) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous fp32 (M, K)");
-  TORCH_CHECK(x.size(1) % multiple == 0, "K must be a multiple of ", multiple, ", not ", x.size(1));
-}
-
 Weights grouped(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const at::Tensor* min,
-                int64_t group_size, int64_t bytes_per_row) {
-  check_x(x, 2 * kBlock);
-  const int64_t K = x.size(1), N = q.size(0);
-  TORCH_CHECK(group_size % kBlock == 0 && K % group_size == 0, "group_size must be a multiple of 32 dividing K");
-  TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous() && q.dim() == 2 && q.size(1) == bytes_per_row,
-              "weight must be contiguous uint8 (N, ", bytes_per_row, ")");
-  const auto stype = scale.scalar_type();
-  TORCH_CHECK((stype == at::kFloat || stype == at::kBFloat16) && scale.is_contiguous() && scale.numel() == N * (K / group_size),
-              "scale must be contiguous fp32 or bf16 (N, K / group_size)");
-  TORCH_CHECK(!min || (min->scalar_type() == stype && min->is_contiguous() && min->numel() == scale.numel()),
-              "min must be like scale");
-  return {q.data_ptr<uint8_t>(), scale.data_ptr(), min ? min->data_ptr() : nullptr, stype == at::kBFloat16, group_size, K};
+                int64_t group_size, int64_t digits) {
+  check_grouped_args(x, q, scale, min, group_size, digits, min != nullptr);
+  return {q.data_ptr<uint8_t>(), scale.data_ptr(), min ? min->data_ptr() : nullptr,
+          scale.scalar_type() == at::kBFloat16, group_size, x.size(1)};
 }
 
 at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const at::Tensor& min,
                      int64_t group_size, int64_t digits) {
-  return gemm<Layout::kInt4>(x, grouped(x, q, scale, &min, group_size, x.size(1) / 2), q.size(0), digits);
+  return gemm<Layout::kInt4>(x, grouped(x, q, scale, &min, group_size, digits), q.size(0), digits);
 }
 
 at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, int64_t group_size, int64_t digits) {
-  return gemm<Layout::kInt8>(x, grouped(x, q, scale, nullptr, group_size, x.size(1)), q.size(0), digits);
+  return gemm<Layout::kInt8>(x, grouped(x, q, scale, nullptr, group_size, digits), q.size(0), digits);
 }
 
 template <Layout L>
 at::Tensor kquant_gemm(const at::Tensor& x, const at::Tensor& w, int64_t digits) {
-  check_x(x, kSuper);
-  const int64_t bytes = x.size(1) / kSuper * (L == Layout::kQ6K ? kQ6KBytes : kQ4KBytes);
-  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.dim() == 2 && w.size(1) == bytes,
-              "weight must be contiguous uint8 (N, ", bytes, "): the GGUF's ", L == Layout::kQ6K ? "Q6_K" : "Q4_K", " rows");
+  check_kquant_args(x, w, digits, L == Layout::kQ6K);
   return gemm<L>(x, Weights{w.data_ptr<uint8_t>(), nullptr, nullptr, false, kSuper, x.size(1)}, w.size(0), digits);
 }
 

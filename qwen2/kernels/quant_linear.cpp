@@ -293,18 +293,9 @@ void run(const QuantizedX& xq, int64_t M, int64_t K, int64_t N, const at::Tensor
 template <bool kInt4>
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const at::Tensor* min,
                         int64_t group_size, int64_t digits) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous fp32 (M, K)");
+  check_grouped_args(x, q, scale, min, group_size, digits, kInt4);
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
-  TORCH_CHECK(K % (2 * kBlock) == 0 && group_size % kBlock == 0 && K % group_size == 0,
-              "K must be a multiple of 64, group_size a multiple of 32 dividing K");
-  TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous() && q.dim() == 2 && q.size(1) == (kInt4 ? K / 2 : K),
-              "weight must be contiguous uint8 (N, ", kInt4 ? K / 2 : K, ")");
   const auto stype = scale.scalar_type();
-  TORCH_CHECK((stype == at::kFloat || stype == at::kBFloat16) && scale.is_contiguous() && scale.numel() == N * (K / group_size),
-              "scale must be contiguous fp32 or bf16 (N, K / group_size)");
-  TORCH_CHECK(!kInt4 || (min->scalar_type() == stype && min->is_contiguous() && min->numel() == scale.numel()),
-              "min must be like scale");
-  TORCH_CHECK(digits == 1 || digits == 2, "digits must be 1 or 2");
   const QuantizedX& xq = quantize_x(x.data_ptr<float>(), M, K, group_size, digits == 2);
   auto y = at::empty({M, N}, x.options());
   float* yp = y.data_ptr<float>();
@@ -581,13 +572,8 @@ void run_kquant(const QuantizedX& xq, int64_t M, int64_t K, int64_t N, const uin
 
 template <bool kQ6>
 at::Tensor kquant_linear(const at::Tensor& x, const at::Tensor& w, int64_t digits) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous fp32 (M, K)");
+  check_kquant_args(x, w, digits, kQ6);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(K % kSuper == 0, "K must be a multiple of 256 (whole super-blocks), not ", K);
-  const int64_t row_bytes = K / kSuper * (kQ6 ? kQ6KBytes : kQ4KBytes);
-  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.dim() == 2 && w.size(1) == row_bytes,
-              "weight must be contiguous uint8 (N, ", row_bytes, "): the GGUF's ", kQ6 ? "Q6_K" : "Q4_K", " rows");
-  TORCH_CHECK(digits == 1 || digits == 2, "digits must be 1 or 2");
   const QuantizedX& xq = quantize_x(x.data_ptr<float>(), M, K, kSuper, digits == 2);
   auto y = at::empty({M, N}, x.options());
   if (digits == 2) run_kquant<kQ6, true>(xq, M, K, N, w.data_ptr<uint8_t>(), y.data_ptr<float>());
