@@ -9,7 +9,6 @@ from the adapter's files (ours) or by peft (`get_delta_weight`), not by qwen2.ad
 from __future__ import annotations
 
 import json
-import math
 import os
 import threading
 from dataclasses import dataclass
@@ -192,6 +191,41 @@ def test_mixed_batch_rows_equal_their_merged_models(served, references):
             assert (alone[0] - base[row]).abs().max().item() > 1e-2, name  # the adapter does change the row
     unselected = rows_logits(served.decoder, ids, steps)  # no adapter chosen: the base model, exactly
     assert (unselected - base).abs().max().item() <= 1e-5
+
+
+def decode_and_verify(decoder, ids: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rows_logits`, and the logits of `steps` as verification rows (each attending as a one-token
+    step) after a prefill of `ids`."""
+    with torch.inference_mode():
+        cache = decoder.new_cache(ids.shape[0], ids.shape[1] + steps.shape[1])
+        decoder(ids, cache=cache, last_only=True)
+        cache.exact_rows = True
+        return rows_logits(decoder, ids, steps), decoder(steps, cache=cache)
+
+
+@pytest.mark.parametrize("names", [["a", "b", None, "p"], [None, "b", "b", None]], ids=["every-adapter", "one-active"])
+def test_native_block_adds_the_updates_as_the_adapted_modules_do(served, names, monkeypatch):
+    """The native executor adds each linear's low-rank update inside its one-call decode step
+    (decode_layers, kernels/decode_block.cpp): its logits equal the block's own modules (the adapted
+    linears in Python, around the native attention) bit for bit, with every adapter active or one
+    (gathered), for one-token steps and for verification rows."""
+    from qwen2.runtime import native as N
+
+    gen = torch.Generator().manual_seed(1)
+    ids, steps = torch.randint(0, 264, (4, 7), generator=gen), torch.randint(0, 264, (4, 3), generator=gen)
+    one_call = []
+    real = N.NativeDecoder.one_call
+    monkeypatch.setattr(N.NativeDecoder, "one_call", lambda self, *args: one_call.append(real(self, *args)) or
+                        one_call[-1])
+    served.adapters.select(names)
+    try:
+        native = decode_and_verify(served.decoder, ids, steps)
+        assert one_call == [True] * 4  # the three steps and the verification rows: every block in one call
+        monkeypatch.setattr(N, "block_weights", lambda block, rows: None)  # each block's own modules
+        modules = decode_and_verify(served.decoder, ids, steps)
+    finally:
+        served.adapters.select(None)
+    assert torch.equal(native[0], modules[0]) and torch.equal(native[1], modules[1])
 
 
 def test_peft_adapter_equals_peft_over_transformers(served, adapters, base_dir):
@@ -394,11 +428,13 @@ def test_serve_refuses_a_bad_adapter_at_start_up_in_one_line(base_dir, adapters,
                                                "sql=runs/sql-lora/adapter")
 
 
-def test_adapters_of_different_ranks_are_padded_to_one(served):
-    """b (r=8) sets the stacked rank; a (r=4) and p (r=6 and 3) are zero-padded to it, and a linear an
-    adapter does not adapt holds zeros in its slot."""
-    wrapper = served.model.model.layers[0].self_attn.q_proj
-    assert type(wrapper).__name__ == "MultiLoRALinear" and tuple(wrapper.A.shape) == (3, 8, 64)
-    assert wrapper.A[0, 4:].abs().sum() == 0 and wrapper.A[0, :4].abs().sum() > 0  # a, r=4
-    assert wrapper.A[2].abs().sum() == 0  # p adapts no q_proj
-    assert math.isclose(served.adapters._rank, 8)
+def test_each_adapter_has_rank_slots_of_its_own(served):
+    """a (r=4), b (r=8) and p (r=6, and 3 on up_proj) are stacked one after another in slots as wide as
+    each one's highest rank; a lower rank is zero-padded within its slots, and a linear an adapter
+    does not adapt holds zeros in them."""
+    q_proj, up_proj = served.model.model.layers[0].self_attn.q_proj, served.model.model.layers[0].mlp.up_proj
+    assert type(q_proj).__name__ == "MultiLoRALinear" and tuple(q_proj.A.shape) == (4 + 8 + 6, 64)
+    assert served.adapters._ranks == [4, 8, 6]
+    assert q_proj.A[:4].abs().sum(1).min() > 0 and q_proj.A[4:12].abs().sum(1).min() > 0  # a and b, every slot
+    assert q_proj.A[12:].abs().sum() == 0  # p adapts no q_proj
+    assert up_proj.A[12:15].abs().sum(1).min() > 0 and up_proj.A[15:].abs().sum() == 0  # p's rank 3 there

@@ -15,10 +15,11 @@ Paths:
 
   plain     the model without adapters (their wrappers taken out for the round): the native
             executor's decode, every block in one native call
-  none      adapters loaded, every row on the base model: the adapted blocks' linears run from
-            Python (the native executor computes only their attention), the wrappers add nothing
+  none      adapters loaded, every row on the base model: the wrappers add nothing, and the native
+            executor runs their base linears, every block in one native call
   adapters  adapters loaded, rows i on adapter i mod --adapters: the base matmul for all rows plus
-            each active adapter's low-rank update on its own rows (`qwen2.adapters.MultiLoRALinear`)
+            each active adapter's low-rank update on its own rows (`qwen2.adapters.MultiLoRALinear`),
+            added inside the same native call (kernels/decode_block.cpp)
 
 Reported: each path's best round (median step), tokens/s, and the ratio adapters / none and
 adapters / plain (the target: >= 0.8). Results printed; with --out a JSON and a markdown table beside it.

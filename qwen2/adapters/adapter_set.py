@@ -65,7 +65,7 @@ class AdapterSet:
         self.model = model
         self.rows = RowAdapters()
         self._adapters: dict[str, LoRAAdapter] = {}
-        self._rank = 0
+        self._ranks: list[int] = []  # each adapter's rank slots in the stacked weights: its highest rank
         self._wrappers: dict[str, MultiLoRALinear] = {}
 
     @property
@@ -88,17 +88,18 @@ class AdapterSet:
 
     def _restack(self) -> None:
         adapters = list(self._adapters.values())
-        self._rank = max(w.rank for a in adapters for w in a.layers.values())
+        self._ranks = [max(w.rank for w in a.layers.values()) for a in adapters]
+        starts = [sum(self._ranks[:j]) for j in range(len(adapters))]
         dtype, device = self.model.dtype, self.model.device
         for module in sorted({m for a in adapters for m in a.layers}):
             wrapper = self._wrapper(module)
-            A = torch.zeros(len(adapters), self._rank, wrapper.in_features)
-            Bt = torch.zeros(len(adapters), self._rank, wrapper.out_features)
-            for j, adapter in enumerate(adapters):
+            A = torch.zeros(sum(self._ranks), wrapper.in_features)
+            Bt = torch.zeros(sum(self._ranks), wrapper.out_features)
+            for start, adapter in zip(starts, adapters):
                 w = adapter.layers.get(module)
                 if w is not None:
-                    A[j, :w.rank] = w.A.float()
-                    Bt[j, :w.rank] = (w.B.float() * w.scale).T
+                    A[start:start + w.rank] = w.A.float()
+                    Bt[start:start + w.rank] = (w.B.float() * w.scale).T
             wrapper.A, wrapper.Bt = A.to(device, dtype), Bt.to(device, dtype)
 
     def _wrapper(self, module: str) -> MultiLoRALinear:
@@ -119,7 +120,7 @@ class AdapterSet:
         """Row i of the next forwards takes adapter names[i] (None: the base model); names None:
         every row the base model. Set before each forward by whoever runs it."""
         per_row = None if names is None else [None if n is None else self.index(n) for n in names]
-        self.rows.choose(per_row, len(self._adapters), self._rank, self.model.dtype, self.model.device)
+        self.rows.choose(per_row, self._ranks, self.model.dtype, self.model.device)
 
     def steps_with(self, steps, names: Sequence[str | None]):
         """A steps factory with `decode_steps`' contract (`steps`, or `decode_steps` itself when None)

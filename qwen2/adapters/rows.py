@@ -11,17 +11,17 @@ import torch
 
 @dataclass(frozen=True)
 class RowChoice:
-    """The adapters of one batch's rows, as the adapted linears use them.
+    """The adapters of one batch's rows, as the adapted linears use them. The linears stack every
+    loaded adapter's rank slots one after another (adapter j's r_j rows of A and Bt); a batch uses
+    those of its active adapters.
 
-    active (G,)             the indices of the loaded adapters some row uses, ascending
-    mask (rows, G * rank)   1 on the rank columns of the row's own adapter among the active ones, 0
-                            elsewhere: all 0 for a row on the base model
-    every_adapter           `active` is every loaded adapter in order: the stacked weights serve as
-                            they are, without gathering the active ones
+    columns (R,)   the stacked slots of the adapters some row uses, in order; None when that is every
+                   loaded adapter, so the stacked weights serve as they are, without a gather
+    mask (rows, R) 1 on the slots of the row's own adapter among those, 0 elsewhere: all 0 for a row
+                   on the base model
     """
-    active: torch.Tensor
+    columns: torch.Tensor | None
     mask: torch.Tensor
-    every_adapter: bool
 
     @property
     def rows(self) -> int:
@@ -35,18 +35,21 @@ class RowAdapters:
     def __init__(self):
         self.choice: RowChoice | None = None
 
-    def choose(self, per_row: Sequence[int | None] | None, loaded: int, rank: int, dtype: torch.dtype,
+    def choose(self, per_row: Sequence[int | None] | None, ranks: Sequence[int], dtype: torch.dtype,
                device: torch.device) -> None:
-        """Set the choice for rows taking adapters `per_row` (indices among the `loaded` ones, all
-        padded to `rank`; None: the base model). per_row None: every row the base model."""
+        """Set the choice for rows taking adapters `per_row` (indices among the loaded ones, whose
+        slots are `ranks` wide; None: the base model). per_row None: every row the base model."""
         used = sorted({i for i in per_row or () if i is not None})
         if not used:
             self.choice = None
             return
-        position = {adapter: g for g, adapter in enumerate(used)}
-        mask = torch.zeros(len(per_row), len(used), rank, dtype=dtype)
+        starts = [sum(ranks[:j]) for j in range(len(ranks))]
+        slots = {j: range(starts[j], starts[j] + ranks[j]) for j in used}
+        columns = [c for j in used for c in slots[j]]
+        position = {c: i for i, c in enumerate(columns)}  # a stacked slot's place among the active ones
+        mask = torch.zeros(len(per_row), len(columns), dtype=dtype)
         for row, adapter in enumerate(per_row):
             if adapter is not None:
-                mask[row, position[adapter]] = 1
-        self.choice = RowChoice(torch.tensor(used, device=device), mask.view(len(per_row), -1).to(device),
-                                used == list(range(loaded)))
+                mask[row, [position[c] for c in slots[adapter]]] = 1
+        every = len(used) == len(ranks)
+        self.choice = RowChoice(None if every else torch.tensor(columns, device=device), mask.to(device))

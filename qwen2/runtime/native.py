@@ -6,7 +6,9 @@ one-token step (`KVCache.exact_rows`). Each block runs as
     decode_layers   every block in one call, when all are dense blocks of native linears with one mask
     decode_block    a block in one call (RMSNorm, q/k/v, RoPE + cache write + attention, o, SwiGLU)
     decode_attention  only the attention natively, the block's own modules around it (an MoE block,
-                    a linear the ops cannot read: a LoRA wrapper, a layer on its "reference" backend)
+                    a linear the ops cannot read: a layer on its "reference" backend)
+A linear serving LoRA adapters per row (`low_rank_update`) runs as its base linear plus that update, in
+the block's call.
 Everything else (prefill, a cacheless forward, autograd) is the model's own forward.
 """
 from __future__ import annotations
@@ -40,7 +42,7 @@ def native_linear(module: nn.Module, rows: int) -> tuple | None:
     """How the native decode ops compute `module` for `rows` rows of x as its forward would:
     (kind, group_size, digits, [three layout tensors, bias]), unused ones empty; None when the
     forward would take another path (a quantised linear's dense or reference backend) or the module
-    is neither nn.Linear nor one of our quantised linears (a LoRA wrapper)."""
+    is neither nn.Linear nor one of our quantised linears."""
     if type(module) is nn.Linear:
         if module.weight.dtype != torch.float32:
             return None
@@ -48,21 +50,36 @@ def native_linear(module: nn.Module, rows: int) -> tuple | None:
     return module.native_layout(rows) if isinstance(module, QuantLinear) else None
 
 
-def block_weights(block: nn.Module, rows: int) -> tuple[list, list] | None:
-    """(tensors, meta): a block's weights as `decode_block` takes them for `rows` rows of x, or None
-    unless the block is dense, with one norm eps, and its seven linears are native (`native_linear`)."""
+def split_update(module: nn.Module) -> tuple[nn.Module, tuple | None]:
+    """(linear, update): a module that adds a low-rank update to a linear's output (LoRA adapters
+    served per row, `qwen2.adapters.MultiLoRALinear.low_rank_update`) is its base and this forward's
+    update, (A, Bt, mask) or None while every row runs the base; any other module is itself, None."""
+    low_rank_update = getattr(module, "low_rank_update", None)
+    return (module, None) if low_rank_update is None else (module.base, low_rank_update())
+
+
+NO_UPDATE = [NO_TENSOR] * 3  # a linear without a low-rank update, among others' updates
+
+
+def block_weights(block: nn.Module, rows: int) -> tuple[list, list, list] | None:
+    """(tensors, meta, updates): a block's weights as `decode_block` takes them for `rows` rows of x,
+    updates [] unless some linear has a low-rank update; None unless the block is dense, with one
+    norm eps, and its seven linears are native (`native_linear`) beneath any update."""
     attn, mlp = block.self_attn, block.mlp
     if not isinstance(mlp, FeedForward) or block.input_layernorm.eps != block.post_attention_layernorm.eps:
         return None
-    tensors, meta = [block.input_layernorm.weight, block.post_attention_layernorm.weight], \
-        [attn.n_head, attn.n_kv_head, attn.head_dim]
-    for linear in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+    tensors, meta, updates, updated = [block.input_layernorm.weight, block.post_attention_layernorm.weight], \
+        [attn.n_head, attn.n_kv_head, attn.head_dim], [], False
+    for module in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        linear, update = split_update(module)
         spec = native_linear(linear, rows)
         if spec is None:
             return None
         meta += spec[:3]
         tensors += spec[3]
-    return tensors, meta
+        updates += NO_UPDATE if update is None else update
+        updated = updated or update is not None
+    return tensors, meta, updates if updated else []
 
 
 def decode_key_mask(mask: torch.Tensor | None, B: int, T: int) -> torch.Tensor | None:
@@ -100,12 +117,13 @@ class NativeDecoder(EagerDecoder):
         weights = [block_weights(block, B * T) for block in layers]
         if self.one_call(x, weights, masks):
             tensors, meta = [t for w in weights for t in w[0]], [m for w in weights for m in w[1]]
-            return self.ops.decode_layers(x, tensors, meta, layers[0].input_layernorm.eps, *rope, cache.k, cache.v,
-                                          slots, decode_key_mask(masks[0], B, T), scale)
+            updates = [u for w in weights for u in w[2] or NO_UPDATE * 7] if any(w[2] for w in weights) else []
+            return self.ops.decode_layers(x, tensors, meta, updates, layers[0].input_layernorm.eps, *rope, cache.k,
+                                          cache.v, slots, decode_key_mask(masks[0], B, T), scale)
         for i, (block, w) in enumerate(zip(layers, weights)):
             attention = (*rope, cache.k[i], cache.v[i], slots, decode_key_mask(masks[i], B, T), scale)
             if w is not None and x.is_contiguous():
-                x = self.ops.decode_block(x, w[0], w[1], block.input_layernorm.eps, *attention)
+                x = self.ops.decode_block(x, *w, block.input_layernorm.eps, *attention)
             else:
                 x = self._block_around_native_attention(block, x, attention)
         return x
