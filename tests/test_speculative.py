@@ -348,3 +348,18 @@ def test_cli_speculative(real_model, monkeypatch, capsys):
     assert cli.main(["chat", "hi", "--speculative", "prompt-lookup", "--temperature", "0.5"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: speculative decoding is greedy only") and err.count("\n") == 1
+
+
+@pytest.mark.real_model
+def test_the_real_0_5b_drafts_for_the_real_1_5b_padded_to_the_7bs_vocabulary(real_gguf_1_5b, tmp_path):
+    """The real Qwen2.5-Coder-0.5B (151,936 rows) drafts for the real 1.5B with its embedding and lm_head
+    padded to 152,064 rows, the 7B/72B's (benchmarks/experiments/draft_vocab_padding.py, one prompt, int4):
+    the padded 1.5B's greedy tokens equal the unpadded one's, speculative decoding and the API with
+    draft_model= give exactly those, the draft never proposes a row it lacks, and its drafts are used."""
+    from benchmarks.experiments import draft_vocab_padding as experiment
+
+    results = experiment.main(["--prompts", "1", "--new-tokens", "12", "--out", str(tmp_path / "padding.json")])
+    (row,) = results["rows"]
+    assert (results["real_rows"], results["padded_rows"]) == (151936, 152064)
+    assert row["padded_equals_unpadded"] and row["speculative_equals_plain"] and row["api_text_equals_plain"]
+    assert 0 <= row["largest_drafted_id"] < 151936 and row["accepted"] > 0

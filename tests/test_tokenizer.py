@@ -114,7 +114,7 @@ def _mismatches(pairs) -> list:
 
 @pytest.fixture(scope="module")
 def gguf_path() -> str:
-    """QWEN2_TEST_GGUF, or the embedded default model's GGUF (the test install has it: '.[models,test]')."""
+    """QWEN2_TEST_GGUF, or the embedded default model's GGUF (the test install has it: '.[models,models-1-5b,test]')."""
     from qwen2.checkpoint import registry
 
     path = os.environ.get("QWEN2_TEST_GGUF") or registry.gguf_path(registry.DEFAULT_MODEL, progress=False)

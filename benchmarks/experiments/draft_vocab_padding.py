@@ -15,8 +15,8 @@ reported). The real 0.5B (151,936 rows) drafts for it. Checked, per prompt:
 Both models are the registry GGUFs quantised at load (--quantize, default int4: loads in seconds; the
 identity does not depend on the weights, every emitted token is the target's own greedy choice). The
 padding wraps the two modules (`ZeroPaddedEmbedding`, `ZeroPaddedHead`), as a zero-padded weight
-would compute, so the 1.5B's 4-bit blocks stay as they are. A test would load the 1.5B for a minute on
-2 shared cores: this is a benchmark. Decode speeds are reported too (noisy on a shared machine).
+would compute, so the 1.5B's 4-bit blocks stay as they are. Decode speeds are reported too (noisy on a
+shared machine). tests/test_speculative.py runs it on one prompt (~15 s).
 
     python -m benchmarks.experiments.draft_vocab_padding                     # 6 prompts x 64 tokens, ~5 min
     python -m benchmarks.experiments.draft_vocab_padding --prompts 2 --new-tokens 12 --out /tmp/dvp.json
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import RESULTS_DIR, command_line, machine_facts, write_results
 
+MODULE = "benchmarks.experiments.draft_vocab_padding"
 DRAFT, TARGET = "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"
 PADDED_ROWS = 152064  # Qwen2-7B / 72B's vocabulary rows
 
@@ -109,7 +110,8 @@ class CountingDrafter:
         drafter.propose = propose
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Run the check; the results (also written to --out). A mismatch raises SystemExit after writing."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"how many of the {len(PROMPTS)} prompts")
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -117,7 +119,7 @@ def main() -> None:
     ap.add_argument("--quantize", default="int4", help="int4, int8, or none (fp32)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(RESULTS_DIR, "draft_vocab_padding.json"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     import qwen2
     from qwen2.runtime.speculative import DraftModelDrafter, speculative_steps
@@ -178,14 +180,16 @@ def main() -> None:
                   "largest real logit stays above it at every step (min top real logit > 0), so they never win, and "
                   "the draft cannot propose them. tok/s: new tokens / seconds, prefill included; on a shared machine "
                   "indicative only.",
-              "", f"Made with `{command_line(__spec__.name)}`."]
-    write_results(args.out, {"draft": DRAFT, "target": TARGET, "padded_rows": PADDED_ROWS, "real_rows": real_rows,
-                             "quantize": quantize, "new_tokens": args.new_tokens, "draft_tokens": args.draft_tokens,
-                             "all_identical": ok, "rows": rows, "machine": machine_facts(args.threads),
-                             "command": command_line(__spec__.name)}, "\n".join(lines) + "\n")
+              "", f"Made with `{command_line(MODULE, argv)}`."]
+    results = {"draft": DRAFT, "target": TARGET, "padded_rows": PADDED_ROWS, "real_rows": real_rows,
+               "quantize": quantize, "new_tokens": args.new_tokens, "draft_tokens": args.draft_tokens,
+               "all_identical": ok, "rows": rows, "machine": machine_facts(args.threads),
+               "command": command_line(MODULE, argv)}
+    write_results(args.out, results, "\n".join(lines) + "\n")
     print("\n".join(lines))
     if not ok:
         raise SystemExit("a drafted decode differs from the target's greedy decode")
+    return results
 
 
 if __name__ == "__main__":
