@@ -96,11 +96,19 @@ class Qwen2:
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise Qwen2Error("prompt must be a non-empty string or a non-empty list of strings")
         params = self.sampling(**sampling)
-        steps = self._speculative_steps(speculative, draft_model, num_draft_tokens, params, batch)
-        steps = self._constrained_steps(steps, len(prompts), json_schema=json_schema, regex=regex, grammar=grammar)
-        steps = self._adapter_steps(steps, adapter, len(prompts))
+        steps = self._steps(len(prompts), batch, params, self.eos_ids, speculative=speculative, draft_model=draft_model,
+                            num_draft_tokens=num_draft_tokens, json_schema=json_schema, regex=regex, grammar=grammar,
+                            adapter=adapter)
         ids = [tokenizer.encode(p) for p in prompts]
         return self._decode(ids, params, steps, self.eos_ids, stream, batch, "stream=True takes one prompt, not a list")
+
+    def _steps(self, n_rows: int, batch: bool, params: SamplingParams, end_ids: list[int], speculative, draft_model,
+               num_draft_tokens, json_schema, regex, grammar, adapter):
+        """The steps factory for generate's and infill's decoding options (None: plain decoding),
+        each checked before any work; a constraint lets a row end at `end_ids`."""
+        steps = self._speculative_steps(speculative, draft_model, num_draft_tokens, params, batch)
+        steps = self._constrained_steps(steps, n_rows, end_ids, json_schema=json_schema, regex=regex, grammar=grammar)
+        return self._adapter_steps(steps, adapter, n_rows)
 
     def _decode(self, ids, params: SamplingParams, steps, end_ids, stream: bool, batch: bool, one_only: str):
         """The texts (or, streamed, the one row's pieces) of prompts `ids`, ending at `end_ids`:
@@ -153,17 +161,16 @@ class Qwen2:
                 self._adapters.index(name)  # a Qwen2Error naming an unknown one, before any work
         return self._adapters.steps_with(steps, names)
 
-    def _constrained_steps(self, steps, n_rows: int, **requested):
+    def _constrained_steps(self, steps, n_rows: int, end_ids: list[int], **requested):
         """The steps factory for structured output (`steps` itself when none is asked for), each row's
-        constraint compiled and checked before any work."""
+        constraint compiled and checked before any work; a finished constraint allows `end_ids`."""
         if all(value is None for value in requested.values()):
             return steps
         from .runtime.constrained import constrained_choice, row_constraints
 
         if steps is not None:
             raise Qwen2Error("json_schema, regex and grammar cannot be combined with speculative decoding; drop one")
-        constraints = row_constraints(n_rows, self._require_tokenizer(), self.eos_ids, self.config.vocab_size,
-                                      **requested)
+        constraints = row_constraints(n_rows, self._require_tokenizer(), end_ids, self.config.vocab_size, **requested)
         if constraints is None:  # a list of None: every row free
             return None
         return functools.partial(decode_steps, choose=constrained_choice([c and c.start() for c in constraints]))
@@ -214,13 +221,15 @@ class Qwen2:
         return self.generate(prompt, stream=stream, **sampling)
 
     def infill(self, prefix: str | Sequence[str], suffix: str | Sequence[str], stream: bool = False,
-               speculative=None, draft_model=None, num_draft_tokens: int | None = None,
+               speculative=None, draft_model=None, num_draft_tokens: int | None = None, json_schema=None, regex=None,
+               grammar=None, adapter: str | Sequence[str | None] | None = None,
                **sampling) -> str | list[str] | Iterator[str]:
         """Fill in the middle (Qwen2.5-Coder's FIM, `qwen2.fim`): the text that goes between `prefix`
         and `suffix`, and only that. Generation stops at the FIM end tokens (`<|endoftext|>`,
         `<|fim_pad|>`, `<|file_sep|>`, `<|repo_name|>`) besides the model's end ids. Two strings, or
-        two lists of strings of one length (one batch). Takes generate's options; a model whose
-        tokenizer has no FIM tokens is a Qwen2Error naming them."""
+        two lists of strings of one length (one batch). Takes generate's options (a constrained middle
+        may end at any of those end tokens); a model whose tokenizer has no FIM tokens is a Qwen2Error
+        naming them."""
         from .fim import FimTokens
 
         tokenizer = self._require_tokenizer()
@@ -229,9 +238,11 @@ class Qwen2:
         if batch != isinstance(suffix, (list, tuple)) or batch and (len(prefix) != len(suffix) or not prefix):
             raise Qwen2Error("prefix and suffix must be two strings, or two non-empty lists of strings of one length")
         ids = [fim.prompt(tokenizer, p, s) for p, s in (zip(prefix, suffix) if batch else [(prefix, suffix)])]
-        params = self.sampling(**sampling)
-        steps = self._speculative_steps(speculative, draft_model, num_draft_tokens, params, batch)
-        return self._decode(ids, params, steps, fim.stop_ids(self.eos_ids), stream, batch,
+        params, end_ids = self.sampling(**sampling), fim.stop_ids(self.eos_ids)
+        steps = self._steps(len(ids), batch, params, end_ids, speculative=speculative, draft_model=draft_model,
+                            num_draft_tokens=num_draft_tokens, json_schema=json_schema, regex=regex, grammar=grammar,
+                            adapter=adapter)
+        return self._decode(ids, params, steps, end_ids, stream, batch,
                             "stream=True takes one prefix and suffix, not lists")
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:

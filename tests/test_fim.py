@@ -4,16 +4,19 @@ generation returns the middle only, stopping at each FIM end token, through `Qwe
 the server's `suffix`. Tiny random models with the real vocabulary; one real-model infill."""
 import copy
 import json
+import re
 
 import httpx
 import openai
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from ggufs import random_model, small_tokenizer_metadata, tiny_config
 from qwen2 import cli
 from qwen2.api import Qwen2
 from qwen2.errors import Qwen2Error
+from qwen2.adapters.formats import ADAPTER_CONFIG, ADAPTER_FILE
 from qwen2.fim import END_TOKENS, MIDDLE, PREFIX, SUFFIX, FimTokens
 from qwen2.runtime.generate import SamplingParams, decode_steps
 from qwen2.serve.app import create_app, serve_in_background
@@ -130,6 +133,43 @@ def test_a_batch_of_infills_equals_each_alone(base_model, real_tokenizer):
     assert qwen.infill(prefixes, suffixes, max_new_tokens=8) == alone
     assert qwen.infill(PREFIX_TEXT, SUFFIX_TEXT, max_new_tokens=8, speculative="prompt-lookup") == \
         qwen.infill(PREFIX_TEXT, SUFFIX_TEXT, max_new_tokens=8)
+
+
+def test_a_constrained_middle_matches_its_regex_and_ends_at_a_fim_end(base_model, real_tokenizer, monkeypatch,
+                                                                       capsys):
+    """infill takes generate's structured output: the middle matches the regex as a whole, and once
+    the pattern is complete the row ends (at one of the FIM ends); the CLI's --suffix with --regex too."""
+    qwen = Qwen2(base_model, real_tokenizer, source="tiny")
+    free = qwen.infill(PREFIX_TEXT, SUFFIX_TEXT, max_new_tokens=12)
+    middle = qwen.infill(PREFIX_TEXT, SUFFIX_TEXT, regex="return [a-z]{1,3}", max_new_tokens=12)
+    assert re.fullmatch("return [a-z]{1,3}", middle) and not re.fullmatch("return [a-z]{1,3}", free)
+    monkeypatch.setattr(cli.model_args, "load_model", lambda args: qwen)
+    assert cli.main(["generate", PREFIX_TEXT, "--suffix", SUFFIX_TEXT, "--regex", "return [a-z]{1,3}",
+                     "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out == middle + "\n"
+
+
+def test_an_infill_on_a_lora_adapter_equals_the_merged_models(base_model, real_tokenizer, tmp_path):
+    """infill(adapter=) decodes on that adapter, as generate does: the middle equals the merged model's."""
+    gen = torch.Generator().manual_seed(5)
+    tensors, deltas = {}, {}
+    for module in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        linear = base_model.get_submodule(module)
+        A, B = torch.randn(4, linear.in_features, generator=gen), torch.randn(linear.out_features, 4, generator=gen)
+        tensors[f"{module}.lora_A"], tensors[f"{module}.lora_B"], deltas[module] = A, B, 2.0 * B @ A
+    save_file(tensors, str(tmp_path / ADAPTER_FILE))
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps({"r": 4, "alpha": 8.0, "dropout": 0.0, "modules": list(deltas)}))
+    served = Qwen2(copy.deepcopy(base_model), real_tokenizer, source="tiny")
+    served.add_adapter("x", tmp_path)
+    merged = copy.deepcopy(base_model)
+    with torch.no_grad():
+        for module, delta in deltas.items():
+            merged.get_submodule(module).weight += delta
+    alone = Qwen2(merged, real_tokenizer, source="merged").infill(PREFIX_TEXT, SUFFIX_TEXT, max_new_tokens=8)
+    assert served.infill(PREFIX_TEXT, SUFFIX_TEXT, max_new_tokens=8, adapter="x") == alone
+    assert alone != served.infill(PREFIX_TEXT, SUFFIX_TEXT, max_new_tokens=8)  # the adapter does change it
+    with pytest.raises(Qwen2Error, match="no adapter named 'y'"):
+        served.infill(PREFIX_TEXT, SUFFIX_TEXT, adapter="y")
 
 
 @pytest.mark.parametrize("args, kwargs, message", [
