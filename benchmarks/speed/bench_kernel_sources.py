@@ -4,8 +4,8 @@ model's own quantised weights: for kernel work, "is this change faster, and wher
 Each source (a file, or `git:REV` for the file as it was at a commit) is compiled as its own op
 namespace into the same process, then every quantised linear of the model (`qwen2.load(...,
 quantize=...)`, one decode step's worth: ~200 calls for the 1.5B model) runs through each version in
-turn with one row of x, the versions alternating round after round so that a noisy moment of this
-shared machine falls on all of them. Outputs must equal the first source's bit for bit (a kernel
+turn with one row of x (--rows: a batch's), the versions alternating round after round so that a
+noisy moment of this shared machine falls on all of them. Outputs must equal the first source's bit for bit (a kernel
 change that is only about speed must not change a number), or with --rtol differ by at most that
 fraction of the largest output (a change that adds the same products in another order). Per kind of layer: ms per decode step
 and GB/s (its weight bytes, scales included / time). Then whole decode steps, everything else
@@ -113,6 +113,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=8, help="decode steps' worth of calls per source (the first untimed)")
     p.add_argument("--decode-steps", type=int, default=64, help="whole decode steps per source and round, over rounds / 2 rounds (0: none)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rows", type=int, default=1, help="rows of x per call, and sequences per decode step (a batch)")
     p.add_argument("--rtol", type=float, default=0.0,
                    help="accept outputs within rtol x max|y| of the first source's (default 0: bit for bit)")
     p.add_argument("--out", default=None, help="JSON results (a .md table is written beside it)")
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
     if not layers:
         raise SystemExit(f"{args.model} with quantize={args.quantize!r} has no kernel layers here ({kernels.status()})")
     generator = torch.Generator().manual_seed(0)
-    xs = {k: torch.randn(1, k, generator=generator) for k in {m.in_features for _, m in layers}}
+    xs = {k: torch.randn(args.rows, k, generator=generator) for k in {m.in_features for _, m in layers}}
     for name, layer in layers:
         reference = run_with(layer, builds[0][1], xs[layer.in_features])
         for spec, ops in builds[1:]:
@@ -184,7 +185,7 @@ def decode_step_ms(loaded, layers, builds, args) -> dict[str, list[float]]:
             for _, layer in layers:
                 layer._ops = ops
             with torch.inference_mode():
-                tokens = decode_steps(eager, [prompt], params)
+                tokens = decode_steps(eager, [prompt] * args.rows, params)
                 next(tokens)  # the prefill's token
                 times = []
                 for _ in range(args.decode_steps):
@@ -196,7 +197,7 @@ def decode_step_ms(loaded, layers, builds, args) -> dict[str, list[float]]:
 
 
 def markdown(args, rows, totals, specs, steps) -> str:
-    head = (f"# Decode kernels by source: {args.model}, quantize={args.quantize}, one row of x, "
+    head = (f"# Decode kernels by source: {args.model}, quantize={args.quantize}, {args.rows} row(s) of x, "
             f"{args.threads} threads, {args.rounds - 1} decode steps' worth of calls each\n\n"
             "| layer | MB / step | " + " | ".join(f"{s} ms / step | GB/s" for s in specs) + " |\n"
             "| --- | ---: | " + " | ".join("---: | ---:" for _ in specs) + " |\n")
