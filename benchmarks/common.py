@@ -7,7 +7,8 @@
   timing and memory       `timed`, `progress`, `peak_rss_mb`, `rss_mb`
   worker processes        `spawn`: a measurement in a fresh Python process of its own, job and result as JSON
   the benchmark prompt    varied natural text cut to an exact token count (`build_prompt_ids`)
-  llama.cpp               `LlamaCppEngine`: the speed reference, through llama-cpp-python (not a dependency)
+  llama.cpp               `LlamaCppEngine`: the speed reference, through llama-cpp-python (not a dependency);
+                          `llama_cpp_replies`: its greedy replies to many prompts, continuously batched
   experiments             smoothed curves and PNG plots, run presets and reports (`apply_preset`,
                           `write_report`); the corpus, the run log and resume checks are the library's
                           (qwen2.data.corpora, qwen2.train.run_dir)
@@ -414,6 +415,55 @@ class LlamaCppEngine(Engine):
         if code != 0:
             raise RuntimeError(f"llama_decode returned {code}")
         return [int(self.logits(ctx.ctx, i).argmax()) for i in wanted]
+
+
+def llama_cpp_replies(engine: LlamaCppEngine, tokenizer, end_ids: Sequence[int], prompt_ids: dict,
+                      max_new_tokens: int, stops: Sequence[str], batch: int) -> Iterator[tuple[object, str]]:
+    """(key, reply text) for each of `prompt_ids` (key -> our prompt token ids), in the order they finish:
+    llama.cpp's greedy decode with continuous batching like our engine's. Up to `batch` sequences (one
+    llama.cpp sequence id each, in a context of their own) decode together, and a finished sequence's id
+    is cleared and refilled with the next prompt (prefilled in the same llama_decode call as the others'
+    next tokens). Replies are turned into text, ended at an end token or a stop string, by the same
+    `TextStream` our engine uses, so both engines' replies are cut by one rule."""
+    import llama_cpp
+    from qwen2.runtime.generate import TextStream
+
+    if not prompt_ids:
+        return
+    per_seq = max(map(len, prompt_ids.values())) + max_new_tokens
+    ctx = engine.batch_context(batch, per_seq, batch * per_seq)
+    memory = llama_cpp.llama_get_memory(ctx.ctx)
+    lot = llama_cpp.llama_batch_init(batch * per_seq, 0, 1)
+    waiting = list(prompt_ids)
+    live = {}  # sequence id -> [key, TextStream, reply so far, tokens so far, next token]
+    try:
+        while waiting or live:
+            entries, owners = [], []
+            for seq in range(batch):  # refill free sequence ids with whole prompts
+                if seq not in live and waiting:
+                    key = waiting.pop(0)
+                    llama_cpp.llama_memory_seq_rm(memory, seq, -1, -1)
+                    ids = prompt_ids[key]
+                    entries += [(t, pos, seq, pos == len(ids) - 1) for pos, t in enumerate(ids)]
+                    live[seq] = [key, TextStream(tokenizer, end_ids, list(stops)), "", 0, None]
+                    owners.append(seq)
+                elif seq in live and live[seq][4] is not None:
+                    key, _, _, n, token = live[seq]
+                    entries.append((token, len(prompt_ids[key]) + n - 1, seq, True))
+                    owners.append(seq)
+            for seq, token in zip(owners, engine.decode(ctx, lot, entries)):
+                row = live[seq]
+                row[2] += row[1].push(token)
+                row[3] += 1
+                if not row[1].done and row[3] >= max_new_tokens:
+                    row[2] += row[1].close()
+                row[4] = token
+                if row[1].done:
+                    del live[seq]
+                    yield row[0], row[2]
+    finally:
+        llama_cpp.llama_batch_free(lot)
+        ctx.close()
 
 
 # --------------------------------------------------------------------------------------------------

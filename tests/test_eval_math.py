@@ -363,3 +363,25 @@ def test_cli_math_gsm8k_on_a_tiny_model_directory(tmp_path, tiny, offline, capsy
     assert [json.loads(line)["id"] for line in open(out)] == ["gsm8k-0", "gsm8k-1"]
     code = cli.main(["eval", "math", "--task", "mgsm-xx", "--model", str(tmp_path / "model")])
     assert code == 1 and "unknown math task 'mgsm-xx'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("verb, task", [("math", "gsm8k"), ("math", "math"), ("bbh", "all"), ("ifeval", "ifeval")])
+def test_the_default_shots_fit_the_offline_pack(verb, task, tmp_path):
+    """`qwen2 eval VERB --task TASK` without --shots runs the whole offline pack: where the pack's items
+    are its exemplars (each prompted with the others), the default is one fewer than the task's count,
+    which a --data test set keeps."""
+    from qwen2.cli.eval import benchmark_of
+    from qwen2.eval.results import summary_path
+
+    bench = benchmark_of(verb, task)
+    asked = []
+
+    def replier(prompts, max_new_tokens, stop):
+        asked.extend(prompts)
+        yield from ((i, "") for i in range(len(prompts)))
+
+    summary = runner.run(bench, replier, tmp_path / "r.jsonl", chat=False, progress=False)
+    assert len(asked) == summary["items"] == len(bench.load(None))
+    shots = json.load(open(summary_path(tmp_path / "r.jsonl")))["settings"]["shots"]
+    assert shots == (bench.shots if bench.pack_shots is None else bench.pack_shots)
+    assert bench.pack_shots is None or bench.pack_shots == bench.shots - 1

@@ -25,7 +25,7 @@ import shutil
 import sys
 import time
 
-from benchmarks.common import RESULTS_DIR, LlamaCppEngine
+from benchmarks.common import RESULTS_DIR, LlamaCppEngine, llama_cpp_replies
 from qwen2.eval import humaneval
 from qwen2.eval.sandbox import Limits
 from qwen2.fileio import atomic_file, write_text_atomic
@@ -35,13 +35,11 @@ PUBLISHED = {"qwen2.5-coder-0.5b-instruct": 61.6, "qwen2.5-coder-1.5b-instruct":
 
 
 def llama_cpp_generator(gguf: str, tokenizer, eos_ids, threads: int, batch: int):
-    """llama.cpp on the GGUF as a humaneval Generator, greedy, with continuous batching like ours: up to
-    `batch` sequences (one llama.cpp sequence id each, in a context of their own) decode together, and a
-    finished sequence's id is cleared and refilled with the next prompt (prefilled in the same
-    llama_decode call as the others' next tokens). Prompts are our token ids; replies are turned into
-    text, ended at an end token or the stop string, by the same `TextStream` our engine uses."""
+    """llama.cpp on the GGUF as a humaneval Generator, greedy, with continuous batching like ours
+    (`benchmarks.common.llama_cpp_replies`: up to `batch` sequences decode together, a finished one is
+    refilled with the next prompt). Prompts are our token ids; replies are turned into text, ended at an
+    end token or the stop string, by the same `TextStream` our engine uses."""
     import llama_cpp
-    from qwen2.runtime.generate import TextStream
 
     llm = llama_cpp.Llama(model_path=gguf, n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
     engine = LlamaCppEngine(llm)
@@ -49,43 +47,10 @@ def llama_cpp_generator(gguf: str, tokenizer, eos_ids, threads: int, batch: int)
     def generate(jobs, settings: humaneval.Settings):
         if settings.samples != 1 or settings.temperature != 0:
             raise SystemExit("the llama.cpp rows are greedy, one sample per problem")
-        if not jobs:
-            return
         prompts = {index: tokenizer.encode(prompt) for index, prompt in jobs}
-        per_seq = max(map(len, prompts.values())) + settings.max_new_tokens
-        ctx = engine.batch_context(batch, per_seq, batch * per_seq)
-        memory = llama_cpp.llama_get_memory(ctx.ctx)
-        lot = llama_cpp.llama_batch_init(batch * per_seq, 0, 1)
-        waiting = [index for index, _ in jobs]
-        live = {}  # sequence id -> [problem index, TextStream, reply so far, tokens so far, next token]
-        try:
-            while waiting or live:
-                entries, owners = [], []
-                for seq in range(batch):  # refill free sequence ids with whole prompts
-                    if seq not in live and waiting:
-                        index = waiting.pop(0)
-                        llama_cpp.llama_memory_seq_rm(memory, seq, -1, -1)
-                        ids = prompts[index]
-                        entries += [(t, pos, seq, pos == len(ids) - 1) for pos, t in enumerate(ids)]
-                        live[seq] = [index, TextStream(tokenizer, eos_ids, [settings.stop]), "", 0, None]
-                        owners.append(seq)
-                    elif seq in live and live[seq][4] is not None:
-                        index, _, _, n, token = live[seq]
-                        entries.append((token, len(prompts[index]) + n - 1, seq, True))
-                        owners.append(seq)
-                for seq, token in zip(owners, engine.decode(ctx, lot, entries)):
-                    row = live[seq]
-                    row[2] += row[1].push(token)
-                    row[3] += 1
-                    if not row[1].done and row[3] >= settings.max_new_tokens:
-                        row[2] += row[1].close()
-                    row[4] = token
-                    if row[1].done:
-                        del live[seq]
-                        yield row[0], [row[2]]
-        finally:
-            llama_cpp.llama_batch_free(lot)
-            ctx.close()
+        for index, reply in llama_cpp_replies(engine, tokenizer, eos_ids, prompts, settings.max_new_tokens,
+                                              [settings.stop], batch):
+            yield index, [reply]
 
     return generate
 

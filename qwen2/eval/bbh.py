@@ -94,7 +94,7 @@ def score_reply(item: dict, reply: str) -> dict:
 def _benchmark(name: str, tasks: tuple[str, ...], help: str) -> GenerationBenchmark:
     return GenerationBenchmark(name=name, help=help, load=functools.partial(load_items, tasks), prompt=prompt,
                                score=score_reply, metrics=METRICS, stop=STOP, max_new_tokens=MAX_NEW_TOKENS,
-                               shots=3, group="task")
+                               shots=3, pack_shots=2, group="task")
 
 
 BENCHMARKS: dict[str, GenerationBenchmark] = {

@@ -219,10 +219,10 @@ BENCHMARKS: dict[str, GenerationBenchmark] = {
     "gsm8k": GenerationBenchmark(
         name="gsm8k", help="GSM8K, 8-shot chain of thought (lm-eval's gsm8k_cot)", load=gsm8k_items,
         prompt=_prompt, score=gsm8k_score, metrics=tuple(GSM8K_SCORINGS), stop=GSM8K_STOP,
-        max_new_tokens=LM_EVAL_MAX_GEN_TOKS, shots=8),
+        max_new_tokens=LM_EVAL_MAX_GEN_TOKS, shots=8, pack_shots=7),
     "math": GenerationBenchmark(
         name="math", help="MATH, Minerva's 4-shot prompt and answer checks (lm-eval's minerva_math)",
         load=math_items, prompt=_prompt, score=math_score, metrics=("exact_match", "math_verify"), stop=MATH_STOP,
-        max_new_tokens=LM_EVAL_MAX_GEN_TOKS, shots=4, group="type"),
+        max_new_tokens=LM_EVAL_MAX_GEN_TOKS, shots=4, pack_shots=3, group="type"),
     **{f"mgsm-{language}": _mgsm(language) for language in MGSM_LANGUAGES},
 }

@@ -32,6 +32,9 @@ class GenerationBenchmark:
     stop: tuple[str, ...] = ()
     max_new_tokens: int = 256
     shots: int = 0                                   # default number of few-shot examples
+    # the default on the offline pack, whose items are its exemplars: each item's shots are the
+    # others, so one fewer than `shots` at most (None: `shots`)
+    pack_shots: int | None = None
     group: str | None = None                         # item field scores are also reported by (subject, task)
     # records -> summary; default: each metric's mean with its 95 % interval (and per group)
     summarize: Callable[[list[dict]], dict] | None = field(default=None)
@@ -53,7 +56,8 @@ def run(bench: GenerationBenchmark, replier: Replier, out: str | os.PathLike, *,
         chat: bool = True, max_new_tokens: int | None = None, progress: bool = True) -> dict:
     """Run `bench` on its items (the first `limit`), resuming from `out`; return the summary, also
     written beside `out`. Each record: id, the group field, prompt, reply, scores."""
-    shots = bench.shots if shots is None else shots
+    if shots is None:
+        shots = bench.pack_shots if data is None and bench.pack_shots is not None else bench.shots
     if shots < 0:
         raise Qwen2Error(f"--shots must be 0 or more, got {shots}")
     max_new_tokens = max_new_tokens or bench.max_new_tokens
