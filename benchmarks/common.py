@@ -1,7 +1,8 @@
 """What the benchmark scripts share, in one module:
 
   paths and commands      REPO_ROOT, RESULTS_DIR, DATA_DIR; `command_line` (how a result says it was made)
-  result files            JSON and a markdown table beside it, written atomically (`write_results`)
+  result files            JSON and a markdown table beside it, written atomically (`write_results`);
+                          per-item JSONL kept in git compressed (`compress_results`, `restore_results`)
   the machine             CPU, memory, versions (`machine_facts`); waiting for a quiet CPU and measuring
                           what other processes took of it meanwhile (`wait_for_quiet`, `CpuWatch`)
   timing and memory       `timed`, `progress`, `peak_rss_mb`, `rss_mb`
@@ -18,10 +19,12 @@ Every script runs as a module from the repository root, e.g. `python -m benchmar
 from __future__ import annotations
 
 import datetime
+import gzip
 import importlib.util
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -50,6 +53,20 @@ def write_atomic(path: str, text: str) -> None:
 
 def write_json(path: str, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=1) + "\n")
+
+
+def restore_results(path: str) -> None:
+    """A resumable per-item results JSONL from its compressed copy in git, where the JSONL itself is missing."""
+    if not os.path.exists(path) and os.path.exists(path + ".gz"):
+        with gzip.open(path + ".gz", "rb") as src, atomic_file(path, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+
+
+def compress_results(path: str) -> None:
+    """path.gz: a per-item results JSONL compressed, the copy kept in git (mtime 0: the same lines give the same bytes)."""
+    with open(path, "rb") as src, atomic_file(path + ".gz", "wb") as raw, \
+            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as dst:
+        shutil.copyfileobj(src, dst)
 
 
 def write_results(out: str, data: dict, markdown: str) -> None:

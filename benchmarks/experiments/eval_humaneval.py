@@ -18,17 +18,15 @@ llama.cpp (`pip install llama-cpp-python`) is a benchmark-only dependency; witho
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
-import shutil
 import sys
 import time
 
-from benchmarks.common import RESULTS_DIR, LlamaCppEngine, llama_cpp_replies
+from benchmarks.common import RESULTS_DIR, LlamaCppEngine, compress_results, llama_cpp_replies, restore_results
 from qwen2.eval import humaneval
 from qwen2.eval.sandbox import Limits
-from qwen2.fileio import atomic_file, write_text_atomic
+from qwen2.fileio import write_text_atomic
 
 # Qwen2.5-Coder technical report (arXiv 2409.12186), Table 16: HumanEval of the instruct models (bf16).
 PUBLISHED = {"qwen2.5-coder-0.5b-instruct": 61.6, "qwen2.5-coder-1.5b-instruct": 70.7}
@@ -53,20 +51,6 @@ def llama_cpp_generator(gguf: str, tokenizer, eos_ids, threads: int, batch: int)
             yield index, [reply]
 
     return generate
-
-
-def restore_results(path: str) -> None:
-    """The resumable per-problem JSONL from its compressed copy in git, where the JSONL itself is missing."""
-    if not os.path.exists(path) and os.path.exists(path + ".gz"):
-        with gzip.open(path + ".gz", "rb") as src, atomic_file(path, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-
-
-def compress_results(path: str) -> None:
-    """path.gz: the per-problem JSONL compressed, the copy kept in git (mtime 0: the same lines give the same bytes)."""
-    with open(path, "rb") as src, atomic_file(path + ".gz", "wb") as raw, \
-            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as dst:
-        shutil.copyfileobj(src, dst)
 
 
 def main() -> None:

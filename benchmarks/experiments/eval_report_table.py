@@ -44,9 +44,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from benchmarks.common import (RESULTS_DIR, LlamaCppEngine, command_line, llama_cpp_installed, llama_cpp_replies,
-                               machine_facts, one_line_errors, write_results)
-from benchmarks.experiments.eval_humaneval import compress_results, restore_results
+from benchmarks.common import (RESULTS_DIR, LlamaCppEngine, command_line, compress_results, llama_cpp_installed,
+                               llama_cpp_replies, machine_facts, one_line_errors, restore_results, write_results)
 from qwen2.errors import Qwen2Error
 
 MODULE = "benchmarks.experiments.eval_report_table"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import collections
 import json
 import math
 import os
@@ -379,10 +380,7 @@ def write_jsonl(path: str, records: list[dict]) -> str:
 
 
 def count_by(pairs: list[dict], key: str) -> dict:
-    out: dict = {}
-    for p in pairs:
-        out[p[key]] = out.get(p[key], 0) + 1
-    return dict(sorted(out.items()))
+    return dict(sorted(collections.Counter(p[key] for p in pairs).items()))
 
 
 @one_line_errors

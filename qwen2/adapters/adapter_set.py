@@ -11,7 +11,7 @@ from ..errors import Qwen2Error
 from ..model.layers import FeedForward
 from .formats import LoRAAdapter
 from .linear import MultiLoRALinear
-from .rows import RowAdapters
+from .rows import RowAdapters, rank_slots
 
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
@@ -89,17 +89,17 @@ class AdapterSet:
     def _restack(self) -> None:
         adapters = list(self._adapters.values())
         self._ranks = [max(w.rank for w in a.layers.values()) for a in adapters]
-        starts = [sum(self._ranks[:j]) for j in range(len(adapters))]
+        slots = rank_slots(self._ranks)
         dtype, device = self.model.dtype, self.model.device
         for module in sorted({m for a in adapters for m in a.layers}):
             wrapper = self._wrapper(module)
             A = torch.zeros(sum(self._ranks), wrapper.in_features)
             Bt = torch.zeros(sum(self._ranks), wrapper.out_features)
-            for start, adapter in zip(starts, adapters):
+            for slot, adapter in zip(slots, adapters):
                 w = adapter.layers.get(module)
                 if w is not None:
-                    A[start:start + w.rank] = w.A.float()
-                    Bt[start:start + w.rank] = (w.B.float() * w.scale).T
+                    A[slot.start:slot.start + w.rank] = w.A.float()
+                    Bt[slot.start:slot.start + w.rank] = (w.B.float() * w.scale).T
             wrapper.A, wrapper.Bt = A.to(device, dtype), Bt.to(device, dtype)
 
     def _wrapper(self, module: str) -> MultiLoRALinear:

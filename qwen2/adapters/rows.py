@@ -28,6 +28,12 @@ class RowChoice:
         return self.mask.shape[0]
 
 
+def rank_slots(ranks: Sequence[int]) -> list[range]:
+    """Each adapter's rows in the stacked weights, adapters of `ranks` one after another."""
+    starts = [sum(ranks[:j]) for j in range(len(ranks))]
+    return [range(start, start + rank) for start, rank in zip(starts, ranks)]
+
+
 class RowAdapters:
     """`choice`: the current batch's `RowChoice`, or None when every row runs the base model (the
     adapted linears then add nothing)."""
@@ -43,8 +49,7 @@ class RowAdapters:
         if not used:
             self.choice = None
             return
-        starts = [sum(ranks[:j]) for j in range(len(ranks))]
-        slots = {j: range(starts[j], starts[j] + ranks[j]) for j in used}
+        slots = rank_slots(ranks)
         columns = [c for j in used for c in slots[j]]
         position = {c: i for i, c in enumerate(columns)}  # a stacked slot's place among the active ones
         mask = torch.zeros(len(per_row), len(columns), dtype=dtype)

@@ -17,8 +17,8 @@
 // them), called as `QuantLinear.forward` calls its op (then the bias added in place), or a plain fp32
 // nn.Linear (at::linear, kind 0). A linear may carry a low-rank update of its output, as LoRA adapters
 // served per row add it (`qwen2.adapters.MultiLoRALinear.forward`, in the same ops):
-//   y = y + ((x @ A^T) * mask) @ Bt           A (G r, in), Bt (G r, out), mask (B, G r): each row's own
-//                                             adapter's r columns among the G active ones
+//   y = y + ((x @ A^T) * mask) @ Bt           A (R, in), Bt (R, out): the active adapters' rank slots;
+//                                             mask (B, R): 1 on each row's own adapter's slots
 // Arguments, as `qwen2.runtime.native.block_weights` lays them out:
 //   tensors  [input_layernorm weight, post_attention_layernorm weight, then for each linear of
 //            q, k, v, o, gate, up, down: three layout tensors (unused ones empty) and its bias (or empty)]
@@ -56,7 +56,7 @@ struct Linear {
     at::Tensor y = base(x);
     if (update == nullptr) return y;
     const at::Tensor &A = update[0], &Bt = update[1], &mask = update[2];
-    const at::Tensor h = at::mm(x, A.t()).view({batch, -1, A.size(0)}) * mask.unsqueeze(1);  // (B, T, G r)
+    const at::Tensor h = at::mm(x, A.t()).view({batch, -1, A.size(0)}) * mask.unsqueeze(1);  // (B, T, R)
     return at::addmm(y, h.view({x.size(0), A.size(0)}), Bt);
   }
 
@@ -103,8 +103,8 @@ at::Tensor decode_block(const at::Tensor& x, at::TensorList tensors, at::IntArra
 // Every block of the decode step, one after another: block l takes tensors [30 l, 30 l + 30), meta
 // [24 l, 24 l + 24), updates [21 l, 21 l + 21) (when there are any) and layer l of the caches
 // (L, B, nkv, S, hs); the other arguments are the same for every layer (qwen2.runtime.native lays
-// them out). Why: the Python loop over
-// the blocks, and the arguments each block call gathers, cost ~1 ms of a 0.5B decode step.
+// them out). Why: the Python loop over the blocks, and the arguments each block call gathers, cost
+// ~1 ms of a 0.5B decode step.
 at::Tensor decode_layers(const at::Tensor& x, at::TensorList tensors, at::IntArrayRef meta, at::TensorList updates,
                          double eps, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& cache_k,
                          const at::Tensor& cache_v, const at::Tensor& slots, const c10::optional<at::Tensor>& key_mask,
