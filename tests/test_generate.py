@@ -44,6 +44,20 @@ def test_sampling_distribution_equals_transformers(options):
     assert ((ours > 0) == (theirs > 0)).all()  # the same tokens survive the filters
 
 
+@pytest.mark.parametrize("scale", [8.0, 0.05])  # a peaked nucleus (the shortlist holds it) and a flat one (it grows)
+def test_top_p_on_a_full_vocabulary_equals_transformers(scale):
+    """Top-p sorts a shortlist first and the whole vocabulary only when the shortlist holds too
+    little mass: either way the same tokens survive as under transformers' full sort."""
+    params = SamplingParams(temperature=0.7, top_p=0.95)
+    logits = torch.randn(4, 151_936, generator=torch.Generator().manual_seed(0)) * scale
+    context = torch.zeros(4, 1, dtype=torch.long)
+    ours = sampling_distribution(logits, params)
+    theirs = hf_distribution(logits.clone(), context, params)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    assert ((ours > 0) == (theirs > 0)).all()
+    assert 1 <= int((ours[0] > 0).sum()) < 151_936
+
+
 def test_greedy_is_argmax_after_penalty():
     logits = torch.tensor([[1.0, 3.0, 2.9, -1.0]])
     seen = torch.tensor([[False, True, False, False]])
