@@ -25,13 +25,14 @@ import ast
 import json
 import os
 import re
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
 from ..errors import Qwen2Error
 from ..fileio import write_text_atomic
 from ..progress import progress_bar
-from .results import summary_path
+from .results import read_finished, summary_path
 from .sandbox import Limits, run_python
 
 INSTRUCTION = ("Please provide a self-contained Python script that solves the following problem "
@@ -280,28 +281,10 @@ def model_generator(m, batch: int = 8) -> Generator:
 
 
 def _read_done(out_path: str, settings: Settings) -> list[dict]:
-    """The records of the problems a previous run finished (all their samples), after checking it
-    used the same settings. A cut last line (the run was killed while writing) is dropped."""
-    if not os.path.exists(out_path):
-        return []
-    records = []
-    with open(out_path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.endswith("\n"):
-                break
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise Qwen2Error(f"{out_path} line {number} is not JSON; it is not a results file of "
-                                 "`qwen2 eval humaneval`: give another --out") from None
-    wanted = asdict(settings)
-    for r in records:
-        if r.get("settings") != wanted:
-            raise Qwen2Error(f"{out_path} holds results made with other settings ({r.get('settings')}); "
-                             "resume with the same options, or give another --out")
-    counts: dict[str, int] = {}
-    for r in records:
-        counts[r["task_id"]] = counts.get(r["task_id"], 0) + 1
+    """The records of the problems a previous run finished (all their samples): a problem killed
+    midway is sampled again whole."""
+    records = read_finished(out_path, asdict(settings), "task_id", "qwen2 eval humaneval")
+    counts = Counter(r["task_id"] for r in records)
     return [r for r in records if counts[r["task_id"]] == settings.samples]
 
 

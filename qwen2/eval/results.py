@@ -22,6 +22,31 @@ def summary_path(out_path: str | os.PathLike) -> str:
     return root + ".summary.json"
 
 
+def read_finished(path: str, settings: dict, key: str, command: str) -> list[dict]:
+    """The records a previous run wrote to `path` (none when it is not there), after checking each
+    has `key` and was made with `settings`; a cut last line (killed while writing) is dropped."""
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.endswith("\n"):
+                break
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise Qwen2Error(f"{path} line {number} is not JSON; it is not a results file of "
+                                 f"`{command}`: give another --out") from None
+            if not isinstance(record, dict) or key not in record:
+                raise Qwen2Error(f"{path} line {number} has no {key!r}; it is not a results file of "
+                                 f"`{command}`: give another --out")
+            if record.get("settings") != settings:
+                raise Qwen2Error(f"{path} holds results made with other settings ({record.get('settings')}); "
+                                 "resume with the same options, or give another --out")
+            records.append(record)
+    return records
+
+
 class ResultsFile:
     """The records of `path` made with `settings`, keyed by `key`; `append` adds finished items.
 
@@ -29,24 +54,7 @@ class ResultsFile:
 
     def __init__(self, path: str | os.PathLike, settings: dict, key: str = "id", command: str = "qwen2 eval"):
         self.path, self.settings, self.key = os.fspath(path), dict(settings), key
-        self.records: dict[str, dict] = {}
-        if os.path.exists(self.path):
-            with open(self.path, encoding="utf-8") as f:
-                for number, line in enumerate(f, 1):
-                    if not line.endswith("\n"):
-                        break
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        raise Qwen2Error(f"{self.path} line {number} is not JSON; it is not a results file of "
-                                         f"`{command}`: give another --out") from None
-                    if not isinstance(record, dict) or key not in record:
-                        raise Qwen2Error(f"{self.path} line {number} has no {key!r}; it is not a results file of "
-                                         f"`{command}`: give another --out")
-                    if record.get("settings") != self.settings:
-                        raise Qwen2Error(f"{self.path} holds results made with other settings "
-                                         f"({record.get('settings')}); resume with the same options, or give another --out")
-                    self.records[str(record[key])] = record
+        self.records: dict[str, dict] = {str(r[key]): r for r in read_finished(self.path, self.settings, key, command)}
         parent = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(parent, exist_ok=True)
         write_text_atomic(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records.values()))
