@@ -52,33 +52,12 @@ def cmd_repurpose(args) -> None:
 
 
 def cmd_score(args) -> None:
-    from ..fileio import write_text_atomic
-    from ..train.data import DataReport, jsonl_records
-    from ..train.reward import load_reward_model, score_replies
+    from ..synth.score import score_file
 
-    model, tokenizer = load_reward_model(args.reward_model)
-    report = DataReport(args.replies, "skip" if args.skip_bad else "fail")
-    records, conversations, slots = [], [], []  # slots: (record, key) each score goes to
-    for number, record in jsonl_records(args.replies, report):
-        prompt = record.get("prompt")
-        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        replies = [(k, record[k]) for k in ("response", "chosen", "rejected") if isinstance(record.get(k), str)]
-        if isinstance(record.get("messages"), list):
-            conversations.append(record["messages"])
-            slots.append((len(records), "reward"))
-        elif isinstance(prompt, list) and replies:
-            for key, reply in replies:
-                conversations.append(prompt + [{"role": "assistant", "content": reply}])
-                slots.append((len(records), "reward" if key == "response" else f"reward_{key}"))
-        else:
-            report.bad(number, 'a record needs "messages", or "prompt" with "response" (or "chosen" and "rejected")')
-            continue
-        records.append(record)
-    for (i, key), value in zip(slots, score_replies(model, tokenizer, conversations, batch=args.batch)):
-        records[i][key] = value
-    write_text_atomic(args.out, "".join(json.dumps(r) + "\n" for r in records))
-    print(f"scored {len(conversations)} replies of {len(records)} records into {args.out}"
-          + (f" ({report.skipped} bad records skipped)" if report.skipped else ""))
+    stats = score_file(args.replies, args.reward_model, args.out, batch=args.batch,
+                       on_bad_record="skip" if args.skip_bad else "fail")
+    print(f"scored {stats['replies']} replies of {stats['records']} records into {args.out}"
+          + (f" ({stats['skipped']} bad records skipped)" if stats["skipped"] else ""))
 
 
 def _add_sampling_args(p) -> None:

@@ -8,6 +8,7 @@ what checks them, become the data it is fine-tuned on next.
                   questions (the answer a verbatim sentence), continuations and paraphrases
     constitution.py  constitutional feedback: draft, critique against each written principle, revise;
                   the revisions as SFT records and preference pairs (revision over draft)
+    score.py      reward-model scores for the replies of a file (`qwen2 synth score`)
     verifiers.py  what decides a reply is right: the math answer (Math-Verify), the code's tests, or
                   a user's function (record, reply) -> bool, each run with a time limit
 

@@ -227,13 +227,13 @@ def sft_rows(tokenizer, path: str, seq_len: int, report: DataReport) -> list[Row
 
 # ---- DPO: preference pairs ---------------------------------------------------------------------
 
-def _as_messages(prompt) -> list[dict] | None:
+def as_messages(prompt) -> list[dict] | None:
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
     return prompt if isinstance(prompt, list) else None
 
 
-def _as_reply(reply) -> str | None:
+def as_reply(reply) -> str | None:
     if isinstance(reply, dict) and reply.get("role") == "assistant":
         reply = reply.get("content")
     return reply if isinstance(reply, str) else None
@@ -245,8 +245,8 @@ def preference_pairs(tokenizer, path: str, seq_len: int, report: DataReport) -> 
     records or none must have them)."""
     pairs, with_ref = [], None
     for number, record in jsonl_records(path, report):
-        prompt = _as_messages(record.get("prompt"))
-        chosen, rejected = _as_reply(record.get("chosen")), _as_reply(record.get("rejected"))
+        prompt = as_messages(record.get("prompt"))
+        chosen, rejected = as_reply(record.get("chosen")), as_reply(record.get("rejected"))
         why = None
         if prompt is None or chosen is None or rejected is None:
             why = "a preference record needs \"prompt\" (string or messages), \"chosen\" and \"rejected\" (strings)"

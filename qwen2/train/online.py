@@ -43,7 +43,7 @@ class CodeTask:
 def code_tasks(path: str, report: D.DataReport) -> list[CodeTask]:
     tasks = []
     for number, record in D.jsonl_records(path, report):
-        messages = D._as_messages(record.get("prompt"))
+        messages = D.as_messages(record.get("prompt"))
         tests, entry = record.get("tests"), record.get("entry_point")
         tests_ok = isinstance(tests, str) and tests.strip() or (
             isinstance(tests, list) and tests and all(isinstance(t, str) for t in tests))
