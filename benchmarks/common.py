@@ -10,9 +10,9 @@
   the benchmark prompt    varied natural text cut to an exact token count (`build_prompt_ids`)
   llama.cpp               `LlamaCppEngine`: the speed reference, through llama-cpp-python (not a dependency);
                           `llama_cpp_replies`: its greedy replies to many prompts, continuously batched
-  experiments             smoothed curves and PNG plots, run presets and reports (`apply_preset`,
-                          `write_report`); the corpus, the run log and resume checks are the library's
-                          (qwen2.data.corpora, qwen2.train.run_dir)
+  experiments             smoothed curves and PNG plots, Wilson intervals (`wilson`), run presets and
+                          reports (`apply_preset`, `write_report`); the corpus, the run log and resume
+                          checks are the library's (qwen2.data.corpora, qwen2.train.run_dir)
 
 Every script runs as a module from the repository root, e.g. `python -m benchmarks.speed.bench_inference`.
 """
@@ -22,6 +22,7 @@ import datetime
 import gzip
 import importlib.util
 import json
+import math
 import os
 import platform
 import shutil
@@ -494,6 +495,16 @@ def smooth(values: list[float], window: int) -> list[float]:
         acc += v - (values[i - window] if i >= window else 0.0)
         out.append(acc / min(i + 1, window))
     return out
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95 % Wilson score interval of k successes in n trials."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def save_png(fig, path: str, dpi: int = 110) -> None:

@@ -30,7 +30,6 @@ import argparse
 import ast
 import collections
 import json
-import math
 import os
 import random
 import re
@@ -43,7 +42,7 @@ import torch
 import qwen2
 import qwen2.train
 from benchmarks.common import (DATA_DIR, RESULTS_DIR, apply_preset, command_line, one_line_errors,
-                               peak_rss_mb, save_png, set_torch_threads, write_results)
+                               peak_rss_mb, save_png, set_torch_threads, wilson, write_results)
 from qwen2.errors import Qwen2Error
 from qwen2.eval.humaneval import extract_code, fenced
 from qwen2.fileio import write_text_atomic
@@ -223,16 +222,6 @@ def sample_code_replies(tasks_file: str, out_dir: str, load_model, samples: int,
 
 
 # ---- scoring --------------------------------------------------------------------------------------
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The 95 % Wilson score interval of k successes in n trials."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
 
 def pair_accuracy(model, tokenizer, pairs: list[dict], batch: int) -> dict:
     """Accuracy (reward(chosen) > reward(rejected)) per kind and overall, with Wilson intervals, and
