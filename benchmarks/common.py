@@ -78,6 +78,12 @@ def write_results(out: str, data: dict, markdown: str) -> None:
     print(f"\nwrote {os.path.relpath(out)} and {os.path.relpath(md)}", file=sys.stderr)
 
 
+def write_jsonl(path: str, records: list[dict]) -> str:
+    """`records` as JSON lines at `path` (its folder made), atomically; returns `path`."""
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
 def read_records(folder: str) -> list[dict]:
     """Every record of the JSONL shards in `folder` (a `qwen2 data` output), in shard order."""
     import glob

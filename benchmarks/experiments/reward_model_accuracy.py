@@ -42,10 +42,9 @@ import torch
 import qwen2
 import qwen2.train
 from benchmarks.common import (DATA_DIR, RESULTS_DIR, apply_preset, command_line, one_line_errors,
-                               peak_rss_mb, save_png, set_torch_threads, wilson, write_results)
+                               peak_rss_mb, save_png, set_torch_threads, wilson, write_jsonl, write_results)
 from qwen2.errors import Qwen2Error
 from qwen2.eval.humaneval import extract_code, fenced
-from qwen2.fileio import write_text_atomic
 from qwen2.progress import progress_bar
 from qwen2.runtime.generate import SamplingParams
 from qwen2.synth import rejection
@@ -360,12 +359,6 @@ def parse_args(argv=None):
     if not args.lr > 0:
         raise Qwen2Error(f"--lr must be positive, got {args.lr}")
     return args
-
-
-def write_jsonl(path: str, records: list[dict]) -> str:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 def count_by(pairs: list[dict], key: str) -> dict:

@@ -57,9 +57,9 @@ import torch
 
 import qwen2
 from benchmarks.common import (RESULTS_DIR, apply_preset, command_line, one_line_errors, save_png,
-                               set_torch_threads, wilson, write_results)
+                               set_torch_threads, wilson, write_jsonl, write_results)
 from benchmarks.experiments.train_dpo_experiment import (DONE, greedy_replies, read_jsonl, smoke_base_model,
-                                                         stage_done, steps_for, train_stage, write_jsonl)
+                                                         stage_done, steps_for, train_stage)
 from qwen2.checkpoint.registry import DEFAULT_MODEL, KNOWN_MODELS, hf_dir
 from qwen2.errors import Qwen2Error
 from qwen2.fileio import write_text_atomic

@@ -54,7 +54,7 @@ import torch
 
 import qwen2
 import qwen2.train
-from benchmarks.common import DATA_DIR, REPO_ROOT, RESULTS_DIR, save_png
+from benchmarks.common import DATA_DIR, REPO_ROOT, RESULTS_DIR, save_png, write_jsonl
 from qwen2.checkpoint.registry import DEFAULT_MODEL, hf_dir
 from qwen2.errors import Qwen2Error
 from qwen2.eval.perplexity import perplexity
@@ -178,12 +178,6 @@ def train_stage(kind: str, options: dict, args) -> dict:
         shutil.rmtree(os.path.join(output_dir, "checkpoints"), ignore_errors=True)
     gc.collect()
     return info
-
-
-def write_jsonl(path: str, records: list[dict]) -> str:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 def peak_rss_gb() -> float:
