@@ -134,6 +134,10 @@ def test_perplexity_and_hidden_state_are_each_documents_own(tiny_model):
         assert s.nll == pytest.approx(direct, rel=1e-4)
         assert s.nll == pytest.approx(perplexity(model.model, ids.tolist(), context=len(ids)).mean_nll, rel=1e-4)
         assert s.perplexity == pytest.approx(math.exp(direct), rel=1e-4)
+    # the classifier's pass: the same hidden states, no likelihood made
+    hidden_only = score_texts(spec, texts, likelihood=False)
+    assert all(h.nll is None and h.tokens == s.tokens for h, s in zip(hidden_only, scored))
+    torch.testing.assert_close(torch.stack([h.hidden for h in hidden_only]), torch.stack([s.hidden for s in scored]))
 
 
 def test_roc_auc_matches_a_hand_count_and_sklearn():

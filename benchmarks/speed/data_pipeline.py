@@ -51,14 +51,21 @@ MODEL = "qwen2.5-coder-0.5b-instruct"
 class TreeRSS:
     """The peak RSS of this process and all its descendants together, sampled every 0.2 s by a
     thread: datatrove's worker processes are a forkserver's children, which neither VmHWM nor
-    RUSAGE_CHILDREN of this process sees."""
+    RUSAGE_CHILDREN of this process sees. For the same reason it keeps the CPU seconds of those
+    descendants (each one's last sample): the parent's CPU accounting never sees them, and would count
+    them as other processes' load."""
 
     def __init__(self, interval: float = 0.2):
         import threading
 
         self.peak_mb, self.interval = 0.0, interval
+        self.descendants_cpu: dict[int, float] = {}  # pid -> CPU seconds at its last sample
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.sample, daemon=True)
+
+    @property
+    def descendants_cpu_s(self) -> float:
+        return sum(self.descendants_cpu.values())
 
     def sample(self) -> None:
         import psutil
@@ -69,6 +76,9 @@ class TreeRSS:
             for proc in [me, *me.children(recursive=True)]:
                 try:
                     total += proc.memory_info().rss
+                    if proc.pid != me.pid:
+                        cpu = proc.cpu_times()
+                        self.descendants_cpu[proc.pid] = cpu.user + cpu.system
                 except psutil.Error:  # exited meanwhile
                     pass
             self.peak_mb = max(self.peak_mb, total / 2 ** 20)
@@ -202,7 +212,8 @@ def worker(name: str, job_path: str, result_path: str) -> None:
             start = time.perf_counter()
             documents_out = run(job["step"], job["corpus"], job["out"], job["workers"])
             seconds = time.perf_counter() - start
-        result = {"seconds": seconds, "documents_out": documents_out, "peak_rss_mb": max(peak_rss_mb(), rss.peak_mb)}
+        result = {"seconds": seconds, "documents_out": documents_out, "peak_rss_mb": max(peak_rss_mb(), rss.peak_mb),
+                  "descendants_cpu_s": rss.descendants_cpu_s}
         shutil.rmtree(job["out"], ignore_errors=True)
     else:
         import torch
@@ -246,6 +257,9 @@ def measure(args) -> dict:
                     result = spawn(MODULE, f"{step}-{impl}-{size:g}", job, scratch)
                     if result.get("status") != "ok":
                         sys.exit(f"{impl} {step} on {size:g} MB: {result.get('error')}")
+                    # the worker's own pool is not another process's load
+                    pool_pct = 100 * result["descendants_cpu_s"] / (result["process_wall_s"] * (os.cpu_count() or 1))
+                    result["others_cpu_pct"] = max(0.0, result["others_cpu_pct"] - pool_pct)
                     times[impl].append(result)
                     print(f"{size:g} MB {step:13s} {impl:9s} {result['seconds']:7.1f} s "
                           f"{corpus['mb'] / result['seconds']:6.2f} MB/s peak {result['peak_rss_mb']:6.0f} MB "
@@ -280,23 +294,28 @@ def measure(args) -> dict:
             "rss_ratio_large_over_small": rss_ratio, "sizes": [small, large]}
 
 
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0f}"
+
+
 def markdown(s: dict, smoke: bool) -> str:
     m = s["machine"]
     small, large = s["sizes"]
     lines = [f"# `qwen2 data` steps: throughput, memory, overhead over datatrove{' (smoke run)' if smoke else ''}", "",
-             f"`{s['command']}` on {m['cpu']} ({m['logical_cpus']} logical CPUs, shared with other jobs), "
+             f"`{s['command']}` on {m['cpu']} ({m['logical_cpus']} logical CPUs), "
              f"{s['workers']} worker processes, {m['date']}. Planted corpora ({s['shard_mb']:g} MB shards): "
              + ", ".join(f"{c['mb']:.1f} MB / {c['shards']} shards / {c['records']} records" for c in s["corpora"]) + ".",
              "", "Each step on the whole corpus, a fresh process per run, qwen2 and datatrove alternating. "
-             "MB/s are of the input shards; absolute MB/s are contended (\"others\": the CPU other processes took "
-             "during the runs), the overhead ratio is measured in the same interleaved runs.", "",
+             "MB/s are of the input shards; absolute MB/s depend on the load (\"others\": the CPU other processes "
+             "took during the runs, — where a run did not measure it), the overhead ratio is measured in the same "
+             "interleaved runs.", "",
              "| corpus | step | qwen2 s | qwen2 MB/s | qwen2 peak RSS MB | datatrove s | datatrove MB/s | "
              "datatrove peak RSS MB | overhead | others CPU % |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in s["steps"]:
         q, d = r["qwen2"], r["datatrove"]
         lines.append(f"| {r['corpus_mb']:.0f} MB | {r['step']} | {q['seconds']:.1f} | {q['mb_per_s']:.2f} | "
                      f"{q['peak_rss_mb']} | {d['seconds']:.1f} | {d['mb_per_s']:.2f} | {d['peak_rss_mb']} | "
-                     f"{r['overhead']:+.1%} | {q['others_cpu_pct']:.0f} / {d['others_cpu_pct']:.0f} |")
+                     f"{r['overhead']:+.1%} | {_pct(q['others_cpu_pct'])} / {_pct(d['others_cpu_pct'])} |")
     total = {impl: sum(r[impl]["seconds"] for r in s["steps"] if r["size_mb"] == large) for impl in IMPLS}
     lines += ["", f"All {len(s['rss_ratio_large_over_small'])} steps on the {large:g} MB corpus: qwen2 {total['qwen2']:.1f} s, datatrove "
               f"{total['datatrove']:.1f} s: overhead **{total['qwen2'] / total['datatrove'] - 1:+.1%}** "

@@ -200,7 +200,8 @@ def read_texts(inputs: Sequence[str], limit: int | None = None, skip_bad: bool =
 
 
 def hidden_states(spec: ScoringModel, texts: Iterator[str], batch_size: int = 32, progress: bool = False):
-    """The mean last hidden states (N, C) of `texts`, `batch_size` documents a forward batch."""
+    """The mean last hidden states (N, C) of `texts`, `batch_size` documents a forward batch (no logits:
+    the classifier reads only these)."""
     import torch
 
     from ..progress import progress_bar
@@ -211,11 +212,11 @@ def hidden_states(spec: ScoringModel, texts: Iterator[str], batch_size: int = 32
         for text in texts:
             batch.append(text)
             if len(batch) == batch_size:
-                rows += [s.hidden for s in score_texts(spec, batch)]
+                rows += [s.hidden for s in score_texts(spec, batch, likelihood=False)]
                 bar.update(len(batch))
                 batch = []
         if batch:
-            rows += [s.hidden for s in score_texts(spec, batch)]
+            rows += [s.hidden for s in score_texts(spec, batch, likelihood=False)]
             bar.update(len(batch))
     if not rows:
         return torch.zeros(0, spec.load().config.hidden_size)

@@ -116,8 +116,11 @@ def final_hidden(model, ids: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
-def score_ids(model, documents: Sequence[Sequence[int]], max_tokens: int, batch_tokens: int) -> list[Scored]:
-    """Scores of token-id documents under `model` (a Transformer), each truncated to `max_tokens`."""
+def score_ids(model, documents: Sequence[Sequence[int]], max_tokens: int, batch_tokens: int,
+              likelihood: bool = True) -> list[Scored]:
+    """Scores of token-id documents under `model` (a Transformer), each truncated to `max_tokens`.
+    likelihood=False gives the hidden states alone (`nll` None): no logits are made, and those are
+    most of the work for a small model (151,936 of them per token)."""
     documents = [list(d)[:max_tokens] for d in documents]
     if any(not d for d in documents):
         raise Qwen2Error("cannot score an empty document (no tokens)")
@@ -142,18 +145,20 @@ def score_ids(model, documents: Sequence[Sequence[int]], max_tokens: int, batch_
         ids = ids.to(model.device)
         hidden = final_hidden(model, ids, doc_ids.to(model.device))
         for r, row_spans in enumerate(spans):
-            logits = model.lm_head(hidden[r, :row_spans[-1][2]]).float()  # (T, V): position t predicts t + 1
+            if likelihood:
+                logits = model.lm_head(hidden[r, :row_spans[-1][2]]).float()  # (T, V): position t predicts t + 1
             for i, a, b in row_spans:
-                nll = F.cross_entropy(logits[a:b - 1], ids[r, a + 1:b]).item() if b - a > 1 else None
+                nll = F.cross_entropy(logits[a:b - 1], ids[r, a + 1:b]).item() if likelihood and b - a > 1 else None
                 out[i] = Scored(b - a, nll, hidden[r, a:b].float().mean(0).cpu())
     return out
 
 
-def score_texts(spec: ScoringModel, texts: Sequence[str]) -> list[Scored]:
+def score_texts(spec: ScoringModel, texts: Sequence[str], likelihood: bool = True) -> list[Scored]:
     """`score_ids` of texts, tokenized by the model's tokenizer; at most the model's positions a document."""
     loaded = spec.load()
     max_tokens = min(spec.max_tokens, loaded.config.max_position_embeddings)
-    return score_ids(loaded.model, [loaded.tokenizer.encode(t) for t in texts], max_tokens, spec.batch_tokens)
+    return score_ids(loaded.model, [loaded.tokenizer.encode(t) for t in texts], max_tokens, spec.batch_tokens,
+                     likelihood)
 
 
 # ---- the classifier -------------------------------------------------------------------------------
